@@ -1,0 +1,142 @@
+"""HTTP routes: validate at the edge, hand work to the worker pool, answer with futures.
+
+Training and adapter creation return ``{"request_id", "model_id"}`` at once; the result
+is read with ``/retrieve_future`` (long-poll with ``timeout``). Sampling is synchronous
+for the caller but still runs as a job, so it keeps its place in its adapter's queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Blueprint, current_app, jsonify, request
+
+from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams
+from config import Config
+from errors import BadRequestError, RequestFailedError, ServerError
+from schemas import (
+    AddLoraBody,
+    FwdBwdBody,
+    ModelIdBody,
+    OptimStepBody,
+    RetrieveFutureBody,
+    SampleBody,
+    parse_body,
+)
+from worker_pool import COMPLETED, FAILED, WorkerPool
+
+bp = Blueprint("api", __name__)
+
+
+@dataclass
+class Services:
+    """What the routes share, attached to the app as ``app.extensions["thinker"]``."""
+
+    config: Config
+    backend: HFBackend
+    pool: WorkerPool
+
+
+def services() -> Services:
+    return current_app.extensions["thinker"]
+
+
+def body(schema):
+    return parse_body(schema, request.get_json(silent=True))
+
+
+def _check_limit(field: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise BadRequestError(f"{field}: {value} is over this server's limit of {limit}")
+
+
+@bp.get("/healthz")
+def healthz():
+    s = services()
+    return {"status": "ok", **s.backend.info(), **s.pool.stats(), "backend": s.backend.name}
+
+
+@bp.get("/adapters")
+def list_adapters():
+    return {"adapters": [a.describe() for a in services().backend.adapters.all()]}
+
+
+@bp.post("/add_lora")
+def add_lora():
+    s, req = services(), body(AddLoraBody)
+    if req.base_model not in s.backend.base_names():
+        raise BadRequestError(f"base_model: {req.base_model!r} is not served here; allowed: {s.backend.base_names()}")
+    _check_limit("rank", req.rank, s.config.max_lora_rank)
+    allowed = s.backend.loaded.target_modules
+    if req.target_modules and not set(req.target_modules) <= set(allowed):
+        unknown = sorted(set(req.target_modules) - set(allowed))
+        raise BadRequestError(f"target_modules: {unknown} are not linear layers of this model; allowed: {allowed}")
+    future = s.pool.submit(
+        None, "add_lora", lambda: s.backend.add_lora(req.rank, req.alpha, req.target_modules, req.seed)
+    )
+    return {"request_id": future.id, "model_id": req.base_model}
+
+
+@bp.post("/fwdbwd")
+def fwdbwd():
+    s, req = services(), body(FwdBwdBody)
+    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
+    if req.loss_fn != "cross_entropy":
+        raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: ['cross_entropy']")
+    _check_limit("data", len(req.data), s.config.max_examples_per_request)
+    examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
+    job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
+    future = s.pool.submit(adapter_id, "fwdbwd", lambda: s.backend.forward_backward([job])[0])
+    return {"request_id": future.id, "model_id": adapter_id}
+
+
+@bp.post("/optim_step")
+def optim_step():
+    s, req = services(), body(OptimStepBody)
+    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
+    adam = AdamParams(**req.adam_params.model_dump())
+    future = s.pool.submit(adapter_id, "optim_step", lambda: s.backend.optim_step(adapter_id, adam))
+    return {"request_id": future.id, "model_id": adapter_id}
+
+
+@bp.post("/save_lora")
+def save_lora():
+    s, req = services(), body(ModelIdBody)
+    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
+    future = s.pool.submit(adapter_id, "save_lora", lambda: s.backend.save_adapter(adapter_id))
+    return {"request_id": future.id, "model_id": adapter_id}
+
+
+@bp.post("/retrieve_future")
+def retrieve_future():
+    s, req = services(), body(RetrieveFutureBody)
+    future = s.pool.get(req.request_id)
+    if req.timeout:
+        future.wait(min(req.timeout, s.config.max_long_poll_s))
+    if future.status == COMPLETED:
+        return {"status": "completed", "request_id": future.id, "result": future.result}
+    if future.status == FAILED:
+        payload = {"status": "failed", "request_id": future.id, "error": future.error, "type": "RequestFailedError"}
+        return jsonify(payload | {"cause": future.error_type}), 500
+    return jsonify({"status": "pending", "request_id": future.id, "state": future.status}), 202
+
+
+@bp.post("/api/v1/sample")
+def sample():
+    s, req = services(), body(SampleBody)
+    adapter_id = s.backend.resolve_model(req.model_id, allow_base=True)
+    p = req.sampling_params
+    _check_limit("prompts", len(req.prompts), s.config.max_prompts_per_request)
+    _check_limit("sampling_params.max_tokens", p.max_tokens, s.config.max_sample_tokens)
+    stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
+    params = SamplingParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, stop)
+    prompts = s.backend.render_prompts(req.prompts)
+    # Base-model sampling touches no adapter state, so it need not queue behind anyone.
+    future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample(adapter_id, prompts, params))
+    if not future.wait(s.config.sample_timeout_s):
+        raise ServerError(f"sampling did not finish within {s.config.sample_timeout_s:g}s")
+    if future.status == FAILED:
+        if future.error_type == "BadRequestError":
+            raise BadRequestError(future.error)
+        raise RequestFailedError(future.error)
+    return future.result

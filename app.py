@@ -1,0 +1,88 @@
+"""thinker: a multi-user LoRA fine-tuning server on one shared base model.
+
+``python app.py`` loads the base model once, starts the worker pool and serves the REST
+API through waitress. ``create_app(config)`` builds the same app for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from api import Services, bp
+from backend import HFBackend, load_base_model
+from config import Config
+from errors import ConfigurationError, ServerError, ThinkerError
+from worker_pool import WorkerPool
+
+log = logging.getLogger("thinker")
+
+_HTTP_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowedError", 413: "PayloadTooLargeError"}
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Load the base model, start the worker pool and wire the routes."""
+    config = config or Config.from_env()
+    if config.use_megatron:
+        raise ConfigurationError(
+            "USE_MEGATRON=true, but this build has no Megatron backend. Unset USE_MEGATRON (or set it "
+            "to false) to run the HuggingFace backend."
+        )
+    log.info("Initializing HuggingFace backend...")
+    loaded = load_base_model(config)
+    backend = HFBackend(loaded, config.thinker_data_dir)
+    log.info("Worker pool size: %d threads", config.max_workers)
+    pool = WorkerPool(config.max_workers, future_ttl_s=config.future_ttl_s)
+    log.info("Worker pool initialized. Concurrent job processing: Enabled (%s)", backend.name)
+    log.info("Base model loaded on %s", loaded.device.type)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.json.sort_keys = False
+    app.extensions["thinker"] = Services(config=config, backend=backend, pool=pool)
+    app.register_blueprint(bp)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ThinkerError)
+    def thinker_error(exc: ThinkerError):
+        return jsonify(exc.to_dict()), exc.status_code
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = _HTTP_ERROR_TYPES.get(exc.code or 500, "BadRequestError" if (exc.code or 500) < 500 else "ServerError")
+        return jsonify({"error": exc.description, "type": kind}), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify(ServerError(f"{type(exc).__name__}: {exc}").to_dict()), 500
+
+
+def main() -> None:
+    try:
+        config = Config.from_env()
+    except ConfigurationError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        log.error("%s", exc.message)
+        sys.exit(2)
+    logging.basicConfig(level=config.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
+    try:
+        app = create_app(config)
+    except ConfigurationError as exc:
+        log.error("cannot start: %s", exc.message)
+        sys.exit(2)
+
+    from waitress import serve
+
+    log.info(" * Running on http://%s:%d (waitress, %d HTTP threads)", config.host, config.port, config.http_threads)
+    serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The adapter registry: each LoRA adapter's config, parameters, optimizer and counters.
+
+The A/B tensors live in the model's ``MultiLoraLinear`` layers (keyed by adapter id);
+an ``Adapter`` keeps references to its own, so its optimizer never sees anyone else's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from backend.lora import MultiLoraLinear, short_name
+from errors import NotFoundError
+
+
+@dataclass
+class Adapter:
+    id: str
+    rank: int
+    alpha: float
+    target_modules: list[str]  # short names, e.g. ["q_proj", "v_proj"]
+    seed: int
+    layer_names: list[str]  # module paths it has weights in, sorted
+    params: list[nn.Parameter]  # A then B for each layer in layer_names
+    optimizer: torch.optim.AdamW
+    created_at: float = field(default_factory=time.time)
+    step: int = 0
+    tokens_trained: int = 0
+    last_loss: float | None = None
+    # Serialises work on this adapter when a caller bypasses the worker pool's ordering
+    # (the pool already never runs two jobs of one adapter at once).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict:
+        return {
+            "model_id": self.id,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "seed": self.seed,
+            "step": self.step,
+            "tokens_trained": self.tokens_trained,
+            "last_loss": self.last_loss,
+            "num_parameters": sum(p.numel() for p in self.params),
+            "created_at": self.created_at,
+        }
+
+
+class AdapterRegistry:
+    def __init__(self, layers: dict[str, MultiLoraLinear], id_prefix: str = "base_lora_") -> None:
+        self._layers = layers
+        self._prefix = id_prefix
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+
+    def create(self, rank: int, alpha: float, target_modules: Sequence[str], seed: int | None) -> Adapter:
+        adapter_id = f"{self._prefix}{secrets.token_hex(6)}"
+        seed = secrets.randbits(31) if seed is None else seed
+        generator = torch.Generator().manual_seed(seed)
+        wanted = set(target_modules)
+        layer_names = sorted(name for name in self._layers if short_name(name) in wanted)
+        params: list[nn.Parameter] = []
+        for name in layer_names:  # fixed order: the same seed gives the same weights
+            layer = self._layers[name]
+            layer.add_adapter(adapter_id, rank, alpha, generator)
+            params += [layer.lora_A[adapter_id], layer.lora_B[adapter_id]]
+        # lr is set from each optim_step's adam_params before stepping.
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        adapter = Adapter(
+            id=adapter_id,
+            rank=rank,
+            alpha=alpha,
+            target_modules=sorted(wanted),
+            seed=seed,
+            layer_names=layer_names,
+            params=params,
+            optimizer=optimizer,
+        )
+        with self._lock:
+            self._adapters[adapter_id] = adapter
+        return adapter
+
+    def get(self, adapter_id: str) -> Adapter:
+        adapter = self._adapters.get(adapter_id)
+        if adapter is None:
+            raise NotFoundError(f"model_id {adapter_id!r} is not an adapter on this server")
+        return adapter
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self._adapters
+
+    def remove(self, adapter_id: str) -> None:
+        with self._lock:
+            adapter = self._adapters.pop(adapter_id, None)
+        if adapter is None:
+            raise NotFoundError(f"model_id {adapter_id!r} is not an adapter on this server")
+        for name in adapter.layer_names:
+            self._layers[name].remove_adapter(adapter_id)
+
+    def all(self) -> list[Adapter]:
+        with self._lock:
+            return list(self._adapters.values())
+
+    def __len__(self) -> int:
+        return len(self._adapters)

@@ -1,0 +1,220 @@
+"""The HF backend: every model computation the server runs, on the one shared base model.
+
+Methods named like jobs (``add_lora``, ``forward_backward``, ``optim_step``, ``sample``,
+``save_adapter``) run on worker threads; the worker pool guarantees that no two jobs of
+one adapter run at once and that they run in submission order. ``render_*`` and
+``resolve_model`` are cheap and run at the HTTP edge.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.adapters import AdapterRegistry
+from backend.examples import Example, render_conversation, render_prompt
+from backend.lora import use_adapters
+from backend.losses import LOSS_FUNCTIONS, cross_entropy_row_sums, target_logprobs
+from backend.model_loading import LoadedModel
+from backend.sampling import SampleRow, SamplingParams, generate
+from errors import BadRequestError, RequestFailedError
+from storage import save_peft_adapter
+
+BASE_ALIAS = "base"
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0  # <= 0: no clipping
+
+
+@dataclass(frozen=True)
+class FwdBwdRequest:
+    adapter_id: str
+    examples: list[Example]
+    loss_fn: str = "cross_entropy"
+
+
+class HFBackend:
+    name = "HF"
+
+    def __init__(self, loaded: LoadedModel, data_dir: str | Path) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.data_dir = Path(data_dir)
+        self.adapters = AdapterRegistry(loaded.lora_layers)
+        eos = {loaded.tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+        eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        self.eos_ids = {int(t) for t in eos if t is not None}
+
+    # ---- at the edge -------------------------------------------------------------------
+
+    def base_names(self) -> list[str]:
+        return [BASE_ALIAS, self.loaded.name]
+
+    def resolve_model(self, model_id: str, allow_base: bool, field: str = "model_id") -> str | None:
+        """An adapter id as-is, or None for the base model; NotFoundError otherwise."""
+        if model_id in self.base_names():
+            if allow_base:
+                return None
+            raise BadRequestError(
+                f"{field}: {model_id!r} is the base model, which is frozen; pass an adapter id from /add_lora"
+            )
+        self.adapters.get(model_id)
+        return model_id
+
+    def render_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[Example]:
+        return [render_conversation(self.tokenizer, conv, field=f"data[{i}]") for i, conv in enumerate(conversations)]
+
+    def render_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [render_prompt(self.tokenizer, p) for p in prompts]
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None, seed: int | None) -> dict:
+        targets = list(target_modules) if target_modules else list(self.loaded.target_modules)
+        unknown = sorted(set(targets) - set(self.loaded.target_modules))
+        if unknown:
+            raise BadRequestError(
+                f"target_modules: {unknown} are not linear layers of this model; allowed: {self.loaded.target_modules}"
+            )
+        adapter = self.adapters.create(rank, alpha, targets, seed)
+        return adapter.describe()
+
+    def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict]:
+        """One forward+backward over the rows of every request; each request's loss is the
+        mean over its own loss tokens, and its gradients accumulate on its adapter."""
+        rows: list[tuple[int, str, Example]] = []
+        for r, request in enumerate(requests):
+            if request.loss_fn not in LOSS_FUNCTIONS:
+                raise BadRequestError(f"loss_fn: {request.loss_fn!r} is not supported; allowed: {list(LOSS_FUNCTIONS)}")
+            for i, example in enumerate(request.examples):
+                if example.length > self.loaded.context_length:
+                    raise BadRequestError(
+                        f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
+                        f"context window of {self.loaded.context_length}"
+                    )
+                rows.append((r, request.adapter_id, example))
+        started = time.perf_counter()
+        B, T = len(rows), max(ex.length for _, _, ex in rows)
+        pad = self.tokenizer.pad_token_id
+        inputs_BT = torch.full((B, T), pad, dtype=torch.long)
+        targets_BT = torch.zeros((B, T), dtype=torch.long)
+        weights_BT = torch.zeros((B, T), dtype=torch.float32)
+        mask_BT = torch.zeros((B, T), dtype=torch.long)
+        for b, (_, _, ex) in enumerate(rows):  # right padding: causal attention never sees it
+            inputs_BT[b, : ex.length] = torch.tensor(ex.input_tokens)
+            targets_BT[b, : ex.length] = torch.tensor(ex.target_tokens)
+            weights_BT[b, : ex.length] = torch.tensor(ex.weights)
+            mask_BT[b, : ex.length] = 1
+        device = self.device
+        inputs_BT, targets_BT, weights_BT, mask_BT = (
+            t.to(device) for t in (inputs_BT, targets_BT, weights_BT, mask_BT)
+        )
+        positions_BT = torch.arange(T, device=device).expand(B, T)
+
+        with use_adapters([adapter_id for _, adapter_id, _ in rows]):
+            logits_BTV = self.model(input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
+        logprobs_BT = target_logprobs(logits_BTV, targets_BT)
+        row_sums_B = cross_entropy_row_sums(logprobs_BT, weights_BT)
+        request_of_row = torch.tensor([r for r, _, _ in rows], device=device)
+        loss_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row, row_sums_B)
+        weight_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row, weights_BT.sum(1))
+        losses_R = loss_sums_R / weight_sums_R
+        values = losses_R.detach().cpu().tolist()
+        bad = [requests[r].adapter_id for r, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise RequestFailedError(f"non-finite loss for {bad}; no gradients were applied")
+        # Requests are independent, so the sum's gradient on each adapter is its own loss's.
+        losses_R.sum().backward()
+        elapsed = time.perf_counter() - started
+
+        results = []
+        for r, request in enumerate(requests):
+            adapter = self.adapters.get(request.adapter_id)
+            num_tokens = sum(ex.length for ex in request.examples)
+            adapter.tokens_trained += num_tokens
+            adapter.last_loss = values[r]
+            results.append(
+                {
+                    "loss": values[r],
+                    "num_tokens": num_tokens,
+                    "num_loss_tokens": sum(ex.num_loss_tokens for ex in request.examples),
+                    "num_sequences": len(request.examples),
+                    "elapsed_s": elapsed,
+                }
+            )
+        return results
+
+    def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
+        adapter = self.adapters.get(adapter_id)
+        grads = [p.grad for p in adapter.params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if not math.isfinite(grad_norm):
+            adapter.optimizer.zero_grad(set_to_none=True)
+            raise RequestFailedError(
+                f"the accumulated gradient of {adapter_id} is not finite (norm {grad_norm}); the step was "
+                "refused and the gradients were discarded"
+            )
+        if adam.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(adapter.params, adam.grad_clip_norm)
+        for group in adapter.optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
+            )
+        adapter.optimizer.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.step += 1
+        return {
+            "model_id": adapter_id,
+            "step": adapter.step,
+            "learning_rate": adam.learning_rate,
+            "grad_norm": grad_norm,
+        }
+
+    def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
+        rows = []
+        for i, tokens in enumerate(prompts):
+            seed = None if params.seed is None else params.seed + i  # reproducible, yet distinct per prompt
+            rows.append(SampleRow(adapter_id, tokens, SamplingParams(**{**params.__dict__, "seed": seed})))
+        completions = generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
+        outputs = [c.text for c in completions]
+        return {
+            "generated_text": outputs[0] if outputs else "",
+            "outputs": outputs,
+            "stop_reasons": [c.stop_reason for c in completions],
+            "num_tokens": [len(c.tokens) for c in completions],
+        }
+
+    def save_adapter(self, adapter_id: str) -> dict:
+        adapter = self.adapters.get(adapter_id)
+        folder = self.data_dir.resolve() / "adapters" / adapter_id / f"step_{adapter.step:06d}"
+        save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
+        return {"model_id": adapter_id, "step": adapter.step, "path": str(folder)}
+
+    def info(self) -> dict:
+        info = {
+            "base_model": self.loaded.name,
+            "model_path": self.loaded.path,
+            "device": str(self.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "context_length": self.loaded.context_length,
+            "target_modules": self.loaded.target_modules,
+            "adapters": len(self.adapters),
+        }
+        if self.loaded.fallback_reason:
+            info["fallback_reason"] = self.loaded.fallback_reason
+        return info

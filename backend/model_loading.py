@@ -1,0 +1,126 @@
+"""Load the one shared base model (and its tokenizer), with the offline fallback.
+
+Resolution order: an explicit ``BASE_MODEL`` must load or the server refuses to start;
+without one, the default hub model is tried from the local cache, then from the hub if
+the hub answers at all, and otherwise builtin-tiny is loaded and the reason is kept for
+``/healthz`` and logged as a WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from backend.builtin_tiny import ensure_builtin_tiny
+from backend.lora import MultiLoraLinear, short_name, wrap_linear_layers
+from config import BUILTIN_TINY, DEFAULT_BASE_MODEL, Config
+from errors import ConfigurationError
+
+log = logging.getLogger("thinker.backend")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what clients may pass as base_model, e.g. "builtin-tiny" or a hub id
+    path: str  # where it was loaded from (hub id or folder)
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    lora_layers: dict[str, MultiLoraLinear]
+    fallback_reason: str | None = None
+    target_modules: list[str] = field(default_factory=list)  # short names adapters may target
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(config: Config) -> LoadedModel:
+    """Load the configured base model, wrap its linear layers for LoRA and freeze it."""
+    device = pick_device(config.device)
+    if config.base_model:
+        name = config.base_model
+        log.info("Loading base model from %s...", name)
+        try:
+            return _load(name, device, config)
+        except Exception as exc:  # noqa: BLE001 - any failure here is fatal, with its reason
+            raise ConfigurationError(f"BASE_MODEL={name!r} could not be loaded: {exc}") from exc
+
+    log.info("Loading base model from %s...", DEFAULT_BASE_MODEL)
+    try:
+        return _load(DEFAULT_BASE_MODEL, device, config, local_files_only=True)
+    except Exception as cached_exc:  # noqa: BLE001
+        reason = f"not in the local Hugging Face cache ({type(cached_exc).__name__})"
+    if _hub_reachable():
+        try:
+            return _load(DEFAULT_BASE_MODEL, device, config)
+        except Exception as exc:  # noqa: BLE001
+            reason = f"download failed: {exc}"
+    else:
+        reason += " and the Hugging Face hub is unreachable"
+    reason = f"{DEFAULT_BASE_MODEL} could not be loaded: {reason}"
+    log.warning("%s. FALLING BACK to the built-in tiny model (%s); set BASE_MODEL to choose.", reason, BUILTIN_TINY)
+    loaded = _load(BUILTIN_TINY, device, config)
+    loaded.fallback_reason = reason
+    return loaded
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine falls back in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _load(name: str, device: torch.device, config: Config, local_files_only: bool = False) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(ensure_builtin_tiny(config.thinker_cache_dir)) if name == BUILTIN_TINY else name
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigurationError(f"{name} has no chat template; thinker renders conversations with it")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()  # no dropout: LoRA training here is deterministic given the data
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    names = sorted(
+        {
+            short_name(path_)
+            for path_, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+        }
+    )
+    if not names:
+        raise ConfigurationError(f"{name} has no nn.Linear layers for LoRA to target")
+    layers = wrap_linear_layers(model, names)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path=path,
+        device=device,
+        dtype=dtype,
+        context_length=context,
+        lora_layers=layers,
+        target_modules=names,
+    )

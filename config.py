@@ -1,0 +1,96 @@
+"""Server configuration: one dataclass, read from environment variables.
+
+Every setting has a typed default here and an environment variable of the same name in
+upper case (``max_workers`` <- ``MAX_WORKERS``). Tests build a ``Config`` directly and
+hand it to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from errors import ConfigurationError
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUILTIN_TINY = "builtin-tiny"
+
+
+def _default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "thinker")
+
+
+@dataclass
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    # Threads that run queued jobs; different adapters run on different threads at once.
+    max_workers: int = 4
+    # Hub id or local folder; None means the default model, falling back to builtin-tiny
+    # (loudly) when it cannot be loaded. An explicit value that fails to load is fatal.
+    base_model: str | None = None
+    # Accepted for compatibility with the seed server; this build has no Megatron backend.
+    use_megatron: bool = False
+    # Where builtin-tiny is written (and other generated files).
+    thinker_cache_dir: str = field(default_factory=_default_cache_dir)
+    # Where saved adapters go.
+    thinker_data_dir: str = "thinker_data"
+    # Force a device ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
+    device: str | None = None
+    # Bounds checked at the edge (each breach is a 400 naming the field and the range).
+    max_lora_rank: int = 256
+    max_examples_per_request: int = 256
+    max_prompts_per_request: int = 64
+    max_sample_tokens: int = 2048
+    # Longest a retrieve_future long-poll may hold a connection, in seconds.
+    max_long_poll_s: float = 60.0
+    # How long finished futures stay retrievable, in seconds.
+    future_ttl_s: float = 3600.0
+    # How long the synchronous sample endpoint waits for its job, in seconds.
+    sample_timeout_s: float = 600.0
+    # WSGI threads: long-polls each hold one, so keep this well above MAX_WORKERS.
+    http_threads: int = 32
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Config:
+        """Build a Config from environment variables, rejecting malformed values clearly."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name.upper(), raw, f.type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.max_workers < 1:
+            raise ConfigurationError(f"MAX_WORKERS must be >= 1, got {self.max_workers}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigurationError(f"PORT must be in 1..65535, got {self.port}")
+        if self.max_lora_rank < 1:
+            raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
+
+
+def _parse(name: str, raw: str, type_: object) -> object:
+    kind = str(type_)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("bool"):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
+    return raw

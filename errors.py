@@ -1,0 +1,111 @@
+"""The one exception tree of thinker, shared by the server and the Python client.
+
+Each class carries the HTTP status it maps to. The server turns any ThinkerError into
+JSON ``{"error": message, "type": class name}`` with that status; the client turns a
+status (and the ``type`` field) back into the same class, so callers catch one tree
+whichever side raised.
+"""
+
+from __future__ import annotations
+
+
+class ThinkerError(Exception):
+    """Base of every error thinker raises on purpose."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": self.message, "type": type(self).__name__}
+
+
+class BadRequestError(ThinkerError, ValueError):
+    """The request is malformed or a value is out of range (the message names the field)."""
+
+    status_code = 400
+
+
+class AuthenticationError(ThinkerError):
+    """No valid API key was sent."""
+
+    status_code = 401
+
+
+class NotFoundError(ThinkerError, LookupError):
+    """An unknown model_id, request_id or route."""
+
+    status_code = 404
+
+
+class ConflictError(ThinkerError):
+    """The request clashes with the current state of a resource."""
+
+    status_code = 409
+
+
+class PayloadTooLargeError(ThinkerError):
+    """The request body is larger than the server accepts."""
+
+    status_code = 413
+
+
+class RateLimitError(ThinkerError):
+    """Too much pending work; retry later."""
+
+    status_code = 429
+
+
+class ServerError(ThinkerError):
+    """An unexpected failure inside the server."""
+
+    status_code = 500
+
+
+class RequestFailedError(ThinkerError):
+    """A queued job ran and failed; the message carries the reason from the worker."""
+
+    status_code = 500
+
+
+class ConfigurationError(ThinkerError, ValueError):
+    """The server was started with settings it cannot honour."""
+
+    status_code = 500
+
+
+_BY_NAME: dict[str, type[ThinkerError]] = {
+    cls.__name__: cls
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        NotFoundError,
+        ConflictError,
+        PayloadTooLargeError,
+        RateLimitError,
+        ServerError,
+        RequestFailedError,
+        ConfigurationError,
+    )
+}
+
+_BY_STATUS: dict[int, type[ThinkerError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+}
+
+
+def error_from_response(status: int, body: dict | None) -> ThinkerError:
+    """Rebuild the exception a server response stands for (used by the client)."""
+    body = body or {}
+    message = str(body.get("error") or f"HTTP {status}")
+    cls = _BY_NAME.get(str(body.get("type")))
+    if cls is None:
+        cls = _BY_STATUS.get(status, ServerError if status >= 500 else BadRequestError)
+    return cls(message)

@@ -1,0 +1,37 @@
+"""Adapters on disk in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The files load with ``peft.PeftModel.from_pretrained(base_model, folder)`` onto the same
+base model and give the logits the server gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from backend.adapters import Adapter
+from backend.lora import MultiLoraLinear
+
+
+def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base_model_path: str, folder: Path) -> Path:
+    """Write ``adapter`` into ``folder`` (created if needed) and return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in adapter.layer_names:
+        layer = layers[name]
+        # PEFT's saved keys drop the adapter name: base_model.model.<path>.lora_A.weight
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[adapter.id].detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[adapter.id].detach().cpu().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        target_modules=list(adapter.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path,
+    ).save_pretrained(str(folder))
+    return folder
