@@ -1,0 +1,108 @@
+"""Shared fixtures: the built-in tiny model, an in-process backend, and a live server.
+
+End-to-end tests talk to a real ``python app.py`` over HTTP on a free loopback port, on
+builtin-tiny written into a per-session cache folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backend import HFBackend, load_base_model  # noqa: E402
+from client_example import TinkerClient  # noqa: E402
+from config import Config  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("thinker-cache")
+
+
+@pytest.fixture(scope="session")
+def backend(cache_dir, tmp_path_factory) -> HFBackend:
+    """builtin-tiny loaded in this process, for unit tests of the engine."""
+    config = Config(base_model="builtin-tiny", thinker_cache_dir=str(cache_dir), device="cpu")
+    return HFBackend(load_base_model(config), tmp_path_factory.mktemp("thinker-data"))
+
+
+class ServerProcess:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **env}
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(cache_dir, tmp_path_factory):
+    """Start ``python app.py`` with extra environment variables; stopped at session end."""
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        env = {"BASE_MODEL": "builtin-tiny", "THINKER_CACHE_DIR": str(cache_dir), **env}
+        env.setdefault("THINKER_DATA_DIR", str(tmp_path_factory.mktemp("server-data")))
+        server = ServerProcess(env, tmp_path_factory.mktemp("server-log") / "server.log")
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """The shared live server on builtin-tiny (4 workers)."""
+    return start_server(MAX_WORKERS="4")
+
+
+@pytest.fixture
+def client(server) -> TinkerClient:
+    with TinkerClient(server.url) as c:
+        yield c

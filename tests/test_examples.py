@@ -1,0 +1,52 @@
+"""Chat rendering into tokens + loss weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.examples import Example
+from errors import BadRequestError
+
+
+def _weighted_text(backend, example: Example) -> str:
+    return backend.tokenizer.decode([t for t, w in zip(example.target_tokens, example.weights, strict=True) if w])
+
+
+def test_only_assistant_turns_carry_loss(backend):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi Alice!"},
+        {"role": "user", "content": "And again?"},
+        {"role": "assistant", "content": "Hi again."},
+    ]
+    example = backend.render_conversations([conv])[0]
+    assert _weighted_text(backend, example) == "Hi Alice!<|im_end|>Hi again.<|im_end|>"
+    # the model reads the whole rendered conversation, shifted by one
+    full = backend.tokenizer.apply_chat_template(conv, tokenize=False)
+    assert backend.tokenizer.decode(example.input_tokens + example.target_tokens[-1:]) == full
+
+
+def test_unicode_content_is_located_exactly(backend):
+    conv = [{"role": "user", "content": "Grüße 👋"}, {"role": "assistant", "content": "Ça va ✓"}]
+    assert _weighted_text(backend, backend.render_conversations([conv])[0]) == "Ça va ✓<|im_end|>"
+
+
+def test_conversation_without_assistant_turn_is_rejected(backend):
+    with pytest.raises(BadRequestError, match=r"data\[1\].*no assistant turn"):
+        backend.render_conversations(
+            [
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                [{"role": "user", "content": "only a question"}],
+            ]
+        )
+
+
+def test_example_lengths_must_agree():
+    with pytest.raises(BadRequestError, match="same length"):
+        Example([1, 2], [2, 3], [1.0])
+
+
+def test_prompt_rendering_ends_with_the_generation_prompt(backend):
+    tokens = backend.render_prompts(["Hello!"])[0]
+    assert backend.tokenizer.decode(tokens) == "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,40 @@
+"""PEFT format: a saved adapter loads with peft onto the base model and gives our logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from backend import AdamParams, FwdBwdRequest
+from backend.lora import use_adapters
+
+CONV = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi Alice!"}]
+
+
+def test_saved_adapter_reproduces_server_logits_in_peft(backend):
+    adapter_id = backend.add_lora(4, 12.0, ["q_proj", "v_proj", "down_proj"], 3)["model_id"]
+    examples = backend.render_conversations([CONV])
+    for _ in range(3):  # train so that B != 0 and the adapter really changes the output
+        backend.forward_backward([FwdBwdRequest(adapter_id, examples)])
+        backend.optim_step(adapter_id, AdamParams(learning_rate=1e-2))
+    saved = backend.save_adapter(adapter_id)
+
+    config = json.loads((Path(saved["path"]) / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 12.0
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+
+    tokens = torch.tensor([examples[0].input_tokens])
+    with torch.no_grad(), use_adapters([adapter_id]):
+        ours = backend.model(input_ids=tokens).logits
+    with torch.no_grad():
+        base_logits = backend.model(input_ids=tokens).logits
+    base = AutoModelForCausalLM.from_pretrained(backend.loaded.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, saved["path"]).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=tokens).logits
+    assert not torch.allclose(ours, base_logits, atol=1e-4), "training should have moved the adapter"
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
