@@ -12,11 +12,8 @@ import sys
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from api import Services, bp
-from backend import HFBackend, load_base_model
 from config import Config
 from errors import ConfigurationError, ServerError, ThinkerError
-from worker_pool import WorkerPool
 
 log = logging.getLogger("thinker")
 
@@ -31,6 +28,12 @@ def create_app(config: Config | None = None) -> Flask:
             "USE_MEGATRON=true, but this build has no Megatron backend. Unset USE_MEGATRON (or set it "
             "to false) to run the HuggingFace backend."
         )
+    # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
+    # of after the seconds torch and transformers take to import.
+    from api import Services, bp
+    from backend import HFBackend, load_base_model
+    from worker_pool import WorkerPool
+
     log.info("Initializing HuggingFace backend...")
     loaded = load_base_model(config)
     backend = HFBackend(loaded, config.thinker_data_dir)

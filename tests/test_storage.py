@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -38,3 +39,27 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
         theirs = peft_model(input_ids=tokens).logits
     assert not torch.allclose(ours, base_logits, atol=1e-4), "training should have moved the adapter"
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, client):
+    from transformers import AutoTokenizer
+
+    from backend.examples import render_conversation
+    from backend.losses import target_logprobs
+
+    model_id = client.create_lora(rank=8, alpha=16, seed=4)
+    for _ in range(3):
+        client.train_step(model_id, [CONV], learning_rate=1e-2)
+    path = client.wait_for_result(client.save_lora(model_id))["path"]
+    server_loss = client.wait_for_result(client.fwdbwd(model_id, [CONV]))["loss"]
+
+    model_path = client.healthz()["model_path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    example = render_conversation(tokenizer, CONV)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), path).eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.tensor([example.input_tokens])).logits
+    logprobs = target_logprobs(logits, torch.tensor([example.target_tokens]))
+    weights = torch.tensor([example.weights])
+    peft_loss = float(-(logprobs * weights).sum() / weights.sum())
+    assert peft_loss == pytest.approx(server_loss, abs=1e-5)
