@@ -33,7 +33,9 @@ def test_healthz(server):
 
 
 def test_add_lora_future_and_result(server):
-    r = post(server, "/add_lora", {"base_model": "base", "rank": 4, "alpha": 8, "seed": 1, "target_modules": ["q_proj"]})
+    r = post(
+        server, "/add_lora", {"base_model": "base", "rank": 4, "alpha": 8, "seed": 1, "target_modules": ["q_proj"]}
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["model_id"] == "base" and body["request_id"].startswith("future_")
@@ -52,7 +54,10 @@ def test_train_step_shapes(server, adapter):
     assert r.status_code == 200 and r.json()["model_id"] == adapter
     result = wait(server, r.json()["request_id"]).json()["result"]
     assert result["loss"] > 0 and result["num_sequences"] == 2 and result["num_tokens"] > result["num_loss_tokens"] > 0
-    step = wait(server, post(server, "/optim_step", {"model_id": adapter, "adam_params": {"learning_rate": 1e-3}}).json()["request_id"])
+    step = wait(
+        server,
+        post(server, "/optim_step", {"model_id": adapter, "adam_params": {"learning_rate": 1e-3}}).json()["request_id"],
+    )
     assert step.json()["result"]["step"] >= 1 and step.json()["result"]["grad_norm"] > 0
 
 
@@ -69,12 +74,31 @@ def test_retrieve_future_pending_then_long_poll(server, adapter):
 
 
 def test_sample_shapes(server, adapter):
-    r = post(server, "/api/v1/sample", {"model_id": adapter, "prompts": ["Hello!", "Hey"], "sampling_params": {"max_tokens": 7, "temperature": 0}})
+    r = post(
+        server,
+        "/api/v1/sample",
+        {"model_id": adapter, "prompts": ["Hello!", "Hey"], "sampling_params": {"max_tokens": 7, "temperature": 0}},
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["generated_text"] == body["outputs"][0] and len(body["outputs"]) == 2
     assert all(n <= 7 for n in body["num_tokens"])
-    base = post(server, "/api/v1/sample", {"model_id": "base", "prompts": ["Hello!"], "sampling_params": {"max_tokens": 5, "temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": 3, "stop": ["\n"]}})
+    base = post(
+        server,
+        "/api/v1/sample",
+        {
+            "model_id": "base",
+            "prompts": ["Hello!"],
+            "sampling_params": {
+                "max_tokens": 5,
+                "temperature": 0.9,
+                "top_p": 0.9,
+                "top_k": 20,
+                "seed": 3,
+                "stop": ["\n"],
+            },
+        },
+    )
     assert base.status_code == 200
 
 
@@ -123,9 +147,24 @@ BAD_REQUESTS = [
     ("/api/v1/sample", {"model_id": "base"}, 400, ["prompts"]),
     ("/api/v1/sample", {"model_id": "base", "prompts": []}, 400, ["prompts"]),
     ("/api/v1/sample", {"model_id": "base", "prompts": "hi"}, 400, ["prompts"]),
-    ("/api/v1/sample", {"model_id": "base", "prompts": ["hi"], "sampling_params": {"max_tokens": 0}}, 400, ["max_tokens"]),
-    ("/api/v1/sample", {"model_id": "base", "prompts": ["hi"], "sampling_params": {"max_tokens": 10**6}}, 400, ["max_tokens", "limit"]),
-    ("/api/v1/sample", {"model_id": "base", "prompts": ["hi"], "sampling_params": {"temperature": -1}}, 400, ["temperature"]),
+    (
+        "/api/v1/sample",
+        {"model_id": "base", "prompts": ["hi"], "sampling_params": {"max_tokens": 0}},
+        400,
+        ["max_tokens"],
+    ),
+    (
+        "/api/v1/sample",
+        {"model_id": "base", "prompts": ["hi"], "sampling_params": {"max_tokens": 10**6}},
+        400,
+        ["max_tokens", "limit"],
+    ),
+    (
+        "/api/v1/sample",
+        {"model_id": "base", "prompts": ["hi"], "sampling_params": {"temperature": -1}},
+        400,
+        ["temperature"],
+    ),
     ("/api/v1/sample", {"model_id": "base", "prompts": ["hi"], "sampling_params": {"top_p": 0}}, 400, ["top_p"]),
     ("/api/v1/sample", {"model_id": "base", "prompts": ["hi"], "sampling_params": {"top_k": -2}}, 400, ["top_k"]),
     ("/api/v1/sample", {"model_id": "base", "prompts": [LONG]}, 400, ["context window"]),
@@ -145,7 +184,9 @@ def test_bad_input_gets_a_clear_4xx(server, adapter, path, payload, status, word
         assert word in body["error"], body["error"]
 
 
-@pytest.mark.parametrize("path", ["/add_lora", "/fwdbwd", "/optim_step", "/retrieve_future", "/api/v1/sample", "/save_lora"])
+@pytest.mark.parametrize(
+    "path", ["/add_lora", "/fwdbwd", "/optim_step", "/retrieve_future", "/api/v1/sample", "/save_lora"]
+)
 @pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"", b'"text"', b"{bad"])
 def test_non_json_bodies_are_400(server, path, raw):
     r = post(server, path, data=raw, headers={"Content-Type": "application/json"})

@@ -39,7 +39,9 @@ def test_default_model_unavailable_falls_back_to_builtin_tiny_loudly(start_serve
 
 def _run_app(env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PORT": "1", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_explicit_base_model_that_fails_to_load_exits_nonzero(tmp_path):

@@ -17,7 +17,9 @@ def test_written_twice_gives_identical_weights(tmp_path):
     first = ensure_builtin_tiny(tmp_path / "a")
     second = ensure_builtin_tiny(tmp_path / "b")
     assert _digest(first) == _digest(second)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in first.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in first.iterdir()
+    }
 
 
 def test_is_a_tiny_llama_chat_model(tmp_path):
@@ -28,6 +30,8 @@ def test_is_a_tiny_llama_chat_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     text = "héllo ✓ \n\t"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]

@@ -15,12 +15,15 @@ def test_defaults():
 
 
 def test_environment_overrides():
-    config = Config.from_env({"PORT": "8001", "MAX_WORKERS": "8", "BASE_MODEL": "builtin-tiny", "USE_MEGATRON": "false"})
+    config = Config.from_env(
+        {"PORT": "8001", "MAX_WORKERS": "8", "BASE_MODEL": "builtin-tiny", "USE_MEGATRON": "false"}
+    )
     assert (config.port, config.max_workers, config.base_model, config.use_megatron) == (8001, 8, "builtin-tiny", False)
 
 
 @pytest.mark.parametrize(
-    ("env", "name"), [({"PORT": "http"}, "PORT"), ({"MAX_WORKERS": "0"}, "MAX_WORKERS"), ({"USE_MEGATRON": "maybe"}, "USE_MEGATRON")]
+    ("env", "name"),
+    [({"PORT": "http"}, "PORT"), ({"MAX_WORKERS": "0"}, "MAX_WORKERS"), ({"USE_MEGATRON": "maybe"}, "USE_MEGATRON")],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigurationError, match=name):

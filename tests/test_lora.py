@@ -61,7 +61,11 @@ def test_fused_batch_of_different_ranks_matches_each_adapter_alone(backend):
     ids = [_make_adapter(backend, rank, alpha, seed=10 + i) for i, (rank, alpha) in enumerate(specs)]
     bystander = _make_adapter(backend, 8, 16.0, seed=99)
     examples = backend.render_conversations(CONVERSATIONS)
-    requests = [FwdBwdRequest(ids[0], examples[:2]), FwdBwdRequest(ids[1], examples[2:]), FwdBwdRequest(ids[2], examples)]
+    requests = [
+        FwdBwdRequest(ids[0], examples[:2]),
+        FwdBwdRequest(ids[1], examples[2:]),
+        FwdBwdRequest(ids[2], examples),
+    ]
 
     _zero(backend, *ids, bystander)
     fused = backend.forward_backward(requests)

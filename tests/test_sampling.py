@@ -11,7 +11,9 @@ from errors import BadRequestError
 
 
 def _generate(backend, rows):
-    return generate(backend.model, backend.tokenizer, rows, backend.eos_ids, backend.loaded.context_length, backend.device)
+    return generate(
+        backend.model, backend.tokenizer, rows, backend.eos_ids, backend.loaded.context_length, backend.device
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +55,18 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(backend, trained):
 
 def test_top_k_one_is_greedy(backend, trained):
     prompt = backend.render_prompts(["Hello!"])[0]
-    top1 = _generate(backend, [SampleRow(trained[1], prompt, SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=3))])
+    top1 = _generate(
+        backend, [SampleRow(trained[1], prompt, SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=3))]
+    )
     greedy = _generate(backend, [SampleRow(trained[1], prompt, SamplingParams(max_tokens=10, temperature=0))])
     assert top1[0].tokens == greedy[0].tokens
 
 
 def test_stop_strings_cut_the_text(backend, trained):
     prompt = backend.render_prompts(["Hello!"])[0]
-    result = _generate(backend, [SampleRow(trained[1], prompt, SamplingParams(max_tokens=40, temperature=0, stop=(",",)))])[0]
+    result = _generate(
+        backend, [SampleRow(trained[1], prompt, SamplingParams(max_tokens=40, temperature=0, stop=(",",)))]
+    )[0]
     assert result.text == "Bonjour"
     assert result.stop_reason == "stop"
 

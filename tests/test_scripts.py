@@ -59,7 +59,10 @@ def test_load_test_script(server, users):
 def test_scripts_fail_clearly_without_a_server():
     result = subprocess.run(
         [sys.executable, "test_concurrent_users.py", "2", "--url", "http://127.0.0.1:9"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "python app.py" in result.stdout + result.stderr

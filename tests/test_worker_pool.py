@@ -57,6 +57,7 @@ def test_different_keys_run_concurrently(pool):
 def test_a_failing_job_fails_its_future_and_the_worker_keeps_going():
     pool = WorkerPool(1)
     try:
+
         def boom():
             raise RuntimeError("kaboom")
 
