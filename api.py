@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, jsonify, request
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams
 from config import Config
 from errors import BadRequestError, RequestFailedError, ServerError
+from futures import COMPLETED, FAILED
 from schemas import (
     AddLoraBody,
     FwdBwdBody,
@@ -23,7 +24,7 @@ from schemas import (
     SampleBody,
     parse_body,
 )
-from worker_pool import COMPLETED, FAILED, WorkerPool
+from worker_pool import WorkerPool
 
 bp = Blueprint("api", __name__)
 
@@ -53,7 +54,8 @@ def _check_limit(field: str, value: int, limit: int) -> None:
 @bp.get("/healthz")
 def healthz():
     s = services()
-    return {"status": "ok", **s.backend.info(), **s.pool.stats(), "backend": s.backend.name}
+    sampler = s.backend.sampler.stats() if s.backend.sampler else {}
+    return {"status": "ok", **s.backend.info(), **s.pool.stats(), **sampler, "backend": s.backend.name}
 
 
 @bp.get("/adapters")
@@ -86,7 +88,8 @@ def fwdbwd():
     _check_limit("data", len(req.data), s.config.max_examples_per_request)
     examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
     job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
-    future = s.pool.submit(adapter_id, "fwdbwd", lambda: s.backend.forward_backward([job])[0])
+    longest = max(ex.length for ex in examples)
+    future = s.pool.submit_fusable(adapter_id, "fwdbwd", "fwdbwd", job, rows=len(examples), length=longest)
     return {"request_id": future.id, "model_id": adapter_id}
 
 
@@ -132,7 +135,12 @@ def sample():
     params = SamplingParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, stop)
     prompts = s.backend.render_prompts(req.prompts)
     # Base-model sampling touches no adapter state, so it need not queue behind anyone.
-    future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample(adapter_id, prompts, params))
+    # With batching, the job joins the shared decode loop and its adapter stays busy
+    # until its rows are done; without, it samples as a batch of its own.
+    if s.backend.sampler is not None:
+        future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample_async(adapter_id, prompts, params))
+    else:
+        future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample(adapter_id, prompts, params))
     if not future.wait(s.config.sample_timeout_s):
         raise ServerError(f"sampling did not finish within {s.config.sample_timeout_s:g}s")
     if future.status == FAILED:

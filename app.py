@@ -32,14 +32,31 @@ def create_app(config: Config | None = None) -> Flask:
     # of after the seconds torch and transformers take to import.
     from api import Services, bp
     from backend import HFBackend, load_base_model
-    from worker_pool import WorkerPool
+    from worker_pool import BatchLimits, WorkerPool
 
     log.info("Initializing HuggingFace backend...")
     loaded = load_base_model(config)
     backend = HFBackend(loaded, config.thinker_data_dir)
     log.info("Worker pool size: %d threads", config.max_workers)
-    pool = WorkerPool(config.max_workers, future_ttl_s=config.future_ttl_s)
+    limits = None
+    if config.batching:
+        window_s = config.batch_window_ms / 1000
+        limits = BatchLimits(config.max_batch_tokens, config.max_batch_sequences, window_s)
+        backend.start_sampler(config.max_batch_sequences, window_s)
+    pool = WorkerPool(
+        config.max_workers,
+        future_ttl_s=config.future_ttl_s,
+        runners={"fwdbwd": backend.forward_backward},
+        limits=limits,
+    )
     log.info("Worker pool initialized. Concurrent job processing: Enabled (%s)", backend.name)
+    if limits:
+        log.info(
+            "Fused batching: on (MAX_BATCH_TOKENS=%d, MAX_BATCH_SEQUENCES=%d, BATCH_WINDOW_MS=%g)",
+            config.max_batch_tokens, config.max_batch_sequences, config.batch_window_ms,
+        )
+    else:
+        log.info("Fused batching: off (one request per pass)")
     log.info("Base model loaded on %s", loaded.device.type)
 
     app = Flask(__name__)

@@ -39,6 +39,15 @@ class Config:
     thinker_data_dir: str = "thinker_data"
     # Force a device ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
+    # Fuse pending work of different adapters into one pass (BATCHING=off: one request
+    # per pass, as the seed server did).
+    batching: bool = True
+    # Padded tokens (rows x longest row) and rows allowed in one fused training pass; the
+    # row limit also caps how many sequences decode together.
+    max_batch_tokens: int = 8192
+    max_batch_sequences: int = 64
+    # How long a pass may wait to gather more work when other users are active, in ms.
+    batch_window_ms: float = 5.0
     # Bounds checked at the edge (each breach is a 400 naming the field and the range).
     max_lora_rank: int = 256
     max_examples_per_request: int = 256
@@ -73,6 +82,8 @@ class Config:
             raise ConfigurationError(f"MAX_WORKERS must be >= 1, got {self.max_workers}")
         if not 1 <= self.port <= 65535:
             raise ConfigurationError(f"PORT must be in 1..65535, got {self.port}")
+        if self.max_batch_tokens < 1 or self.max_batch_sequences < 1 or self.batch_window_ms < 0:
+            raise ConfigurationError("MAX_BATCH_TOKENS and MAX_BATCH_SEQUENCES must be >= 1, BATCH_WINDOW_MS >= 0")
         if self.max_lora_rank < 1:
             raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
 

@@ -1,100 +1,118 @@
-"""Futures and the worker pool: per-adapter FIFO order, different adapters in parallel.
+"""The worker pool: per-adapter FIFO order, different adapters in parallel, fused passes.
 
 Every job is submitted under a key (an adapter id, or a fresh key for work that touches
 no adapter). Each key has its own FIFO queue; a key is "ready" when it has queued jobs
-and none running. Workers take ready keys round-robin, run the head job, then put the
-key back at the end of the ready line if more is queued. So jobs of one adapter run
-strictly one after another in submission order (a plain lock would not promise FIFO),
-jobs of different adapters run on different threads at once, and a busy adapter cannot
-starve a quiet one.
+and none running. Workers take ready keys round-robin and run the head job, so jobs of
+one adapter run strictly one after another in submission order (a plain lock would not
+promise FIFO), jobs of different adapters run at once, and a busy adapter cannot starve
+a quiet one.
+
+Fusion: a job may belong to a group ("fwdbwd"). When a worker takes such a job it also
+takes the head jobs of that group from other ready keys (and the same key's next jobs of
+the group, which see the same weights), within the batch limits, and runs them in one
+pass. Only heads are taken, so an adapter's optim_step stays a barrier for that adapter
+alone. If other adapters trained recently but have nothing queued yet, the worker waits
+up to the batch window for them.
+
+A plain job may return a ``concurrent.futures.Future`` (sampling, which runs in its own
+continuous-batching loop): its key stays busy until that future is done.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-import secrets
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from errors import NotFoundError, ThinkerError
+from errors import ThinkerError
+from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
 
-PENDING, RUNNING, COMPLETED, FAILED = "pending", "running", "completed", "failed"
+# A group runner takes the payloads of one fused batch and returns, per payload, a result
+# or the exception that failed it.
+GroupRunner = Callable[[list[Any]], list[Any]]
 
 
-@dataclass
-class Future:
-    id: str
-    key: str
-    kind: str  # "add_lora", "fwdbwd", ...: for logs and metrics
-    status: str = PENDING
-    result: Any = None
-    error: str | None = None
-    error_type: str | None = None
-    submitted_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def wait(self, timeout: float | None) -> bool:
-        """Block until the job finished or ``timeout`` seconds passed; True if finished."""
-        return self.done.wait(timeout)
+@dataclass(frozen=True)
+class BatchLimits:
+    max_tokens: int = 8192  # padded tokens (rows x longest row) in one fused pass
+    max_sequences: int = 64  # rows in one fused pass
+    window_s: float = 0.005  # how long to wait for more work when others are likely to send
 
 
 @dataclass
 class _Job:
     future: Future
-    fn: Callable[[], Any]
+    fn: Callable[[], Any] | None = None
+    group: str | None = None
+    payload: Any = None
+    rows: int = 0
+    length: int = 0
 
 
 class WorkerPool:
-    def __init__(self, num_workers: int, future_ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        num_workers: int,
+        future_ttl_s: float = 3600.0,
+        runners: dict[str, GroupRunner] | None = None,
+        limits: BatchLimits | None = None,
+    ) -> None:
+        """``limits=None`` turns fusion off: every job runs on its own."""
         self.num_workers = num_workers
-        self.future_ttl_s = future_ttl_s
+        self.runners = runners or {}
+        self.limits = limits
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: deque[str] = deque()
         self._running: set[str] = set()
-        self._futures: dict[str, Future] = {}
-        self._finished: deque[Future] = deque()  # in finishing order, for TTL eviction
+        self._store = FutureStore(future_ttl_s)
+        self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
         self._closed = False
+        self.passes = 0  # runs of a fused group (one per pass)
+        self.fused_jobs = 0  # jobs run in those passes
         self._threads = [
             threading.Thread(target=self._work, name=f"thinker-worker-{i}", daemon=True) for i in range(num_workers)
         ]
         for thread in self._threads:
             thread.start()
 
+    # ---- submitting and reading ------------------------------------------------------
+
     def submit(self, key: str | None, kind: str, fn: Callable[[], Any]) -> Future:
         """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own)."""
-        future = Future(id=f"future_{secrets.token_hex(8)}", key=key or f"solo_{secrets.token_hex(8)}", kind=kind)
-        with self._cond:
-            if self._closed:
-                raise ThinkerError("the server is shutting down")
-            self._evict_expired()
-            self._futures[future.id] = future
-            queue = self._queues.setdefault(future.key, deque())
-            queue.append(_Job(future, fn))
-            if len(queue) == 1 and future.key not in self._running:
-                self._ready.append(future.key)
-                self._cond.notify()
-        return future
+        return self._enqueue(_Job(new_future(key, kind), fn=fn))
+
+    def submit_fusable(self, key: str, kind: str, group: str, payload: Any, rows: int, length: int) -> Future:
+        """Queue a job that may run fused with other keys' jobs of ``group``; it costs
+        ``rows`` sequences of at most ``length`` tokens."""
+        if group not in self.runners:
+            raise ValueError(f"no runner for group {group!r}")
+        job = _Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
+        return self._enqueue(job)
 
     def get(self, future_id: str) -> Future:
-        future = self._futures.get(future_id)
-        if future is None:
-            raise NotFoundError(f"request_id {future_id!r} is unknown (never issued, or expired)")
-        return future
+        with self._cond:
+            return self._store.get(future_id)
 
     def stats(self) -> dict:
         with self._cond:
             queued = sum(len(q) for q in self._queues.values())
-            return {"workers": self.num_workers, "queued": queued, "running": len(self._running)}
+            return {
+                "workers": self.num_workers,
+                "queued": queued,
+                "running": len(self._running),
+                "batching": self.limits is not None,
+                "fused_passes": self.passes,
+                "fused_jobs": self.fused_jobs,
+            }
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop taking jobs; fail queued ones; let running ones finish."""
@@ -102,7 +120,7 @@ class WorkerPool:
             self._closed = True
             for queue in self._queues.values():
                 for job in queue:
-                    self._finish(
+                    self._store.finish(
                         job.future, error="the server shut down before this request ran", error_type="ServerError"
                     )
             self._queues.clear()
@@ -114,6 +132,21 @@ class WorkerPool:
 
     # ---- internals -------------------------------------------------------------------
 
+    def _enqueue(self, job: _Job) -> Future:
+        future = job.future
+        with self._cond:
+            if self._closed:
+                raise ThinkerError("the server is shutting down")
+            self._store.add(future)
+            if job.group:
+                self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
+            queue = self._queues.setdefault(future.key, deque())
+            queue.append(job)
+            if len(queue) == 1 and future.key not in self._running:
+                self._ready.append(future.key)
+            self._cond.notify_all()
+        return future
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -122,39 +155,115 @@ class WorkerPool:
                 if self._closed:
                     return
                 key = self._ready.popleft()
-                job = self._queues[key].popleft()
-                self._running.add(key)
-                job.future.status = RUNNING
-                job.future.started_at = time.time()
-            result, error, error_type = None, None, None
-            try:
-                result = job.fn()
-            except ThinkerError as exc:
-                error, error_type = exc.message, type(exc).__name__
-            except Exception as exc:  # noqa: BLE001 - a job's failure must never stop a worker
-                error, error_type = f"{type(exc).__name__}: {exc}", "RequestFailedError"
-                log.error("job %s (%s on %s) failed:\n%s", job.future.id, job.future.kind, key, traceback.format_exc())
-            with self._cond:
-                self._finish(job.future, result=result, error=error, error_type=error_type)
+                head = self._queues[key][0]
+                if head.group and self.limits is not None:
+                    batch = self._gather(key, head.group)
+                else:
+                    batch = [(key, self._take(key))]
+            if batch[0][1].group:
+                self._run_group(batch)
+            else:
+                self._run_plain(*batch[0])
+
+    def _take(self, key: str) -> _Job:
+        job = self._queues[key].popleft()
+        self._running.add(key)
+        job.future.status, job.future.started_at = RUNNING, time.time()
+        return job
+
+    def _gather(self, first_key: str, group: str) -> list[tuple[str, _Job]]:
+        """Take ``first_key``'s head and every other fitting head of ``group``
+        (called under the lock; may wait, releasing it, for up to the batch window)."""
+        limits = self.limits
+        picked: list[tuple[str, _Job]] = []
+        rows = longest = 0
+
+        def fits(job: _Job) -> bool:
+            if not picked:
+                return True  # the oldest job always runs, alone if it must
+            new_rows, new_longest = rows + job.rows, max(longest, job.length)
+            return new_rows <= limits.max_sequences and new_rows * new_longest <= limits.max_tokens
+
+        def take_from(key: str) -> None:
+            nonlocal rows, longest
+            queue = self._queues[key]
+            while queue and queue[0].group == group and fits(queue[0]):
+                job = self._take(key)
+                picked.append((key, job))
+                rows, longest = rows + job.rows, max(longest, job.length)
+
+        take_from(first_key)
+        deadline = time.monotonic() + limits.window_s
+        while True:
+            candidates = [k for k in self._ready if self._queues[k][0].group == group]
+            # Prefer lengths close to the oldest job's: less padding in the fused pass.
+            target = picked[0][1].length
+            for key in sorted(candidates, key=lambda k: abs(self._queues[k][0].length - target)):
+                if fits(self._queues[key][0]):
+                    self._ready.remove(key)
+                    take_from(key)
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._expect_more(group, {k for k, _ in picked}, rows, longest):
+                return picked
+            self._cond.wait(left)
+
+    def _expect_more(self, group: str, picked_keys: set[str], rows: int, longest: int) -> bool:
+        """Whether another adapter is likely to send a job of ``group`` within the window:
+        one that sent one recently and is not in this batch. Keeps a lone user's latency
+        free of the window."""
+        if rows >= self.limits.max_sequences or rows * longest >= self.limits.max_tokens:
+            return False
+        now, horizon = time.monotonic(), max(1.0, 200 * self.limits.window_s)
+        recent = self._recent.get(group, {})
+        for key, seen in list(recent.items()):
+            if now - seen > horizon:
+                del recent[key]
+            elif key not in picked_keys:
+                return True
+        return False
+
+    def _run_plain(self, key: str, job: _Job) -> None:
+        try:
+            result = job.fn()
+        except BaseException as exc:  # noqa: BLE001 - a job's failure must never stop a worker
+            result = exc
+        if isinstance(result, concurrent.futures.Future):
+            result.add_done_callback(lambda f: self._complete([(key, job, f.exception() or f.result())]))
+        else:
+            self._complete([(key, job, result)])
+
+    def _run_group(self, batch: list[tuple[str, _Job]]) -> None:
+        runner = self.runners[batch[0][1].group]
+        try:
+            results = runner([job.payload for _, job in batch])
+        except BaseException as exc:  # noqa: BLE001
+            results = [exc] * len(batch)
+        with self._cond:
+            self.passes += 1
+            self.fused_jobs += len(batch)
+        self._complete([(key, job, result) for (key, job), result in zip(batch, results, strict=True)])
+
+    def _complete(self, outcomes: list[tuple[str, _Job, Any]]) -> None:
+        """Finish each job with its result or exception, then free the keys."""
+        for key, job, outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ThinkerError):
+                trace = "".join(traceback.format_exception(outcome))
+                log.error("job %s (%s on %s) failed:\n%s", job.future.id, job.future.kind, key, trace)
+        with self._cond:
+            for key, job, outcome in outcomes:
+                if isinstance(outcome, ThinkerError):
+                    self._store.finish(job.future, error=outcome.message, error_type=type(outcome).__name__)
+                elif isinstance(outcome, BaseException):
+                    error = f"{type(outcome).__name__}: {outcome}"
+                    self._store.finish(job.future, error=error, error_type="RequestFailedError")
+                else:
+                    self._store.finish(job.future, result=outcome)
+                if job.future.error:
+                    log.info("future %s (%s on %s) failed: %s", job.future.id, job.future.kind, key, job.future.error)
+            for key in dict.fromkeys(key for key, _, _ in outcomes):
                 self._running.discard(key)
                 if self._queues.get(key):
                     self._ready.append(key)
-                    self._cond.notify()
                 elif key in self._queues:
                     del self._queues[key]
-
-    def _finish(
-        self, future: Future, result: Any = None, error: str | None = None, error_type: str | None = None
-    ) -> None:
-        future.result, future.error, future.error_type = result, error, error_type
-        future.status = FAILED if error is not None else COMPLETED
-        future.finished_at = time.time()
-        self._finished.append(future)
-        future.done.set()
-        if error is not None:
-            log.info("future %s (%s on %s) failed: %s", future.id, future.kind, future.key, error)
-
-    def _evict_expired(self) -> None:
-        horizon = time.time() - self.future_ttl_s
-        while self._finished and (self._finished[0].finished_at or 0) < horizon:
-            self._futures.pop(self._finished.popleft().id, None)
+            self._cond.notify_all()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ from backend.examples import Example, render_conversation, render_prompt
 from backend.lora import use_adapters
 from backend.losses import LOSS_FUNCTIONS, cross_entropy_row_sums, target_logprobs
 from backend.model_loading import LoadedModel
-from backend.sampling import SampleRow, SamplingParams, generate
-from errors import BadRequestError, RequestFailedError
+from backend.sampling import Completion, SampleRow, SamplingParams, generate
+from backend.sampling_engine import SamplingEngine
+from errors import BadRequestError, RequestFailedError, ThinkerError
 from storage import save_peft_adapter
 
 BASE_ALIAS = "base"
@@ -59,6 +61,7 @@ class HFBackend:
         generation_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {int(t) for t in eos if t is not None}
+        self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
 
     # ---- at the edge -------------------------------------------------------------------
 
@@ -94,20 +97,52 @@ class HFBackend:
         adapter = self.adapters.create(rank, alpha, targets, seed)
         return adapter.describe()
 
-    def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict]:
-        """One forward+backward over the rows of every request; each request's loss is the
-        mean over its own loss tokens, and its gradients accumulate on its adapter."""
-        rows: list[tuple[int, str, Example]] = []
+    def check_fwdbwd(self, request: FwdBwdRequest) -> None:
+        """Reject what this model cannot run (raised inside the job, failing its future)."""
+        if request.loss_fn not in LOSS_FUNCTIONS:
+            raise BadRequestError(f"loss_fn: {request.loss_fn!r} is not supported; allowed: {list(LOSS_FUNCTIONS)}")
+        for i, example in enumerate(request.examples):
+            if example.length > self.loaded.context_length:
+                raise BadRequestError(
+                    f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
+                    f"context window of {self.loaded.context_length}"
+                )
+
+    def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
+        """One forward+backward over the rows of every request. Each request's loss is the
+        mean over its own loss tokens, exactly as if it ran alone, and its gradients
+        accumulate on its own adapter. Returns a result or an exception per request: a
+        request that cannot run fails alone, and if the fused pass itself fails (out of
+        memory, say) each request is retried on its own."""
+        outcomes: list[dict | BaseException | None] = [None] * len(requests)
+        runnable = []
         for r, request in enumerate(requests):
-            if request.loss_fn not in LOSS_FUNCTIONS:
-                raise BadRequestError(f"loss_fn: {request.loss_fn!r} is not supported; allowed: {list(LOSS_FUNCTIONS)}")
-            for i, example in enumerate(request.examples):
-                if example.length > self.loaded.context_length:
-                    raise BadRequestError(
-                        f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
-                        f"context window of {self.loaded.context_length}"
-                    )
-                rows.append((r, request.adapter_id, example))
+            try:
+                self.check_fwdbwd(request)
+                self.adapters.get(request.adapter_id)
+                runnable.append(r)
+            except ThinkerError as exc:
+                outcomes[r] = exc
+        if runnable:
+            try:
+                results = self._fused_pass([requests[r] for r in runnable])
+            except Exception as exc:  # noqa: BLE001
+                if len(runnable) == 1:
+                    results = [exc]
+                else:
+                    results = [self.forward_backward([requests[r]])[0] for r in runnable]
+            for r, result in zip(runnable, results, strict=True):
+                outcomes[r] = result
+        return outcomes
+
+    def forward_backward_one(self, request: FwdBwdRequest) -> dict:
+        outcome = self.forward_backward([request])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _fused_pass(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
+        rows = [(r, request.adapter_id, ex) for r, request in enumerate(requests) for ex in request.examples]
         started = time.perf_counter()
         B, T = len(rows), max(ex.length for _, _, ex in rows)
         pad = self.tokenizer.pad_token_id
@@ -126,24 +161,27 @@ class HFBackend:
         )
         positions_BT = torch.arange(T, device=device).expand(B, T)
 
-        with use_adapters([adapter_id for _, adapter_id, _ in rows]):
+        with use_adapters([adapter_id for _, adapter_id, _ in rows], device):
             logits_BTV = self.model(input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
         logprobs_BT = target_logprobs(logits_BTV, targets_BT)
         row_sums_B = cross_entropy_row_sums(logprobs_BT, weights_BT)
-        request_of_row = torch.tensor([r for r, _, _ in rows], device=device)
-        loss_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row, row_sums_B)
-        weight_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row, weights_BT.sum(1))
+        request_of_row_B = torch.tensor([r for r, _, _ in rows], device=device)
+        loss_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, row_sums_B)
+        weight_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, weights_BT.sum(1))
         losses_R = loss_sums_R / weight_sums_R
         values = losses_R.detach().cpu().tolist()
-        bad = [requests[r].adapter_id for r, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise RequestFailedError(f"non-finite loss for {bad}; no gradients were applied")
-        # Requests are independent, so the sum's gradient on each adapter is its own loss's.
-        losses_R.sum().backward()
+        finite = [math.isfinite(v) for v in values]
+        if any(finite):
+            # Requests are independent, so the sum's gradient on each adapter is its own
+            # loss's; a request with a non-finite loss is left out and sends no gradient.
+            losses_R[torch.tensor(finite, device=device)].sum().backward()
         elapsed = time.perf_counter() - started
 
-        results = []
+        results: list[dict | BaseException] = []
         for r, request in enumerate(requests):
+            if not finite[r]:
+                results.append(RequestFailedError(f"the loss is not finite ({values[r]}); no gradient was applied"))
+                continue
             adapter = self.adapters.get(request.adapter_id)
             num_tokens = sum(ex.length for ex in request.examples)
             adapter.tokens_trained += num_tokens
@@ -154,6 +192,8 @@ class HFBackend:
                     "num_tokens": num_tokens,
                     "num_loss_tokens": sum(ex.num_loss_tokens for ex in request.examples),
                     "num_sequences": len(request.examples),
+                    "batch_requests": len(requests),  # requests fused into this pass
+                    "batch_sequences": B,
                     "elapsed_s": elapsed,
                 }
             )
@@ -185,25 +225,51 @@ class HFBackend:
             "grad_norm": grad_norm,
         }
 
-    def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
+    def sample_rows(
+        self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams
+    ) -> list[SampleRow]:
         rows = []
         for i, tokens in enumerate(prompts):
             seed = None if params.seed is None else params.seed + i  # reproducible, yet distinct per prompt
-            rows.append(SampleRow(adapter_id, tokens, SamplingParams(**{**params.__dict__, "seed": seed})))
+            rows.append(SampleRow(adapter_id, tokens, replace(params, seed=seed)))
+        return rows
+
+    def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
+        """Sample as one batch of its own (no sharing with other requests)."""
+        rows = self.sample_rows(adapter_id, prompts, params)
         completions = generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
-        outputs = [c.text for c in completions]
-        return {
-            "generated_text": outputs[0] if outputs else "",
-            "outputs": outputs,
-            "stop_reasons": [c.stop_reason for c in completions],
-            "num_tokens": [len(c.tokens) for c in completions],
-        }
+        return sample_response(completions)
+
+    def sample_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
+        """Join the shared decode loop; the future's result is the response dict."""
+        if self.sampler is None:
+            raise RuntimeError("no sampling engine: start one with start_sampler()")
+        response: Future = Future()
+
+        def done(engine_future: Future) -> None:
+            error = engine_future.exception()
+            if error is not None:
+                response.set_exception(error)
+            else:
+                response.set_result(sample_response(engine_future.result()))
+
+        self.sampler.submit(self.sample_rows(adapter_id, prompts, params)).add_done_callback(done)
+        return response
+
+    def start_sampler(self, max_rows: int, window_s: float) -> None:
+        self.sampler = SamplingEngine(
+            self.model, self.tokenizer, self.eos_ids, self.loaded.context_length, self.device, max_rows, window_s
+        )
 
     def save_adapter(self, adapter_id: str) -> dict:
         adapter = self.adapters.get(adapter_id)
         folder = self.data_dir.resolve() / "adapters" / adapter_id / f"step_{adapter.step:06d}"
         save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
         return {"model_id": adapter_id, "step": adapter.step, "path": str(folder)}
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
 
     def info(self) -> dict:
         info = {
@@ -218,3 +284,13 @@ class HFBackend:
         if self.loaded.fallback_reason:
             info["fallback_reason"] = self.loaded.fallback_reason
         return info
+
+
+def sample_response(completions: Sequence[Completion]) -> dict:
+    outputs = [c.text for c in completions]
+    return {
+        "generated_text": outputs[0] if outputs else "",
+        "outputs": outputs,
+        "stop_reasons": [c.stop_reason for c in completions],
+        "num_tokens": [len(c.tokens) for c in completions],
+    }

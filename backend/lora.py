@@ -5,8 +5,12 @@ training different adapters on one model would train each other's. Here each tar
 ``nn.Linear`` is wrapped in a ``MultiLoraLinear`` that holds every adapter's own A/B
 (its own rank and scaling) and reads which adapter each row uses from a ``ContextVar``
 set for the duration of one forward call. Context variables are per thread, so
-concurrent forwards on different threads never see each other's routing, and one call
-may mix rows of several adapters (only the adapters that saw rows get gradients).
+concurrent forwards on different threads never see each other's routing.
+
+One call may mix rows of many adapters: their A/B are stacked (zero-padded to the
+largest rank, which adds exactly nothing) and every row is routed to its own adapter by
+one batched matrix product, not a loop over rows or adapters. Only adapters that had
+rows get gradients.
 
 Math per adapter (PEFT's): y = W x + (alpha / r) * B (A x), with A (r, in), B (out, r).
 """
@@ -17,46 +21,54 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, end) of the batch use adapter ``adapter_id`` (None: base model only)."""
-
-    adapter_id: str | None
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
+@dataclass
 class Routing:
-    """The adapter of every row of one forward call, as runs of consecutive rows."""
+    """Which adapter each row of one forward call uses."""
 
-    segments: tuple[Segment, ...]
-    batch_size: int
+    row_adapters: tuple[str | None, ...]  # (B,) adapter id per row; None: base model only
+    adapters: tuple[str, ...]  # the distinct adapters, in slot order (slot 0 is "none")
+    slots_B: torch.Tensor | None  # (B,) long slot per row; None when every row uses one adapter
+    # Stacked weights per layer, reusable while the adapters' weights cannot change (for
+    # instance across the decode steps of one sampling batch); None: build per call.
+    weight_cache: dict | None = field(default=None)
+
+    @property
+    def uniform(self) -> bool:
+        return self.slots_B is None
 
     @classmethod
-    def from_rows(cls, row_adapters: Sequence[str | None]) -> Routing:
-        segments: list[Segment] = []
-        start = 0
-        for i in range(1, len(row_adapters) + 1):
-            if i == len(row_adapters) or row_adapters[i] != row_adapters[start]:
-                segments.append(Segment(row_adapters[start], start, i))
-                start = i
-        return cls(tuple(segments), len(row_adapters))
+    def build(
+        cls,
+        row_adapters: Sequence[str | None],
+        device: torch.device | str = "cpu",
+        adapter_order: Sequence[str] | None = None,
+        weight_cache: dict | None = None,
+    ) -> Routing:
+        rows = tuple(row_adapters)
+        distinct = tuple(adapter_order) if adapter_order is not None else tuple(dict.fromkeys(a for a in rows if a))
+        if len(set(rows)) <= 1:
+            return cls(rows, distinct, None, weight_cache)
+        slot_of = {a: i + 1 for i, a in enumerate(distinct)}
+        slots = torch.tensor([slot_of[a] if a else 0 for a in rows], dtype=torch.long, device=device)
+        return cls(rows, distinct, slots, weight_cache)
 
 
 _routing: ContextVar[Routing | None] = ContextVar("thinker_lora_routing", default=None)
 
 
 @contextmanager
-def use_adapters(row_adapters: Sequence[str | None]) -> Iterator[Routing]:
+def use_adapters(
+    row_adapters: Sequence[str | None] | Routing, device: torch.device | str = "cpu"
+) -> Iterator[Routing]:
     """Route this thread's forward calls: row i uses ``row_adapters[i]`` (None: base)."""
-    routing = Routing.from_rows(row_adapters)
+    routing = row_adapters if isinstance(row_adapters, Routing) else Routing.build(row_adapters, device)
     token = _routing.set(routing)
     try:
         yield routing
@@ -107,28 +119,56 @@ class MultiLoraLinear(nn.Module):
         routing = _routing.get()
         if routing is None or not self.lora_A:
             return out
-        if routing.batch_size != x.shape[0]:
-            raise RuntimeError(f"LoRA routing covers {routing.batch_size} rows but the batch has {x.shape[0]}")
-        if len(routing.segments) == 1:
-            delta = self._delta(routing.segments[0].adapter_id, x)
-            return out if delta is None else out + delta
-        pieces = []
-        for seg in routing.segments:
-            x_seg = x[seg.start : seg.end]  # (b, T, in), a view: rows are contiguous
-            delta = self._delta(seg.adapter_id, x_seg)
-            pieces.append(delta if delta is not None else x_seg.new_zeros(*x_seg.shape[:-1], self.out_features))
-        return out + torch.cat(pieces, dim=0)
+        if len(routing.row_adapters) != x.shape[0]:
+            raise RuntimeError(f"LoRA routing covers {len(routing.row_adapters)} rows but the batch has {x.shape[0]}")
+        if routing.uniform:
+            adapter_id = routing.row_adapters[0] if routing.row_adapters else None
+            a = self.lora_A.get(adapter_id) if adapter_id else None
+            if a is None:
+                return out
+            h = x @ a.to(x.dtype).t()  # (B, T, r)
+            return out + (h @ self.lora_B[adapter_id].to(x.dtype).t()) * self.scaling[adapter_id]
+        stacked = self._stacked(routing, x.dtype)
+        if stacked is None:  # none of the batch's adapters targets this layer
+            return out
+        a_SRI, b_SOR, scale_S = stacked
+        slots_B = routing.slots_B
+        h_BTR = torch.bmm(x, a_SRI[slots_B].transpose(1, 2))  # (B, T, in) @ (B, in, R) -> (B, T, R)
+        delta_BTO = torch.bmm(h_BTR, b_SOR[slots_B].transpose(1, 2))  # (B, T, R) @ (B, R, O) -> (B, T, O)
+        return out + delta_BTO * scale_S[slots_B].view(-1, 1, 1)
 
-    def _delta(self, adapter_id: str | None, x: torch.Tensor) -> torch.Tensor | None:
-        """(alpha/r) * B(A x) for rows x (b, T, in) -> (b, T, out); None if not targeted."""
-        if adapter_id is None:
-            return None
-        a = self.lora_A.get(adapter_id)
-        b = self.lora_B.get(adapter_id)
-        if a is None or b is None:
-            return None
-        h = x @ a.to(x.dtype).t()  # (b, T, r)
-        return (h @ b.to(x.dtype).t()) * self.scaling[adapter_id]  # (b, T, out)
+    def _stacked(self, routing: Routing, dtype: torch.dtype):
+        """Every routed adapter's A and B, zero-padded to the largest rank and stacked by
+        slot (slot 0, and adapters that do not target this layer, are all zeros):
+        A (S, R, in), B (S, out, R), scaling (S,)."""
+        cache = routing.weight_cache
+        if cache is not None and self.name in cache:
+            return cache[self.name]
+        present = [a for a in routing.adapters if a in self.lora_A]
+        if not present:
+            result = None
+        else:
+            rank = max(self.lora_A[a].shape[0] for a in present)
+            weight = self.base.weight
+            zeros_a = weight.new_zeros(rank, self.in_features, dtype=dtype)
+            zeros_b = weight.new_zeros(self.out_features, rank, dtype=dtype)
+            a_list, b_list, scales = [zeros_a], [zeros_b], [0.0]
+            for adapter_id in routing.adapters:
+                a = self.lora_A.get(adapter_id)
+                if a is None:
+                    a_list.append(zeros_a)
+                    b_list.append(zeros_b)
+                    scales.append(0.0)
+                    continue
+                pad = rank - a.shape[0]
+                a_list.append(F.pad(a.to(dtype), (0, 0, 0, pad)))  # extra rows of A: zero
+                b_list.append(F.pad(self.lora_B[adapter_id].to(dtype), (0, pad)))  # extra columns of B: zero
+                scales.append(self.scaling[adapter_id])
+            scale_S = torch.tensor(scales, dtype=dtype, device=weight.device)
+            result = (torch.stack(a_list), torch.stack(b_list), scale_S)
+        if cache is not None:
+            cache[self.name] = result
+        return result
 
 
 def wrap_linear_layers(model: nn.Module, candidate_names: Sequence[str]) -> dict[str, MultiLoraLinear]:

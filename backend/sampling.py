@@ -1,16 +1,13 @@
-"""Batched autoregressive sampling with a KV cache, each row with its own adapter and
-sampling parameters; rows that finish are dropped from the batch (and the cache)."""
+"""Sampling parameters, per-row token choice, and one-shot batched generation."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from backend.lora import use_adapters
 from errors import BadRequestError
 
 
@@ -38,7 +35,16 @@ class Completion:
     stop_reason: str = "length"  # "stop": end-of-turn token or a stop string; "length": max_tokens
 
 
-def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def check_prompts(rows: Sequence[SampleRow], context_length: int) -> None:
+    for i, row in enumerate(rows):
+        if len(row.prompt_tokens) >= context_length:
+            raise BadRequestError(
+                f"prompts[{i}]: the rendered prompt has {len(row.prompt_tokens)} tokens; the model's "
+                f"context window is {context_length}"
+            )
+
+
+def choose_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row's next-token logits (V,)."""
     if params.temperature == 0:
         return int(torch.argmax(logits_V))
@@ -58,7 +64,6 @@ def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gen
     return int(torch.argmax(logits_V + gumbel_V))
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer,
@@ -67,84 +72,13 @@ def generate(
     context_length: int,
     device: torch.device,
 ) -> list[Completion]:
-    from transformers import DynamicCache
+    """Generate for ``rows`` as one batch, start to finish (no rows join later)."""
+    from backend.decode import DecodeBatch
 
-    for i, row in enumerate(rows):
-        if len(row.prompt_tokens) >= context_length:
-            raise BadRequestError(
-                f"prompts[{i}]: the rendered prompt has {len(row.prompt_tokens)} tokens; the model's "
-                f"context window is {context_length}"
-            )
-    results = [Completion() for _ in rows]
-    budgets = [min(r.params.max_tokens, context_length - len(r.prompt_tokens)) for r in rows]
-    generators = []
-    for row in rows:
-        seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
-        generators.append(torch.Generator(device=device).manual_seed(seed))
-
-    pad_id = tokenizer.pad_token_id
-    width = max(len(r.prompt_tokens) for r in rows)
-    # Left padding: every row's next token lands in the last column.
-    input_ids_BL = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids_BL[i, width - len(row.prompt_tokens) :] = torch.tensor(row.prompt_tokens)
-        mask_BL[i, width - len(row.prompt_tokens) :] = 1
-    input_ids_BL, mask_BL = input_ids_BL.to(device), mask_BL.to(device)
-    positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-
-    active = list(range(len(rows)))  # original index of each row still in the batch
-    text_done: set[int] = set()  # rows whose text was already cut at a stop string
-    cache = DynamicCache()
-    while True:
-        with use_adapters([rows[i].adapter_id for i in active]):
-            out = model(
-                input_ids=input_ids_BL,
-                attention_mask=mask_BL,
-                position_ids=positions_BL,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,  # only the last position is sampled from
-            )
-        logits_BV = out.logits[:, -1, :].float()
-        next_tokens, keep = [], []
-        for j, i in enumerate(active):
-            token = _choose(logits_BV[j], rows[i].params, generators[i])
-            result = results[i]
-            if token in eos_ids:
-                result.stop_reason = "stop"
-                continue
-            result.tokens.append(token)
-            if rows[i].params.stop and _cut_at_stop(tokenizer, result, rows[i].params.stop):
-                text_done.add(i)
-                continue
-            if len(result.tokens) >= budgets[i]:
-                continue
-            next_tokens.append(token)
-            keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(active):  # finished rows stop costing compute
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask_BL = mask_BL[index]
-            active = [active[j] for j in keep]
-        mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(active), 1)], dim=1)
-        positions_BL = mask_BL.sum(-1, keepdim=True) - 1  # (b, 1)
-        input_ids_BL = torch.tensor(next_tokens, device=device).unsqueeze(1)  # (b, 1)
-
-    for i, result in enumerate(results):
-        if i not in text_done:
-            result.text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-    return results
-
-
-def _cut_at_stop(tokenizer, result: Completion, stops: tuple[str, ...]) -> bool:
-    """Truncate ``result.text`` at the first stop string, if one has appeared."""
-    text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    if cut < 0:
-        return False
-    result.text = text[:cut]
-    result.stop_reason = "stop"
-    return True
+    check_prompts(rows, context_length)
+    batch = DecodeBatch(model, tokenizer, eos_ids, device)
+    live = [batch.make_row(row, context_length) for row in rows]
+    batch.admit(live)
+    while len(batch):
+        batch.step()
+    return [r.completion for r in live]

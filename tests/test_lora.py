@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend import FwdBwdRequest
-from backend.lora import Routing, Segment, use_adapters
+from backend.lora import Routing, use_adapters
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi Alice!"}],
@@ -41,9 +41,11 @@ def _zero(backend, *adapter_ids: str) -> None:
         backend.adapters.get(adapter_id).optimizer.zero_grad(set_to_none=True)
 
 
-def test_routing_groups_consecutive_rows():
-    routing = Routing.from_rows(["a", "a", None, "b", "a"])
-    assert routing.segments == (Segment("a", 0, 2), Segment(None, 2, 3), Segment("b", 3, 4), Segment("a", 4, 5))
+def test_routing_gives_each_row_its_adapters_slot():
+    routing = Routing.build(["a", "a", None, "b", "a"])
+    assert routing.adapters == ("a", "b") and not routing.uniform
+    assert routing.slots_B.tolist() == [1, 1, 0, 2, 1]
+    assert Routing.build(["a", "a"]).uniform and Routing.build([None]).uniform
 
 
 def test_new_adapter_leaves_the_base_model_unchanged(backend):

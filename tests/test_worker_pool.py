@@ -9,7 +9,8 @@ import time
 import pytest
 
 from errors import BadRequestError, NotFoundError
-from worker_pool import COMPLETED, FAILED, WorkerPool
+from futures import COMPLETED, FAILED
+from worker_pool import WorkerPool
 
 
 @pytest.fixture

@@ -1,0 +1,183 @@
+"""A batch of rows decoding together: one KV cache, rows joining and leaving at any step.
+
+Rows are left-padded so every row's next token sits in the last column. New rows are
+prefilled as a group and merged into the running batch (caches left-padded to a common
+length, padding masked out); finished rows are dropped from the cache at once, so they
+stop costing compute, and columns that are padding for every remaining row are trimmed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backend.lora import Routing, use_adapters
+from backend.sampling import Completion, SampleRow, choose_token
+
+
+@dataclass
+class LiveRow:
+    row: SampleRow
+    budget: int  # most tokens it may still produce: max_tokens, within the context window
+    generator: torch.Generator
+    on_done: Callable[[LiveRow], None] = field(default=lambda live: None)
+    completion: Completion = field(default_factory=Completion)
+    text_final: bool = False  # text already cut at a stop string
+
+
+class DecodeBatch:
+    def __init__(self, model: nn.Module, tokenizer, eos_ids: set[int], device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.device = device
+        self.rows: list[LiveRow] = []  # live rows, in batch order
+        self.cache = None
+        self.mask_BL: torch.Tensor | None = None  # (B, L) 1 where a cached position is real
+        self.next_tokens: list[int] = []  # (B,) the token each row feeds next
+        self._adapters: tuple[str, ...] = ()
+        self._weight_cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def make_row(self, row: SampleRow, context_length: int, on_done=None) -> LiveRow:
+        seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
+        budget = min(row.params.max_tokens, context_length - len(row.prompt_tokens))
+        live = LiveRow(row, budget, torch.Generator(device=self.device).manual_seed(seed))
+        if on_done is not None:
+            live.on_done = on_done
+        return live
+
+    @torch.no_grad()
+    def admit(self, new_rows: Sequence[LiveRow]) -> None:
+        """Prefill ``new_rows`` together and merge the ones still going into the batch."""
+        if not new_rows:
+            return
+        from transformers import DynamicCache
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.row.prompt_tokens) for r in new_rows)
+        ids_BL = torch.full((len(new_rows), width), pad, dtype=torch.long)
+        mask_BL = torch.zeros((len(new_rows), width), dtype=torch.long)
+        for i, live in enumerate(new_rows):
+            n = len(live.row.prompt_tokens)
+            ids_BL[i, width - n:] = torch.tensor(live.row.prompt_tokens)
+            mask_BL[i, width - n:] = 1
+        ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
+        cache = DynamicCache()
+        logits_BV = self._forward(new_rows, ids_BL, mask_BL, cache)
+        keep, tokens = self._advance(new_rows, logits_BV)
+        if not keep:
+            return
+        cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        mask_BL = mask_BL[keep]
+        survivors = [new_rows[j] for j in keep]
+        if self.cache is None:
+            self.cache, self.mask_BL = cache, mask_BL
+        else:
+            self._merge(cache, mask_BL)
+        self.rows += survivors
+        self.next_tokens += tokens
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed every row its next token and choose the one after."""
+        if not self.rows:
+            return
+        self.mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.rows), 1)], dim=1)
+        ids_B1 = torch.tensor(self.next_tokens, device=self.device).unsqueeze(1)
+        logits_BV = self._forward(self.rows, ids_B1, self.mask_BL, self.cache)
+        keep, tokens = self._advance(self.rows, logits_BV)
+        if len(keep) < len(self.rows):
+            self._select(keep)
+        self.next_tokens = tokens
+
+    def fail_all(self, error: BaseException) -> list[LiveRow]:
+        """Drop every row (after an error in a forward pass) and return them."""
+        rows, self.rows, self.next_tokens = self.rows, [], []
+        self.cache = self.mask_BL = None
+        return rows
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
+        adapters = tuple(sorted({r.row.adapter_id for r in rows if r.row.adapter_id}))
+        if adapters != self._adapters:  # stacked weights stay valid while the set is the same
+            self._adapters, self._weight_cache = adapters, {}
+        routing = Routing.build([r.row.adapter_id for r in rows], self.device, adapters, self._weight_cache)
+        positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1]:]
+        with use_adapters(routing):
+            out = self.model(
+                input_ids=ids_BL,
+                attention_mask=mask_BL,
+                position_ids=positions_BL,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the last position is sampled from
+            )
+        return out.logits[:, -1, :].float()  # (B, V)
+
+    def _advance(self, rows: Sequence[LiveRow], logits_BV: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Choose each row's next token; finish rows that are done. Returns the batch
+        positions of rows that go on and the tokens they feed next."""
+        keep, tokens = [], []
+        for j, live in enumerate(rows):
+            token = choose_token(logits_BV[j], live.row.params, live.generator)
+            done = self._append(live, token)
+            if done:
+                if not live.text_final:
+                    live.completion.text = self.tokenizer.decode(live.completion.tokens, skip_special_tokens=True)
+                live.on_done(live)
+            else:
+                keep.append(j)
+                tokens.append(token)
+        return keep, tokens
+
+    def _append(self, live: LiveRow, token: int) -> bool:
+        result = live.completion
+        if token in self.eos_ids:
+            result.stop_reason = "stop"
+            return True
+        result.tokens.append(token)
+        stops = live.row.params.stop
+        if stops:
+            text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                result.text, result.stop_reason, live.text_final = text[:cut], "stop", True
+                return True
+        if len(result.tokens) >= live.budget:
+            result.stop_reason = "length"
+            return True
+        return False
+
+    def _select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[j] for j in keep]
+        if not keep:
+            self.cache = self.mask_BL = None
+            return
+        self.cache.batch_select_indices(index)
+        mask_BL = self.mask_BL[index]
+        first = int(mask_BL.any(dim=0).long().argmax())  # leading columns nobody needs
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            mask_BL = mask_BL[:, first:]
+        self.mask_BL = mask_BL
+
+    def _merge(self, cache, mask_BL: torch.Tensor) -> None:
+        """Append another cache's rows: left-pad both to one length, then stack rows."""
+        length = max(self.mask_BL.shape[1], mask_BL.shape[1])
+        pad_old, pad_new = length - self.mask_BL.shape[1], length - mask_BL.shape[1]
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            # (B, heads, L, head_dim): pad dimension -2 on the left
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_old, 0)), F.pad(theirs.keys, (0, 0, pad_new, 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_old, 0)), F.pad(theirs.values, (0, 0, pad_new, 0))])
+        self.mask_BL = torch.cat([F.pad(self.mask_BL, (pad_old, 0)), F.pad(mask_BL, (pad_new, 0))])

@@ -1,0 +1,134 @@
+"""Continuous batching for sampling: one decode loop shared by every sampling request.
+
+Requests (from any adapters, or the base model) join the running batch at the next
+decode step instead of waiting for it to drain; each keeps its own adapter, sampling
+parameters and seed, and its future completes as soon as its own rows are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.decode import DecodeBatch, LiveRow
+from backend.sampling import Completion, SampleRow, check_prompts
+
+log = logging.getLogger("thinker.sampling")
+
+
+@dataclass
+class _Request:
+    rows: list[SampleRow]
+    future: Future
+    completions: list[Completion | None] = field(default_factory=list)
+    remaining: int = 0
+
+
+class SamplingEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        eos_ids: set[int],
+        context_length: int,
+        device: torch.device,
+        max_rows: int = 64,
+        window_s: float = 0.005,
+    ) -> None:
+        self.context_length = context_length
+        self.max_rows = max_rows
+        self.window_s = window_s  # when idle, wait this long for company before starting
+        self._batch = DecodeBatch(model, tokenizer, eos_ids, device)
+        self._pending: deque[_Request] = deque()
+        self._in_flight: dict[int, _Request] = {}  # requests with live rows, by id()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode steps run, for stats
+        self._thread = threading.Thread(target=self._loop, name="thinker-sampler", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[SampleRow]) -> Future:
+        """Queue ``rows``; the future's result is their completions, in order."""
+        check_prompts(rows, self.context_length)
+        request = _Request(list(rows), Future(), [None] * len(rows), len(rows))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the sampling engine is closed")
+            self._pending.append(request)
+            self._cond.notify()
+        return request.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        return {"sampling_rows": len(self._batch), "sampling_waiting": len(self._pending)}
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not len(self._batch) and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    self._fail_everything(RuntimeError("the server shut down before this sample finished"))
+                    return
+                if not len(self._batch) and self.window_s > 0:
+                    # Idle: give requests sent at about the same time a moment to arrive.
+                    deadline = time.monotonic() + self.window_s
+                    while (left := deadline - time.monotonic()) > 0 and not self._closed:
+                        self._cond.wait(left)
+                admitted = self._take_admissible()
+            try:
+                self._batch.admit([row for req in admitted for row in self._live_rows(req)])
+                self._batch.step()
+                self.steps += 1
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep the loop alive
+                log.exception("sampling step failed")
+                self._fail_everything(exc, admitted)
+
+    def _take_admissible(self) -> list[_Request]:
+        taken, rows = [], len(self._batch)
+        while self._pending:
+            request = self._pending[0]
+            if rows and rows + len(request.rows) > self.max_rows:
+                break
+            taken.append(self._pending.popleft())
+            rows += len(request.rows)
+        self._in_flight.update({id(r): r for r in taken})
+        return taken
+
+    def _live_rows(self, request: _Request) -> list[LiveRow]:
+        def done(live: LiveRow, index: int) -> None:
+            request.completions[index] = live.completion
+            request.remaining -= 1
+            if request.remaining == 0:
+                self._in_flight.pop(id(request), None)
+                request.future.set_result(request.completions)
+
+        return [
+            self._batch.make_row(row, self.context_length, on_done=lambda live, i=i: done(live, i))
+            for i, row in enumerate(request.rows)
+        ]
+
+    def _fail_everything(self, error: BaseException, admitted: Sequence[_Request] = ()) -> None:
+        self._batch.fail_all(error)
+        requests = list(self._in_flight.values()) + list(admitted)
+        if self._closed:
+            requests += list(self._pending)
+            self._pending.clear()
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+        self._in_flight.clear()

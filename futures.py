@@ -1,0 +1,71 @@
+"""Futures: the handle a client polls for the result of a queued job."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from errors import NotFoundError
+
+PENDING, RUNNING, COMPLETED, FAILED = "pending", "running", "completed", "failed"
+
+
+@dataclass
+class Future:
+    id: str
+    key: str  # the queue it ran in: an adapter id, or a key of its own
+    kind: str  # "add_lora", "fwdbwd", ...: for logs and metrics
+    status: str = PENDING
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the job finished or ``timeout`` seconds passed; True if finished."""
+        return self.done.wait(timeout)
+
+
+def new_future(key: str | None, kind: str) -> Future:
+    return Future(id=f"future_{secrets.token_hex(8)}", key=key or f"solo_{secrets.token_hex(8)}", kind=kind)
+
+
+class FutureStore:
+    """Every future by id; finished ones are forgotten ``ttl_s`` seconds after finishing.
+    Not locked itself: the worker pool calls it under its own lock."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._futures: dict[str, Future] = {}
+        self._finished: deque[Future] = deque()  # in finishing order, for eviction
+
+    def add(self, future: Future) -> None:
+        self._evict_expired()
+        self._futures[future.id] = future
+
+    def get(self, future_id: str) -> Future:
+        future = self._futures.get(future_id)
+        if future is None:
+            raise NotFoundError(f"request_id {future_id!r} is unknown (never issued, or expired)")
+        return future
+
+    def finish(
+        self, future: Future, result: Any = None, error: str | None = None, error_type: str | None = None
+    ) -> None:
+        future.result, future.error, future.error_type = result, error, error_type
+        future.status = FAILED if error is not None else COMPLETED
+        future.finished_at = time.time()
+        self._finished.append(future)
+        future.done.set()
+
+    def _evict_expired(self) -> None:
+        horizon = time.time() - self.ttl_s
+        while self._finished and (self._finished[0].finished_at or 0) < horizon:
+            self._futures.pop(self._finished.popleft().id, None)
