@@ -116,3 +116,26 @@ def test_interleaved_submissions_keep_each_adapters_order(server):
                     reference.append(result["loss"])
             assert concurrent[seed] == pytest.approx(reference, abs=1e-5), seed
             assert len(set(reference)) > 1
+
+
+def test_concurrent_users_share_fused_passes(server):
+    """Several users training at once over HTTP end up in the same forward/backward pass."""
+    batch_sizes: list[int] = []
+    lock = threading.Lock()
+
+    def user(seed: int) -> None:
+        with TinkerClient(server.url) as client:
+            model_id = client.create_lora(seed=seed)
+            for step in range(4):
+                result = client.wait_for_result(client.fwdbwd(model_id, [_conversation(f"answer {seed} {step}")]))
+                client.wait_for_result(client.optim_step(model_id, learning_rate=1e-3))
+                with lock:
+                    batch_sizes.append(result["batch_requests"])
+
+    threads = [threading.Thread(target=user, args=(300 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(batch_sizes) == 16
+    assert max(batch_sizes) > 1, batch_sizes

@@ -131,3 +131,15 @@ def test_concurrent_forwards_on_threads_never_see_each_others_adapter(backend):
     for t in threads:
         t.join()
     assert not mismatches
+
+
+def test_interleaved_rows_of_different_ranks_match_each_row_alone(backend):
+    ids = [_make_adapter(backend, rank, alpha, seed=60 + rank) for rank, alpha in ((2, 4.0), (8, 32.0), (32, 8.0))]
+    order = [ids[0], ids[1], None, ids[2], ids[0], ids[2]]
+    tokens = torch.tensor(backend.render_prompts(["aaaa", "bbbb", "cccc", "dddd", "eeee", "ffff"]))  # equal lengths
+    with torch.no_grad(), use_adapters(order):
+        fused = backend.model(input_ids=tokens).logits
+    for b, adapter_id in enumerate(order):
+        with torch.no_grad(), use_adapters([adapter_id]):
+            alone = backend.model(input_ids=tokens[b : b + 1]).logits
+        torch.testing.assert_close(fused[b : b + 1], alone, rtol=0, atol=1e-5)

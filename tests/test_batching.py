@@ -1,0 +1,116 @@
+"""Fused scheduling: BATCHING on and off train identically; order and limits hold."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from backend import AdamParams, FwdBwdRequest
+from worker_pool import BatchLimits, WorkerPool
+
+
+def _pool(backend, batching: bool, limits: BatchLimits | None = None) -> WorkerPool:
+    limits = limits or BatchLimits(max_tokens=8192, max_sequences=64, window_s=0.02)
+    return WorkerPool(4, runners={"fwdbwd": backend.forward_backward}, limits=limits if batching else None)
+
+
+def _conversation(rng: random.Random) -> list[dict]:
+    answer = "".join(rng.choice("abcdefghij ") for _ in range(rng.randint(2, 20)))
+    return [{"role": "user", "content": f"q{rng.randint(0, 99)}"}, {"role": "assistant", "content": answer}]
+
+
+def _train(backend, pool: WorkerPool, seeds: list[int], steps: int = 5) -> tuple[dict[int, list[float]], list[dict]]:
+    """Each adapter's thread submits its whole script without waiting, then collects."""
+    ids = {seed: backend.add_lora(4 + seed % 3 * 4, 16.0, None, seed)["model_id"] for seed in seeds}
+    futures: dict[int, list] = {}
+
+    def user(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = []
+        for _ in range(steps):
+            for _ in range(rng.choice([1, 2])):  # sometimes accumulate over two passes
+                examples = backend.render_conversations([_conversation(rng) for _ in range(rng.randint(1, 3))])
+                request = FwdBwdRequest(ids[seed], examples)
+                longest = max(ex.length for ex in examples)
+                mine.append(pool.submit_fusable(ids[seed], "fwdbwd", "fwdbwd", request, len(examples), longest))
+            adam = AdamParams(learning_rate=rng.choice([1e-2, 2e-2]))
+            pool.submit(ids[seed], "optim_step", lambda adam=adam: backend.optim_step(ids[seed], adam))
+        futures[seed] = mine
+
+    threads = [threading.Thread(target=user, args=(seed,)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    losses, results = {}, []
+    for seed, mine in futures.items():
+        for f in mine:
+            assert f.wait(60) and f.status == "completed", f.error
+        losses[seed] = [f.result["loss"] for f in mine]
+        results += [f.result for f in mine]
+    return losses, results
+
+
+def test_batching_on_and_off_train_identically(backend):
+    seeds = [201, 202, 203, 204, 205]
+    fused_pool, plain_pool = _pool(backend, True), _pool(backend, False)
+    try:
+        fused, fused_results = _train(backend, fused_pool, seeds)
+        plain, plain_results = _train(backend, plain_pool, seeds)
+    finally:
+        fused_pool.shutdown()
+        plain_pool.shutdown()
+    for seed in seeds:
+        assert fused[seed] == pytest.approx(plain[seed], abs=1e-4)
+    assert max(r["batch_requests"] for r in fused_results) > 1, "nothing was fused"
+    assert fused_pool.stats()["fused_passes"] < fused_pool.stats()["fused_jobs"]
+    assert all(r["batch_requests"] == 1 for r in plain_results)
+
+
+def test_fused_passes_respect_the_limits(backend):
+    pool = _pool(backend, True, BatchLimits(max_tokens=10_000, max_sequences=3, window_s=0.02))
+    try:
+        _, results = _train(backend, pool, [301, 302, 303, 304], steps=3)
+    finally:
+        pool.shutdown()
+    assert all(r["batch_sequences"] <= 3 or r["batch_requests"] == 1 for r in results)
+
+    pool = _pool(backend, True, BatchLimits(max_tokens=60, max_sequences=64, window_s=0.02))
+    try:
+        _, results = _train(backend, pool, [305, 306, 307], steps=2)
+    finally:
+        pool.shutdown()
+    # every sequence here is 20+ tokens long: at most two rows of them fit in 60 padded tokens
+    assert all(r["batch_sequences"] <= 2 or r["batch_requests"] == 1 for r in results)
+
+
+def test_a_bad_request_in_a_fused_pass_fails_alone(backend):
+    good_id = backend.add_lora(8, 16.0, None, 1)["model_id"]
+    other_id = backend.add_lora(8, 16.0, None, 2)["model_id"]
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    long_conv = [{"role": "user", "content": "x" * 2000}, {"role": "assistant", "content": "yo"}]
+    outcomes = backend.forward_backward(
+        [
+            FwdBwdRequest(good_id, backend.render_conversations([conv])),
+            FwdBwdRequest(other_id, backend.render_conversations([long_conv])),
+        ]
+    )
+    assert isinstance(outcomes[0], dict) and outcomes[0]["loss"] > 0
+    assert isinstance(outcomes[1], Exception) and "context window" in str(outcomes[1])
+    for adapter_id in (good_id, other_id):
+        backend.adapters.get(adapter_id).optimizer.zero_grad(set_to_none=True)
+
+
+def test_lone_user_does_not_wait_for_the_window(backend):
+    pool = _pool(backend, True, BatchLimits(window_s=2.0))  # a window long enough to notice
+    try:
+        adapter_id = backend.add_lora(8, 16.0, None, 9)["model_id"]
+        examples = backend.render_conversations(
+            [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
+        )
+        future = pool.submit_fusable(adapter_id, "fwdbwd", "fwdbwd", FwdBwdRequest(adapter_id, examples), 1, 20)
+        assert future.wait(1.5), "a lone user's pass waited for company"
+    finally:
+        pool.shutdown()

@@ -1,0 +1,85 @@
+"""The shared decode loop: requests joining mid-flight get exactly their solo tokens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backend import AdamParams, FwdBwdRequest, SamplingParams
+from backend.sampling import SampleRow, generate
+from backend.sampling_engine import SamplingEngine
+from errors import BadRequestError
+
+
+@pytest.fixture(scope="module")
+def adapters(backend) -> list[str]:
+    ids = []
+    for i, answer in enumerate(["Hi Alice!", "Hello there, Bob", "Carol"]):
+        adapter_id = backend.add_lora([4, 8, 16][i], 16.0, None, 70 + i)["model_id"]
+        examples = backend.render_conversations(
+            [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": answer}]]
+        )
+        for _ in range(60):
+            backend.forward_backward([FwdBwdRequest(adapter_id, examples)])
+            backend.optim_step(adapter_id, AdamParams(learning_rate=5e-3))
+        ids.append(adapter_id)
+    return ids
+
+
+@pytest.fixture
+def engine(backend):
+    engine = SamplingEngine(
+        backend.model,
+        backend.tokenizer,
+        backend.eos_ids,
+        backend.loaded.context_length,
+        backend.device,
+        max_rows=64,
+        window_s=0.01,
+    )
+    yield engine
+    engine.close()
+
+
+def _alone(backend, row: SampleRow):
+    return generate(
+        backend.model, backend.tokenizer, [row], backend.eos_ids, backend.loaded.context_length, backend.device
+    )[0]
+
+
+def test_fused_greedy_sampling_equals_each_request_alone(backend, adapters, engine):
+    prompts = backend.render_prompts(["Hello!", "Tell me something longer, please", "x"])
+    rows = [
+        SampleRow(adapter, prompt, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
+        for i, adapter in enumerate([*adapters, None])
+        for prompt in prompts
+    ]
+    futures = [engine.submit([row]) for row in rows[:6]]
+    time.sleep(0.05)  # the rest join a loop that is already running
+    futures += [engine.submit(rows[6:9]), engine.submit(rows[9:])]
+    results = [c for f in futures for c in f.result(timeout=60)]
+    assert engine.steps > 0
+    for row, result in zip(rows, results, strict=True):
+        alone = _alone(backend, row)
+        assert result.tokens == alone.tokens and result.text == alone.text
+        assert len(result.tokens) <= row.params.max_tokens
+
+
+def test_each_row_keeps_its_own_parameters(backend, adapters, engine):
+    prompt = backend.render_prompts(["Hello!"])[0]
+    stop_row = SampleRow(adapters[1], prompt, SamplingParams(max_tokens=30, temperature=0, stop=(",",)))
+    short_row = SampleRow(adapters[1], prompt, SamplingParams(max_tokens=2, temperature=0))
+    seeded = SampleRow(adapters[0], prompt, SamplingParams(max_tokens=8, temperature=1.0, top_k=5, seed=11))
+    stop, short, sampled = (
+        f.result(timeout=60)[0] for f in [engine.submit([r]) for r in (stop_row, short_row, seeded)]
+    )
+    assert (stop.text, stop.stop_reason) == ("Hello there", "stop")
+    assert len(short.tokens) == 2 and short.stop_reason == "length"
+    again = engine.submit([seeded]).result(timeout=60)[0]
+    assert sampled.tokens == again.tokens  # the seed, not the batch company, decides
+
+
+def test_bad_prompt_is_refused_at_submission(backend, engine):
+    with pytest.raises(BadRequestError, match="context window"):
+        engine.submit([SampleRow(None, [5] * backend.loaded.context_length, SamplingParams())])
