@@ -40,7 +40,8 @@ class DecodeBatch:
         self.cache = None
         self.mask_BL: torch.Tensor | None = None  # (B, L) 1 where a cached position is real
         self.next_tokens: list[int] = []  # (B,) the token each row feeds next
-        self._adapters: tuple[str, ...] = ()
+        # Stacked adapter weights for the current rows. Rebuilt whenever rows join or leave:
+        # an adapter's weights can only change (optim_step) after all its rows have left.
         self._weight_cache: dict = {}
 
     def __len__(self) -> int:
@@ -61,6 +62,7 @@ class DecodeBatch:
             return
         from transformers import DynamicCache
 
+        self._weight_cache = {}
         pad = self.tokenizer.pad_token_id
         width = max(len(r.row.prompt_tokens) for r in new_rows)
         ids_BL = torch.full((len(new_rows), width), pad, dtype=torch.long)
@@ -108,8 +110,6 @@ class DecodeBatch:
 
     def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
         adapters = tuple(sorted({r.row.adapter_id for r in rows if r.row.adapter_id}))
-        if adapters != self._adapters:  # stacked weights stay valid while the set is the same
-            self._adapters, self._weight_cache = adapters, {}
         routing = Routing.build([r.row.adapter_id for r in rows], self.device, adapters, self._weight_cache)
         positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1]:]
         with use_adapters(routing):
@@ -160,6 +160,7 @@ class DecodeBatch:
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.device)
         self.rows = [self.rows[j] for j in keep]
+        self._weight_cache = {}
         if not keep:
             self.cache = self.mask_BL = None
             return

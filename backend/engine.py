@@ -20,7 +20,13 @@ import torch
 from backend.adapters import AdapterRegistry
 from backend.examples import Example, render_conversation, render_prompt
 from backend.lora import use_adapters
-from backend.losses import LOSS_FUNCTIONS, cross_entropy_row_sums, target_logprobs
+from backend.losses import (
+    LOSS_FUNCTIONS,
+    PLAIN_HEAD_MODELS,
+    cross_entropy_row_sums,
+    head_target_logprobs,
+    target_logprobs,
+)
 from backend.model_loading import LoadedModel
 from backend.sampling import Completion, SampleRow, SamplingParams, generate
 from backend.sampling_engine import SamplingEngine
@@ -62,6 +68,8 @@ class HFBackend:
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {int(t) for t in eos if t is not None}
         self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
+        head = loaded.model.get_output_embeddings()
+        self.plain_head = type(loaded.model).__name__ in PLAIN_HEAD_MODELS and getattr(head, "bias", None) is None
 
     # ---- at the edge -------------------------------------------------------------------
 
@@ -162,9 +170,7 @@ class HFBackend:
         positions_BT = torch.arange(T, device=device).expand(B, T)
 
         with use_adapters([adapter_id for _, adapter_id, _ in rows], device):
-            logits_BTV = self.model(input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
-        logprobs_BT = target_logprobs(logits_BTV, targets_BT)
-        row_sums_B = cross_entropy_row_sums(logprobs_BT, weights_BT)
+            row_sums_B = self._row_loss_sums(inputs_BT, mask_BT, positions_BT, targets_BT, weights_BT)
         request_of_row_B = torch.tensor([r for r, _, _ in rows], device=device)
         loss_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, row_sums_B)
         weight_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, weights_BT.sum(1))
@@ -174,7 +180,16 @@ class HFBackend:
         if any(finite):
             # Requests are independent, so the sum's gradient on each adapter is its own
             # loss's; a request with a non-finite loss is left out and sends no gradient.
-            losses_R[torch.tensor(finite, device=device)].sum().backward()
+            params = [p for request in requests for p in self.adapters.get(request.adapter_id).params]
+            before = [None if p.grad is None else p.grad.clone() for p in params]
+            try:
+                losses_R[torch.tensor(finite, device=device)].sum().backward()
+            except BaseException:
+                # A half-done backward must not leave partial gradients behind (the
+                # requests may be retried one by one).
+                for p, grad in zip(params, before, strict=True):
+                    p.grad = grad
+                raise
         elapsed = time.perf_counter() - started
 
         results: list[dict | BaseException] = []
@@ -198,6 +213,24 @@ class HFBackend:
                 }
             )
         return results
+
+    def _row_loss_sums(self, inputs_BT, mask_BT, positions_BT, targets_BT, weights_BT) -> torch.Tensor:
+        """Weighted NLL summed per row (B,), with gradients flowing to the routed adapters."""
+        if not self.plain_head:
+            logits_BTV = self.model(input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
+            return cross_entropy_row_sums(target_logprobs(logits_BTV, targets_BT), weights_BT)
+        # Only positions that carry loss go through the output head (prompt tokens don't).
+        hidden_BTH = self.model.model(
+            input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT
+        ).last_hidden_state
+        selected_BT = weights_BT != 0
+        logprobs_N = head_target_logprobs(
+            hidden_BTH[selected_BT], self.model.get_output_embeddings().weight, targets_BT[selected_BT]
+        )
+        row_of_N = selected_BT.nonzero()[:, 0]
+        return torch.zeros(inputs_BT.shape[0], device=inputs_BT.device).index_add(
+            0, row_of_N, -(logprobs_N * weights_BT[selected_BT])
+        )
 
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
         adapter = self.adapters.get(adapter_id)

@@ -127,23 +127,34 @@ class MultiLoraLinear(nn.Module):
             if a is None:
                 return out
             h = x @ a.to(x.dtype).t()  # (B, T, r)
-            return out + (h @ self.lora_B[adapter_id].to(x.dtype).t()) * self.scaling[adapter_id]
-        stacked = self._stacked(routing, x.dtype)
-        if stacked is None:  # none of the batch's adapters targets this layer
+            b_scaled = self.lora_B[adapter_id].to(x.dtype) * self.scaling[adapter_id]  # (out, r): scale the small side
+            # out + h @ B^T in one pass over the (B, T, out) output
+            return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), b_scaled.t()).view_as(out)
+        rows = self._routed_rows(routing, x.dtype)
+        if rows is None:  # none of the batch's adapters targets this layer
             return out
-        a_SRI, b_SOR, scale_S = stacked
-        slots_B = routing.slots_B
-        h_BTR = torch.bmm(x, a_SRI[slots_B].transpose(1, 2))  # (B, T, in) @ (B, in, R) -> (B, T, R)
-        delta_BTO = torch.bmm(h_BTR, b_SOR[slots_B].transpose(1, 2))  # (B, T, R) @ (B, R, O) -> (B, T, O)
-        return out + delta_BTO * scale_S[slots_B].view(-1, 1, 1)
+        a_BRI, b_BOR = rows
+        h_BTR = torch.bmm(x, a_BRI.transpose(1, 2))  # (B, T, in) @ (B, in, R) -> (B, T, R)
+        return torch.baddbmm(out, h_BTR, b_BOR.transpose(1, 2))  # out + (B, T, R) @ (B, R, O)
+
+    def _routed_rows(self, routing: Routing, dtype: torch.dtype):
+        """Each row's own A (B, R, in) and scaled B (B, out, R), gathered from the stack."""
+        cache, key = routing.weight_cache, (self.name, routing.row_adapters)
+        if cache is not None and key in cache:
+            return cache[key]
+        stacked = self._stacked(routing, dtype)
+        rows = None if stacked is None else (stacked[0][routing.slots_B], stacked[1][routing.slots_B])
+        if cache is not None:
+            cache[key] = rows
+        return rows
 
     def _stacked(self, routing: Routing, dtype: torch.dtype):
-        """Every routed adapter's A and B, zero-padded to the largest rank and stacked by
-        slot (slot 0, and adapters that do not target this layer, are all zeros):
-        A (S, R, in), B (S, out, R), scaling (S,)."""
-        cache = routing.weight_cache
-        if cache is not None and self.name in cache:
-            return cache[self.name]
+        """Every routed adapter's A and scaled B, zero-padded to the largest rank and
+        stacked by slot (slot 0, and adapters that do not target this layer, are zeros):
+        A (S, R, in), B * scaling (S, out, R)."""
+        cache, key = routing.weight_cache, (self.name, routing.adapters)
+        if cache is not None and key in cache:
+            return cache[key]
         present = [a for a in routing.adapters if a in self.lora_A]
         if not present:
             result = None
@@ -152,22 +163,20 @@ class MultiLoraLinear(nn.Module):
             weight = self.base.weight
             zeros_a = weight.new_zeros(rank, self.in_features, dtype=dtype)
             zeros_b = weight.new_zeros(self.out_features, rank, dtype=dtype)
-            a_list, b_list, scales = [zeros_a], [zeros_b], [0.0]
+            a_list, b_list = [zeros_a], [zeros_b]
             for adapter_id in routing.adapters:
                 a = self.lora_A.get(adapter_id)
                 if a is None:
                     a_list.append(zeros_a)
                     b_list.append(zeros_b)
-                    scales.append(0.0)
                     continue
                 pad = rank - a.shape[0]
+                b_scaled = self.lora_B[adapter_id].to(dtype) * self.scaling[adapter_id]
                 a_list.append(F.pad(a.to(dtype), (0, 0, 0, pad)))  # extra rows of A: zero
-                b_list.append(F.pad(self.lora_B[adapter_id].to(dtype), (0, pad)))  # extra columns of B: zero
-                scales.append(self.scaling[adapter_id])
-            scale_S = torch.tensor(scales, dtype=dtype, device=weight.device)
-            result = (torch.stack(a_list), torch.stack(b_list), scale_S)
+                b_list.append(F.pad(b_scaled, (0, pad)))  # extra columns of B: zero
+            result = (torch.stack(a_list), torch.stack(b_list))
         if cache is not None:
-            cache[self.name] = result
+            cache[key] = result
         return result
 
 

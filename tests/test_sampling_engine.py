@@ -83,3 +83,39 @@ def test_each_row_keeps_its_own_parameters(backend, adapters, engine):
 def test_bad_prompt_is_refused_at_submission(backend, engine):
     with pytest.raises(BadRequestError, match="context window"):
         engine.submit([SampleRow(None, [5] * backend.loaded.context_length, SamplingParams())])
+
+
+def test_rows_joining_later_see_the_adapters_current_weights(backend, adapters):
+    """An adapter whose rows left, was trained, and came back must not be decoded with
+    the weights it had before (the stacked-weight cache is rebuilt when rows change)."""
+    import torch
+
+    from backend.decode import DecodeBatch
+
+    a, b = adapters[0], adapters[1]
+    prompt = backend.render_prompts(["Hello!"])[0]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    batch = DecodeBatch(backend.model, backend.tokenizer, backend.eos_ids, backend.device)
+    ctx = backend.loaded.context_length
+    batch.admit(
+        [
+            batch.make_row(SampleRow(a, prompt, SamplingParams(max_tokens=1, temperature=0)), ctx),
+            batch.make_row(SampleRow(b, prompt, SamplingParams(max_tokens=40, temperature=0)), ctx),
+        ]
+    )
+    batch.step()  # a's row is done; b's goes on
+    adapter = backend.adapters.get(a)
+    saved = [p.detach().clone() for p in adapter.params]
+    try:
+        with torch.no_grad():
+            for p in adapter.params[1::2]:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+        late = [batch.make_row(SampleRow(a, prompt, greedy), ctx), batch.make_row(SampleRow(b, prompt, greedy), ctx)]
+        batch.admit(late)
+        while len(batch):
+            batch.step()
+        assert late[0].completion.tokens == _alone(backend, SampleRow(a, prompt, greedy)).tokens
+    finally:
+        with torch.no_grad():
+            for p, value in zip(adapter.params, saved, strict=True):
+                p.copy_(value)

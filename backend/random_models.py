@@ -1,0 +1,61 @@
+"""Real architectures with random weights, built from their configs (no download).
+
+For benchmarks: SmolLM2-135M's exact shapes cost what the real model costs, and the
+folder loads through the same ``from_pretrained`` path as anything else. The tokenizer
+is builtin-tiny's byte-level one (its ids are a subset of the model's vocabulary).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from backend.builtin_tiny import build_tokenizer
+
+# HuggingFaceTB/SmolLM2-135M-Instruct's config.json, the fields that shape compute.
+SMOLLM2_135M = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+ARCHITECTURES = {"smollm2-135m": SMOLLM2_135M}
+
+
+def ensure_random_model(arch: str, cache_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a randomly initialised ``arch`` model (+ tokenizer) once; return its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(cache_dir) / f"random-{arch}-seed{seed}"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".random-{arch}-", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch]))
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer().save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
