@@ -20,8 +20,9 @@ log = logging.getLogger("thinker")
 _HTTP_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowedError", 413: "PayloadTooLargeError"}
 
 
-def create_app(config: Config | None = None) -> Flask:
-    """Load the base model, start the worker pool and wire the routes."""
+def create_app(config: Config | None = None, backend=None) -> Flask:
+    """Load the base model (or serve an already loaded ``backend``), start the worker
+    pool and wire the routes."""
     config = config or Config.from_env()
     if config.use_megatron:
         raise ConfigurationError(
@@ -34,15 +35,17 @@ def create_app(config: Config | None = None) -> Flask:
     from backend import HFBackend, load_base_model
     from worker_pool import BatchLimits, WorkerPool
 
-    log.info("Initializing HuggingFace backend...")
-    loaded = load_base_model(config)
-    backend = HFBackend(loaded, config.thinker_data_dir)
+    if backend is None:
+        log.info("Initializing HuggingFace backend...")
+        backend = HFBackend(load_base_model(config), config.thinker_data_dir)
+    loaded = backend.loaded
     log.info("Worker pool size: %d threads", config.max_workers)
     limits = None
     if config.batching:
         window_s = config.batch_window_ms / 1000
         limits = BatchLimits(config.max_batch_tokens, config.max_batch_sequences, window_s)
-        backend.start_sampler(config.max_batch_sequences, window_s)
+        if backend.sampler is None:
+            backend.start_sampler(config.max_batch_sequences, window_s)
     pool = WorkerPool(
         config.max_workers,
         future_ttl_s=config.future_ttl_s,

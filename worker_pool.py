@@ -75,6 +75,8 @@ class WorkerPool:
         self._running: set[str] = set()
         self._store = FutureStore(future_ttl_s)
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
+        self._pass_s: dict[str, float] = {}  # group -> duration of its last pass
+        self._gathering: set[str] = set()  # groups a worker is gathering a pass for
         self._closed = False
         self.passes = 0  # runs of a fused group (one per pass)
         self.fused_jobs = 0  # jobs run in those passes
@@ -97,6 +99,17 @@ class WorkerPool:
             raise ValueError(f"no runner for group {group!r}")
         job = _Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
         return self._enqueue(job)
+
+    def submit_many(self, items: list[tuple[str, str, str, Any, int, int]]) -> list[Future]:
+        """``submit_fusable`` for several jobs at once, queued atomically: workers see them
+        all pending together (as when many users' requests wait behind a running pass)."""
+        jobs = []
+        for key, kind, group, payload, rows, length in items:
+            if group not in self.runners:
+                raise ValueError(f"no runner for group {group!r}")
+            jobs.append(_Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length))
+        with self._cond:
+            return [self._enqueue_locked(job) for job in jobs]
 
     def get(self, future_id: str) -> Future:
         with self._cond:
@@ -133,37 +146,55 @@ class WorkerPool:
     # ---- internals -------------------------------------------------------------------
 
     def _enqueue(self, job: _Job) -> Future:
-        future = job.future
         with self._cond:
-            if self._closed:
-                raise ThinkerError("the server is shutting down")
-            self._store.add(future)
-            if job.group:
-                self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
-            queue = self._queues.setdefault(future.key, deque())
-            queue.append(job)
-            if len(queue) == 1 and future.key not in self._running:
-                self._ready.append(future.key)
-            self._cond.notify_all()
+            return self._enqueue_locked(job)
+
+    def _enqueue_locked(self, job: _Job) -> Future:
+        future = job.future
+        if self._closed:
+            raise ThinkerError("the server is shutting down")
+        self._store.add(future)
+        if job.group:
+            self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
+        queue = self._queues.setdefault(future.key, deque())
+        queue.append(job)
+        if len(queue) == 1 and future.key not in self._running:
+            self._ready.append(future.key)
+        self._cond.notify_all()
         return future
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._ready and not self._closed:
+                key = None
+                while not self._closed and (key := self._next_ready_key()) is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                key = self._ready.popleft()
                 head = self._queues[key][0]
                 if head.group and self.limits is not None:
-                    batch = self._gather(key, head.group)
+                    self._gathering.add(head.group)
+                    try:
+                        batch = self._gather(key, head.group)
+                    finally:
+                        self._gathering.discard(head.group)
+                        self._cond.notify_all()
                 else:
                     batch = [(key, self._take(key))]
             if batch[0][1].group:
                 self._run_group(batch)
             else:
                 self._run_plain(*batch[0])
+
+    def _next_ready_key(self) -> str | None:
+        """The first ready key, skipping jobs of a group another worker is gathering
+        (they belong in that worker's pass, not in a second, smaller one)."""
+        for key in self._ready:
+            group = self._queues[key][0].group
+            if group is None or self.limits is None or group not in self._gathering:
+                self._ready.remove(key)
+                return key
+        return None
 
     def _take(self, key: str) -> _Job:
         job = self._queues[key].popleft()
@@ -193,7 +224,8 @@ class WorkerPool:
                 rows, longest = rows + job.rows, max(longest, job.length)
 
         take_from(first_key)
-        deadline = time.monotonic() + limits.window_s
+        # Wait at most window_s after the latest arrival, and 10 windows in all.
+        started = last_join = time.monotonic()
         while True:
             candidates = [k for k in self._ready if self._queues[k][0].group == group]
             # Prefer lengths close to the oldest job's: less padding in the fused pass.
@@ -202,7 +234,8 @@ class WorkerPool:
                 if fits(self._queues[key][0]):
                     self._ready.remove(key)
                     take_from(key)
-            left = deadline - time.monotonic()
+                    last_join = time.monotonic()
+            left = min(started + 10 * limits.window_s, last_join + limits.window_s) - time.monotonic()
             if left <= 0 or not self._expect_more(group, {k for k, _ in picked}, rows, longest):
                 return picked
             self._cond.wait(left)
@@ -213,7 +246,10 @@ class WorkerPool:
         free of the window."""
         if rows >= self.limits.max_sequences or rows * longest >= self.limits.max_tokens:
             return False
-        now, horizon = time.monotonic(), max(1.0, 200 * self.limits.window_s)
+        # "Recently" scales with how long a pass takes: a user's next request comes about one
+        # pass (plus a round trip) after the last one.
+        horizon = max(1.0, 200 * self.limits.window_s, 3 * self._pass_s.get(group, 0.0))
+        now = time.monotonic()
         recent = self._recent.get(group, {})
         for key, seen in list(recent.items()):
             if now - seen > horizon:
@@ -233,12 +269,14 @@ class WorkerPool:
             self._complete([(key, job, result)])
 
     def _run_group(self, batch: list[tuple[str, _Job]]) -> None:
-        runner = self.runners[batch[0][1].group]
+        group = batch[0][1].group
+        started = time.monotonic()
         try:
-            results = runner([job.payload for _, job in batch])
+            results = self.runners[group]([job.payload for _, job in batch])
         except BaseException as exc:  # noqa: BLE001
             results = [exc] * len(batch)
         with self._cond:
+            self._pass_s[group] = time.monotonic() - started
             self.passes += 1
             self.fused_jobs += len(batch)
         self._complete([(key, job, result) for (key, job), result in zip(batch, results, strict=True)])

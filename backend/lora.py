@@ -139,7 +139,7 @@ class MultiLoraLinear(nn.Module):
 
     def _routed_rows(self, routing: Routing, dtype: torch.dtype):
         """Each row's own A (B, R, in) and scaled B (B, out, R), gathered from the stack."""
-        cache, key = routing.weight_cache, (self.name, routing.row_adapters)
+        cache, key = routing.weight_cache, ("rows", self.name, routing.row_adapters)
         if cache is not None and key in cache:
             return cache[key]
         stacked = self._stacked(routing, dtype)
@@ -152,7 +152,7 @@ class MultiLoraLinear(nn.Module):
         """Every routed adapter's A and scaled B, zero-padded to the largest rank and
         stacked by slot (slot 0, and adapters that do not target this layer, are zeros):
         A (S, R, in), B * scaling (S, out, R)."""
-        cache, key = routing.weight_cache, (self.name, routing.adapters)
+        cache, key = routing.weight_cache, ("stack", self.name, routing.adapters)
         if cache is not None and key in cache:
             return cache[key]
         present = [a for a in routing.adapters if a in self.lora_A]

@@ -114,3 +114,23 @@ def test_lone_user_does_not_wait_for_the_window(backend):
         assert future.wait(1.5), "a lone user's pass waited for company"
     finally:
         pool.shutdown()
+
+
+def test_jobs_pending_together_run_in_one_pass(backend):
+    """submit_many queues atomically, as when many users' requests wait behind a busy
+    server: every adapter's request shares a single pass."""
+    pool = _pool(backend, True)
+    try:
+        conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]
+        items = []
+        for seed in range(6):
+            adapter_id = backend.add_lora(8, 16.0, None, 400 + seed)["model_id"]
+            examples = backend.render_conversations([conv])
+            items.append((adapter_id, "fwdbwd", "fwdbwd", FwdBwdRequest(adapter_id, examples), 1, examples[0].length))
+        futures = pool.submit_many(items)
+        for future in futures:
+            assert future.wait(30) and future.status == "completed"
+        assert {f.result["batch_requests"] for f in futures} == {6}
+        assert pool.stats()["fused_passes"] == 1
+    finally:
+        pool.shutdown()

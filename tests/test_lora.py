@@ -143,3 +143,20 @@ def test_interleaved_rows_of_different_ranks_match_each_row_alone(backend):
         with torch.no_grad(), use_adapters([adapter_id]):
             alone = backend.model(input_ids=tokens[b : b + 1]).logits
         torch.testing.assert_close(fused[b : b + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_cached_routing_weights_match_uncached(backend):
+    """With a weight cache (as the decode loop uses), repeated forwards give the uncached
+    result, including when the rows list the adapters exactly in slot order."""
+    x, y = (_make_adapter(backend, rank, 8.0, seed=80 + rank) for rank in (4, 8))
+    order = tuple(sorted((x, y)))
+    tokens = torch.tensor(backend.render_prompts(["abcd", "wxyz"]))
+    with torch.no_grad(), use_adapters(list(order)):
+        expected = backend.model(input_ids=tokens).logits
+    with torch.no_grad(), use_adapters(list(reversed(order))):
+        expected_reversed = backend.model(input_ids=tokens).logits
+    cache: dict = {}
+    for rows, want in [(order, expected), (order[::-1], expected_reversed), (order, expected)]:
+        routing = Routing.build(list(rows), "cpu", order, cache)  # one cache, as rows come and go
+        with torch.no_grad(), use_adapters(routing):
+            torch.testing.assert_close(backend.model(input_ids=tokens).logits, want, rtol=0, atol=1e-6)
