@@ -8,6 +8,7 @@ one adapter run at once and that they run in submission order. ``render_*`` and
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from backend.adapters import AdapterRegistry
+from backend.compute_thread import ComputeThread, InlineRunner
 from backend.examples import Example, render_conversation, render_prompt
 from backend.lora import use_adapters
 from backend.losses import (
@@ -34,6 +36,16 @@ from errors import BadRequestError, RequestFailedError, ThinkerError
 from storage import save_peft_adapter
 
 BASE_ALIAS = "base"
+
+
+def on_compute_thread(method):
+    """Run this model computation where the backend runs torch (see compute_thread.py)."""
+
+    @functools.wraps(method)
+    def run(self, *args):
+        return self.compute.run(method, self, *args)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,12 @@ class FwdBwdRequest:
 class HFBackend:
     name = "HF"
 
-    def __init__(self, loaded: LoadedModel, data_dir: str | Path) -> None:
+    def __init__(self, loaded: LoadedModel, data_dir: str | Path, compute_thread: bool | None = None) -> None:
+        """``compute_thread``: run all model work on one thread (default: on CPU only)."""
         self.loaded = loaded
+        if compute_thread is None:
+            compute_thread = loaded.device.type == "cpu"
+        self.compute = ComputeThread() if compute_thread else InlineRunner()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -95,6 +111,7 @@ class HFBackend:
 
     # ---- jobs ----------------------------------------------------------------------------
 
+    @on_compute_thread
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None, seed: int | None) -> dict:
         targets = list(target_modules) if target_modules else list(self.loaded.target_modules)
         unknown = sorted(set(targets) - set(self.loaded.target_modules))
@@ -116,6 +133,7 @@ class HFBackend:
                     f"context window of {self.loaded.context_length}"
                 )
 
+    @on_compute_thread
     def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
         """One forward+backward over the rows of every request. Each request's loss is the
         mean over its own loss tokens, exactly as if it ran alone, and its gradients
@@ -232,6 +250,7 @@ class HFBackend:
             0, row_of_N, -(logprobs_N * weights_BT[selected_BT])
         )
 
+    @on_compute_thread
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
         adapter = self.adapters.get(adapter_id)
         grads = [p.grad for p in adapter.params if p.grad is not None]
@@ -267,6 +286,7 @@ class HFBackend:
             rows.append(SampleRow(adapter_id, tokens, replace(params, seed=seed)))
         return rows
 
+    @on_compute_thread
     def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
         """Sample as one batch of its own (no sharing with other requests)."""
         rows = self.sample_rows(adapter_id, prompts, params)
@@ -291,9 +311,17 @@ class HFBackend:
 
     def start_sampler(self, max_rows: int, window_s: float) -> None:
         self.sampler = SamplingEngine(
-            self.model, self.tokenizer, self.eos_ids, self.loaded.context_length, self.device, max_rows, window_s
+            self.model,
+            self.tokenizer,
+            self.eos_ids,
+            self.loaded.context_length,
+            self.device,
+            max_rows,
+            window_s,
+            run=self.compute.run,
         )
 
+    @on_compute_thread
     def save_adapter(self, adapter_id: str) -> dict:
         adapter = self.adapters.get(adapter_id)
         folder = self.data_dir.resolve() / "adapters" / adapter_id / f"step_{adapter.step:06d}"
@@ -303,6 +331,7 @@ class HFBackend:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
+        self.compute.close()
 
     def info(self) -> dict:
         info = {

@@ -41,7 +41,11 @@ class SamplingEngine:
         device: torch.device,
         max_rows: int = 64,
         window_s: float = 0.005,
+        run=None,
     ) -> None:
+        """``run(fn, *args)`` executes model work where the backend wants it (its compute
+        thread on CPU); by default, on this engine's own thread."""
+        self._run = run or (lambda fn, *args: fn(*args))
         self.context_length = context_length
         self.max_rows = max_rows
         self.window_s = window_s  # when idle, wait this long for company before starting
@@ -91,12 +95,15 @@ class SamplingEngine:
                         self._cond.wait(left)
                 admitted = self._take_admissible()
             try:
-                self._batch.admit([row for req in admitted for row in self._live_rows(req)])
-                self._batch.step()
+                self._run(self._admit_and_step, admitted)
                 self.steps += 1
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep the loop alive
                 log.exception("sampling step failed")
                 self._fail_everything(exc, admitted)
+
+    def _admit_and_step(self, admitted: list[_Request]) -> None:
+        self._batch.admit([row for req in admitted for row in self._live_rows(req)])
+        self._batch.step()
 
     def _take_admissible(self) -> list[_Request]:
         taken, rows = [], len(self._batch)
