@@ -33,9 +33,6 @@ class Adapter:
     step: int = 0
     tokens_trained: int = 0
     last_loss: float | None = None
-    # Serialises work on this adapter when a caller bypasses the worker pool's ordering
-    # (the pool already never runs two jobs of one adapter at once).
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict:
         return {

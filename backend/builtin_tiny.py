@@ -103,20 +103,18 @@ def build_model(vocab_size: int) -> torch.nn.Module:
     return model
 
 
-def ensure_builtin_tiny(cache_dir: str | os.PathLike) -> Path:
-    """Write builtin-tiny under ``cache_dir`` once and return its folder.
+def write_model_once(target: Path, build) -> Path:
+    """Have ``build()`` return a (model, tokenizer) pair and save both to ``target``, once.
 
     Written into a temporary folder and renamed into place, so concurrent servers never
     see a half-written model.
     """
-    target = Path(cache_dir) / f"builtin-tiny-{VERSION}"
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-tiny-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = build_tokenizer()
-        model = build_model(len(tokenizer))
+        model, tokenizer = build()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
@@ -127,3 +125,13 @@ def ensure_builtin_tiny(cache_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_builtin_tiny(cache_dir: str | os.PathLike) -> Path:
+    """Write builtin-tiny under ``cache_dir`` once and return its folder."""
+
+    def build():
+        tokenizer = build_tokenizer()
+        return build_model(len(tokenizer)), tokenizer
+
+    return write_model_once(Path(cache_dir) / f"builtin-tiny-{VERSION}", build)

@@ -100,11 +100,10 @@ class DecodeBatch:
             self._select(keep)
         self.next_tokens = tokens
 
-    def fail_all(self, error: BaseException) -> list[LiveRow]:
-        """Drop every row (after an error in a forward pass) and return them."""
-        rows, self.rows, self.next_tokens = self.rows, [], []
+    def clear(self) -> None:
+        """Drop every row (after an error in a forward pass)."""
+        self.rows, self.next_tokens = [], []
         self.cache = self.mask_BL = None
-        return rows
 
     # ---- internals -------------------------------------------------------------------
 

@@ -8,13 +8,11 @@ is builtin-tiny's byte-level one (its ids are a subset of the model's vocabulary
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from backend.builtin_tiny import build_tokenizer
+from backend.builtin_tiny import build_tokenizer, write_model_once
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's config.json, the fields that shape compute.
 SMOLLM2_135M = {
@@ -41,21 +39,8 @@ def ensure_random_model(arch: str, cache_dir: str | os.PathLike, seed: int = 0) 
     """Write a randomly initialised ``arch`` model (+ tokenizer) once; return its folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = Path(cache_dir) / f"random-{arch}-seed{seed}"
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".random-{arch}-", dir=target.parent))
-    try:
+    def build():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch]))
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer().save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch])), build_tokenizer()
+
+    return write_model_once(Path(cache_dir) / f"random-{arch}-seed{seed}", build)

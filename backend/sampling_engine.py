@@ -130,7 +130,7 @@ class SamplingEngine:
         ]
 
     def _fail_everything(self, error: BaseException, admitted: Sequence[_Request] = ()) -> None:
-        self._batch.fail_all(error)
+        self._batch.clear()
         requests = list(self._in_flight.values()) + list(admitted)
         if self._closed:
             requests += list(self._pending)

@@ -119,3 +119,23 @@ def test_rows_joining_later_see_the_adapters_current_weights(backend, adapters):
         with torch.no_grad():
             for p, value in zip(adapter.params, saved, strict=True):
                 p.copy_(value)
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(backend, engine, monkeypatch):
+    from backend.decode import DecodeBatch
+
+    prompt = backend.render_prompts(["Hello!"])[0]
+    row = SampleRow(None, prompt, SamplingParams(max_tokens=4, temperature=0))
+    real_step = DecodeBatch.step
+    calls = {"n": 0}
+
+    def flaky_step(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out of memory")
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", flaky_step)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        engine.submit([row]).result(timeout=30)
+    assert len(engine.submit([row]).result(timeout=30)[0].tokens) == 4
