@@ -1,9 +1,10 @@
 """The HF backend: every model computation the server runs, on the one shared base model.
 
 Methods named like jobs (``add_lora``, ``forward_backward``, ``optim_step``, ``sample``,
-``save_adapter``) run on worker threads; the worker pool guarantees that no two jobs of
-one adapter run at once and that they run in submission order. ``render_*`` and
-``resolve_model`` are cheap and run at the HTTP edge.
+``save_adapter``) are called by worker threads and run where torch runs (the compute
+thread on CPU); the worker pool guarantees that no two jobs of one adapter run at once
+and that they run in submission order. ``render_*`` and ``resolve_model`` are cheap and
+run at the HTTP edge.
 """
 
 from __future__ import annotations
