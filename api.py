@@ -7,6 +7,7 @@ for the caller but still runs as a job, so it keeps its place in its adapter's q
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify, request
@@ -43,7 +44,11 @@ def services() -> Services:
 
 
 def body(schema):
-    return parse_body(schema, request.get_json(silent=True))
+    try:
+        decoded = json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise BadRequestError(f"the request body is not valid JSON ({type(exc).__name__})") from None
+    return parse_body(schema, decoded)
 
 
 def _check_limit(field: str, value: int, limit: int) -> None:

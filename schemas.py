@@ -28,7 +28,7 @@ class Message(_Body):
 class AddLoraBody(_Body):
     base_model: str = "base"  # "base" or the server's model name
     rank: int = Field(8, ge=1)
-    alpha: FiniteFloat = Field(16.0, gt=0)
+    alpha: FiniteFloat = Field(16.0, gt=0, le=10_000)
     target_modules: list[str] | None = Field(None, min_length=1)  # default: every linear layer
     seed: int | None = Field(None, ge=0, lt=2**63)
 

@@ -119,6 +119,7 @@ BAD_REQUESTS = [
     ("/add_lora", {"rank": 100000}, 400, ["rank", "256"]),
     ("/add_lora", {"alpha": -1}, 400, ["alpha"]),
     ("/add_lora", {"alpha": "big"}, 400, ["alpha"]),
+    ("/add_lora", {"alpha": 1e308}, 400, ["alpha"]),
     ("/add_lora", {"target_modules": ["lm_head"]}, 400, ["target_modules", "allowed"]),
     ("/add_lora", {"rnak": 8}, 400, ["rnak"]),
     ("/fwdbwd", {"data": [HELLO]}, 400, ["model_id"]),
@@ -187,7 +188,11 @@ def test_bad_input_gets_a_clear_4xx(server, adapter, path, payload, status, word
 @pytest.mark.parametrize(
     "path", ["/add_lora", "/fwdbwd", "/optim_step", "/retrieve_future", "/api/v1/sample", "/save_lora"]
 )
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"", b'"text"', b"{bad"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b"", b'"text"', b"{bad", b"\xff\xfe", b"[" * 50_000 + b"]" * 50_000],
+    ids=lambda raw: repr(raw)[:16],
+)
 def test_non_json_bodies_are_400(server, path, raw):
     r = post(server, path, data=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["type"] == "BadRequestError"
