@@ -103,7 +103,8 @@ def optim_step():
     s, req = services(), body(OptimStepBody)
     adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
     adam = AdamParams(**req.adam_params.model_dump())
-    future = s.pool.submit(adapter_id, "optim_step", lambda: s.backend.optim_step(adapter_id, adam))
+    # Optimizer steps of several adapters that are ready together run as one job.
+    future = s.pool.submit_fusable(adapter_id, "optim_step", "optim_step", (adapter_id, adam), rows=0, length=0)
     return {"request_id": future.id, "model_id": adapter_id}
 
 

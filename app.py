@@ -49,7 +49,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     pool = WorkerPool(
         config.max_workers,
         future_ttl_s=config.future_ttl_s,
-        runners={"fwdbwd": backend.forward_backward},
+        runners={"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps},
         limits=limits,
     )
     log.info("Worker pool initialized. Concurrent job processing: Enabled (%s)", backend.name)

@@ -77,7 +77,7 @@ def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[st
     ids = [backend.add_lora(args.rank, 2.0 * args.rank, None, seed)["model_id"] for seed in range(n)]
     requests = [FwdBwdRequest(a, [random_example(rng, args.seq_len, vocab) for _ in range(args.batch)]) for a in ids]
     adam = AdamParams(learning_rate=1e-4)
-    runner = {"fwdbwd": backend.forward_backward}
+    runner = {"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps}
     one_at_a_time = WorkerPool(1, runners=runner, limits=None)
     plain_pool = WorkerPool(4, runners=runner, limits=None)
     fused_pool = WorkerPool(1, runners=runner, limits=BatchLimits(max_tokens=1 << 20, max_sequences=1024))
@@ -92,7 +92,7 @@ def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[st
         items = [(r.adapter_id, "fwdbwd", "fwdbwd", r, len(r.examples), args.seq_len) for r in batch]
         futures = pool.submit_many(items)
         adapters = dict.fromkeys(r.adapter_id for r in batch)
-        return futures + [pool.submit(a, "optim_step", lambda a=a: backend.optim_step(a, adam)) for a in adapters]
+        return futures + pool.submit_many([(a, "optim_step", "optim_step", (a, adam), 0, 0) for a in adapters])
 
     def sequential():
         for request in requests:  # the next request is sent when the previous one is done

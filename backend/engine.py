@@ -288,6 +288,18 @@ class HFBackend:
         return rows
 
     @on_compute_thread
+    def optim_steps(self, steps: Sequence[tuple[str, AdamParams]]) -> list[dict | BaseException]:
+        """Several adapters' optimizer steps in one job (one hand-off to the compute thread),
+        in order; each gets its result or the exception that failed it."""
+        outcomes: list[dict | BaseException] = []
+        for adapter_id, adam in steps:
+            try:
+                outcomes.append(self.optim_step(adapter_id, adam))
+            except ThinkerError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    @on_compute_thread
     def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
         """Sample as one batch of its own (no sharing with other requests)."""
         rows = self.sample_rows(adapter_id, prompts, params)

@@ -13,7 +13,8 @@ from worker_pool import BatchLimits, WorkerPool
 
 def _pool(backend, batching: bool, limits: BatchLimits | None = None) -> WorkerPool:
     limits = limits or BatchLimits(max_tokens=8192, max_sequences=64, window_s=0.02)
-    return WorkerPool(4, runners={"fwdbwd": backend.forward_backward}, limits=limits if batching else None)
+    runners = {"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps}
+    return WorkerPool(4, runners=runners, limits=limits if batching else None)
 
 
 def _conversation(rng: random.Random) -> list[dict]:
@@ -36,7 +37,7 @@ def _train(backend, pool: WorkerPool, seeds: list[int], steps: int = 5) -> tuple
                 longest = max(ex.length for ex in examples)
                 mine.append(pool.submit_fusable(ids[seed], "fwdbwd", "fwdbwd", request, len(examples), longest))
             adam = AdamParams(learning_rate=rng.choice([1e-2, 2e-2]))
-            pool.submit(ids[seed], "optim_step", lambda adam=adam: backend.optim_step(ids[seed], adam))
+            pool.submit_fusable(ids[seed], "optim_step", "optim_step", (ids[seed], adam), 0, 0)
         futures[seed] = mine
 
     threads = [threading.Thread(target=user, args=(seed,)) for seed in seeds]
@@ -131,6 +132,27 @@ def test_jobs_pending_together_run_in_one_pass(backend):
         for future in futures:
             assert future.wait(30) and future.status == "completed"
         assert {f.result["batch_requests"] for f in futures} == {6}
+        assert pool.stats()["fused_passes"] == 1
+    finally:
+        pool.shutdown()
+
+
+def test_optimizer_steps_of_several_adapters_share_one_job(backend):
+    pool = _pool(backend, True)
+    try:
+        conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]
+        ids = [backend.add_lora(8, 16.0, None, 500 + seed)["model_id"] for seed in range(4)]
+        for adapter_id in ids:
+            backend.forward_backward_one(FwdBwdRequest(adapter_id, backend.render_conversations([conv])))
+        adam = AdamParams(learning_rate=1e-3)
+        items = [(a, "optim_step", "optim_step", (a, adam), 0, 0) for a in ids]
+        items.append(("base_lora_gone", "optim_step", "optim_step", ("base_lora_gone", adam), 0, 0))
+        futures = pool.submit_many(items)
+        for future in futures:
+            assert future.wait(30)
+        assert [f.result["step"] for f in futures[:4]] == [1, 1, 1, 1]
+        assert all(f.result["grad_norm"] > 0 for f in futures[:4])
+        assert futures[4].status == "failed" and "base_lora_gone" in futures[4].error  # fails alone
         assert pool.stats()["fused_passes"] == 1
     finally:
         pool.shutdown()
