@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from flask import Blueprint, current_app, jsonify, request
 
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams
+from backend.losses import LOSS_FUNCTIONS
 from config import Config
 from errors import BadRequestError, RequestFailedError, ServerError
 from futures import COMPLETED, FAILED
@@ -88,8 +89,8 @@ def add_lora():
 def fwdbwd():
     s, req = services(), body(FwdBwdBody)
     adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
-    if req.loss_fn != "cross_entropy":
-        raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: ['cross_entropy']")
+    if req.loss_fn not in LOSS_FUNCTIONS:
+        raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: {list(LOSS_FUNCTIONS)}")
     _check_limit("data", len(req.data), s.config.max_examples_per_request)
     examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
     job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
