@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -22,17 +21,12 @@ import torch
 from backend.adapters import AdapterRegistry
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.examples import Example, render_conversation, render_prompt
-from backend.lora import use_adapters
-from backend.losses import (
-    LOSS_FUNCTIONS,
-    PLAIN_HEAD_MODELS,
-    cross_entropy_row_sums,
-    head_target_logprobs,
-    target_logprobs,
-)
+from backend.loss_functions import get_loss_function
+from backend.losses import PLAIN_HEAD_MODELS
 from backend.model_loading import LoadedModel
 from backend.sampling import Completion, SampleRow, SamplingParams, generate
 from backend.sampling_engine import SamplingEngine
+from backend.training import FwdBwdRequest, fused_pass
 from errors import BadRequestError, RequestFailedError, ThinkerError
 from storage import save_peft_adapter
 
@@ -59,13 +53,6 @@ class AdamParams:
     grad_clip_norm: float = 0.0  # <= 0: no clipping
 
 
-@dataclass(frozen=True)
-class FwdBwdRequest:
-    adapter_id: str
-    examples: list[Example]
-    loss_fn: str = "cross_entropy"
-
-
 class HFBackend:
     name = "HF"
 
@@ -87,6 +74,7 @@ class HFBackend:
         self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
         head = loaded.model.get_output_embeddings()
         self.plain_head = type(loaded.model).__name__ in PLAIN_HEAD_MODELS and getattr(head, "bias", None) is None
+        self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
 
     # ---- at the edge -------------------------------------------------------------------
 
@@ -125,20 +113,44 @@ class HFBackend:
 
     def check_fwdbwd(self, request: FwdBwdRequest) -> None:
         """Reject what this model cannot run (raised inside the job, failing its future)."""
-        if request.loss_fn not in LOSS_FUNCTIONS:
-            raise BadRequestError(f"loss_fn: {request.loss_fn!r} is not supported; allowed: {list(LOSS_FUNCTIONS)}")
+        spec = get_loss_function(request.loss_fn)
+        if request.backward and request.adapter_id is None:
+            raise BadRequestError("the base model is frozen: only a forward pass can run on it")
+        if not request.examples:
+            raise BadRequestError("data: at least one example is needed")
+        vocab = self.vocab_size
         for i, example in enumerate(request.examples):
+            keys = set(example.loss_inputs) - {"target_tokens"}
+            if keys != set(spec.inputs):
+                raise BadRequestError(
+                    f"data[{i}].loss_fn_inputs: {request.loss_fn} takes target_tokens and {list(spec.inputs)}, "
+                    f"got {sorted(example.loss_inputs)}"
+                )
+            if example.target_tokens.dim() == 2 and request.loss_fn != "cross_entropy":
+                raise BadRequestError(
+                    f"data[{i}].loss_fn_inputs.target_tokens: (T, K) targets are for cross_entropy only"
+                )
+            if example.length == 0:
+                raise BadRequestError(f"data[{i}]: the model input is empty")
             if example.length > self.loaded.context_length:
                 raise BadRequestError(
                     f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
                     f"context window of {self.loaded.context_length}"
                 )
+            for key, tokens in (("model_input", example.input_tokens), ("target_tokens", example.target_tokens)):
+                if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+                    raise BadRequestError(f"data[{i}].{key}: token ids must lie in [0, {vocab})")
+            for key, value in example.loss_inputs.items():
+                if key != "target_tokens" and not bool(torch.isfinite(value).all()):
+                    raise BadRequestError(f"data[{i}].loss_fn_inputs.{key}: values must be finite")
+        if request.reduction == "mean" and sum(float(ex.weights.sum()) for ex in request.examples) == 0:
+            raise BadRequestError("data: every weight is zero, so there is no loss to average")
 
     @on_compute_thread
     def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
-        """One forward+backward over the rows of every request. Each request's loss is the
-        mean over its own loss tokens, exactly as if it ran alone, and its gradients
-        accumulate on its own adapter. Returns a result or an exception per request: a
+        """One forward(+backward) over the rows of every request. Each request's loss is
+        computed on its own rows with its own loss function, exactly as if it ran alone,
+        and its gradients accumulate on its own adapter. Returns a result or an exception per request: a
         request that cannot run fails alone, and if the fused pass itself fails (out of
         memory, say) each request is retried on its own."""
         outcomes: list[dict | BaseException | None] = [None] * len(requests)
@@ -146,7 +158,8 @@ class HFBackend:
         for r, request in enumerate(requests):
             try:
                 self.check_fwdbwd(request)
-                self.adapters.get(request.adapter_id)
+                if request.adapter_id is not None:
+                    self.adapters.get(request.adapter_id)
                 runnable.append(r)
             except ThinkerError as exc:
                 outcomes[r] = exc
@@ -169,87 +182,23 @@ class HFBackend:
         return outcome
 
     def _fused_pass(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
-        rows = [(r, request.adapter_id, ex) for r, request in enumerate(requests) for ex in request.examples]
-        started = time.perf_counter()
-        B, T = len(rows), max(ex.length for _, _, ex in rows)
-        pad = self.tokenizer.pad_token_id
-        inputs_BT = torch.full((B, T), pad, dtype=torch.long)
-        targets_BT = torch.zeros((B, T), dtype=torch.long)
-        weights_BT = torch.zeros((B, T), dtype=torch.float32)
-        mask_BT = torch.zeros((B, T), dtype=torch.long)
-        for b, (_, _, ex) in enumerate(rows):  # right padding: causal attention never sees it
-            inputs_BT[b, : ex.length] = torch.tensor(ex.input_tokens)
-            targets_BT[b, : ex.length] = torch.tensor(ex.target_tokens)
-            weights_BT[b, : ex.length] = torch.tensor(ex.weights)
-            mask_BT[b, : ex.length] = 1
-        device = self.device
-        inputs_BT, targets_BT, weights_BT, mask_BT = (
-            t.to(device) for t in (inputs_BT, targets_BT, weights_BT, mask_BT)
-        )
-        positions_BT = torch.arange(T, device=device).expand(B, T)
-
-        with use_adapters([adapter_id for _, adapter_id, _ in rows], device):
-            row_sums_B = self._row_loss_sums(inputs_BT, mask_BT, positions_BT, targets_BT, weights_BT)
-        request_of_row_B = torch.tensor([r for r, _, _ in rows], device=device)
-        loss_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, row_sums_B)
-        weight_sums_R = torch.zeros(len(requests), device=device).index_add(0, request_of_row_B, weights_BT.sum(1))
-        losses_R = loss_sums_R / weight_sums_R
-        values = losses_R.detach().cpu().tolist()
-        finite = [math.isfinite(v) for v in values]
-        if any(finite):
-            # Requests are independent, so the sum's gradient on each adapter is its own
-            # loss's; a request with a non-finite loss is left out and sends no gradient.
-            params = [p for request in requests for p in self.adapters.get(request.adapter_id).params]
-            before = [None if p.grad is None else p.grad.clone() for p in params]
-            try:
-                losses_R[torch.tensor(finite, device=device)].sum().backward()
-            except BaseException:
-                # A half-done backward must not leave partial gradients behind (the
-                # requests may be retried one by one).
-                for p, grad in zip(params, before, strict=True):
-                    p.grad = grad
-                raise
-        elapsed = time.perf_counter() - started
-
-        results: list[dict | BaseException] = []
-        for r, request in enumerate(requests):
-            if not finite[r]:
-                results.append(RequestFailedError(f"the loss is not finite ({values[r]}); no gradient was applied"))
-                continue
-            adapter = self.adapters.get(request.adapter_id)
-            num_tokens = sum(ex.length for ex in request.examples)
-            adapter.tokens_trained += num_tokens
-            adapter.last_loss = values[r]
-            results.append(
-                {
-                    "loss": values[r],
-                    "num_tokens": num_tokens,
-                    "num_loss_tokens": sum(ex.num_loss_tokens for ex in request.examples),
-                    "num_sequences": len(request.examples),
-                    "batch_requests": len(requests),  # requests fused into this pass
-                    "batch_sequences": B,
-                    "elapsed_s": elapsed,
-                }
-            )
+        trained = {q.adapter_id for q in requests if q.backward and q.adapter_id}
+        params = [p for adapter_id in trained for p in self.adapters.get(adapter_id).params]
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        try:
+            results = fused_pass(self.model, self.plain_head, self.tokenizer.pad_token_id, self.device, requests)
+        except BaseException:
+            # A half-done backward must not leave partial gradients behind (the requests
+            # may be retried one by one).
+            for p, grad in zip(params, before, strict=True):
+                p.grad = grad
+            raise
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, dict) and request.backward and request.adapter_id:
+                adapter = self.adapters.get(request.adapter_id)
+                adapter.tokens_trained += result["num_tokens"]
+                adapter.last_loss = result["loss"]
         return results
-
-    def _row_loss_sums(self, inputs_BT, mask_BT, positions_BT, targets_BT, weights_BT) -> torch.Tensor:
-        """Weighted NLL summed per row (B,), with gradients flowing to the routed adapters."""
-        if not self.plain_head:
-            logits_BTV = self.model(input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
-            return cross_entropy_row_sums(target_logprobs(logits_BTV, targets_BT), weights_BT)
-        # Only positions that carry loss go through the output head (prompt tokens don't).
-        hidden_BTH = self.model.model(
-            input_ids=inputs_BT, attention_mask=mask_BT, position_ids=positions_BT
-        ).last_hidden_state
-        selected_BT = weights_BT != 0
-        logprobs_N = head_target_logprobs(
-            hidden_BTH[selected_BT], self.model.get_output_embeddings().weight, targets_BT[selected_BT]
-        )
-        row_of_N = selected_BT.nonzero()[:, 0]
-        return torch.zeros(inputs_BT.shape[0], device=inputs_BT.device).index_add(
-            0, row_of_N, -(logprobs_N * weights_BT[selected_BT])
-        )
 
     @on_compute_thread
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:

@@ -9,37 +9,73 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from errors import BadRequestError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Example:
     """One training sequence, Tinker-style: the model reads ``input_tokens`` and at each
-    position t is scored on predicting ``target_tokens[t]`` with weight ``weights[t]``."""
+    position t is scored on predicting ``target_tokens[t]``. ``loss_inputs`` holds what the
+    loss function reads, all aligned with the positions: ``target_tokens`` (T,) or (T, K)
+    int64, and as the loss needs them ``weights`` (the targets' shape), ``logprobs`` (the
+    sampler's, (T,)) and ``advantages`` (T,), float32."""
 
-    input_tokens: list[int]  # (T,)
-    target_tokens: list[int]  # (T,)
-    weights: list[float]  # (T,), 0 where a token is context only
+    input_tokens: torch.Tensor  # (T,) int64
+    loss_inputs: dict[str, torch.Tensor]
 
     def __post_init__(self) -> None:
-        if not (len(self.input_tokens) == len(self.target_tokens) == len(self.weights)):
+        object.__setattr__(self, "input_tokens", torch.as_tensor(self.input_tokens, dtype=torch.long).reshape(-1))
+        inputs = dict(self.loss_inputs)
+        if "target_tokens" not in inputs:
+            raise BadRequestError("loss_fn_inputs.target_tokens is required")
+        targets = inputs["target_tokens"] = torch.as_tensor(inputs["target_tokens"], dtype=torch.long)
+        T = self.input_tokens.shape[0]
+        if targets.dim() not in (1, 2) or targets.shape[0] != T:
             raise BadRequestError(
-                "input_tokens, target_tokens and weights must have the same length, got "
-                f"{len(self.input_tokens)}, {len(self.target_tokens)}, {len(self.weights)}"
+                f"loss_fn_inputs.target_tokens: shape {list(targets.shape)} does not match the {T} input tokens"
             )
+        for key, value in inputs.items():
+            if key == "target_tokens":
+                continue
+            value = inputs[key] = torch.as_tensor(value, dtype=torch.float32)
+            expected = targets.shape if key == "weights" else targets.shape[:1]
+            if value.shape != expected:
+                raise BadRequestError(
+                    f"loss_fn_inputs.{key}: shape {list(value.shape)} does not match {list(expected)} "
+                    "(one value per target token)"
+                )
+        object.__setattr__(self, "loss_inputs", inputs)
 
     @property
     def length(self) -> int:
-        return len(self.input_tokens)
+        return int(self.input_tokens.shape[0])
+
+    @property
+    def target_tokens(self) -> torch.Tensor:
+        return self.loss_inputs["target_tokens"]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.loss_inputs["weights"]
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(1 for w in self.weights if w != 0)
+        """Positions that carry loss: a nonzero weight or advantage (every position if neither)."""
+        for key in ("weights", "advantages"):
+            if key in self.loss_inputs:
+                value = self.loss_inputs[key]
+                return int((value.reshape(self.length, -1) != 0).any(dim=1).sum())
+        return self.length
 
     @classmethod
     def from_sequence(cls, tokens: Sequence[int], loss_mask: Sequence[float]) -> Example:
         """Shift a whole sequence into next-token form: predict tokens[t+1] from tokens[:t+1]."""
-        return cls(list(tokens[:-1]), list(tokens[1:]), [float(w) for w in loss_mask[1:]])
+        return cls(
+            list(tokens[:-1]),
+            {"target_tokens": list(tokens[1:]), "weights": [float(w) for w in loss_mask[1:]]},
+        )
 
 
 def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -9,7 +9,8 @@ from errors import BadRequestError
 
 
 def _weighted_text(backend, example: Example) -> str:
-    return backend.tokenizer.decode([t for t, w in zip(example.target_tokens, example.weights, strict=True) if w])
+    pairs = zip(example.target_tokens.tolist(), example.weights.tolist(), strict=True)
+    return backend.tokenizer.decode([t for t, w in pairs if w])
 
 
 def test_only_assistant_turns_carry_loss(backend):
@@ -24,7 +25,7 @@ def test_only_assistant_turns_carry_loss(backend):
     assert _weighted_text(backend, example) == "Hi Alice!<|im_end|>Hi again.<|im_end|>"
     # the model reads the whole rendered conversation, shifted by one
     full = backend.tokenizer.apply_chat_template(conv, tokenize=False)
-    assert backend.tokenizer.decode(example.input_tokens + example.target_tokens[-1:]) == full
+    assert backend.tokenizer.decode(example.input_tokens.tolist() + example.target_tokens[-1:].tolist()) == full
 
 
 def test_unicode_content_is_located_exactly(backend):
@@ -43,8 +44,10 @@ def test_conversation_without_assistant_turn_is_rejected(backend):
 
 
 def test_example_lengths_must_agree():
-    with pytest.raises(BadRequestError, match="same length"):
-        Example([1, 2], [2, 3], [1.0])
+    with pytest.raises(BadRequestError, match="weights: shape"):
+        Example([1, 2], {"target_tokens": [2, 3], "weights": [1.0]})
+    with pytest.raises(BadRequestError, match="target_tokens: shape"):
+        Example([1, 2], {"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
 
 
 def test_prompt_rendering_ends_with_the_generation_prompt(backend):

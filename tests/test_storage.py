@@ -28,7 +28,7 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
     assert config["r"] == 4 and config["lora_alpha"] == 12.0
     assert set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
 
-    tokens = torch.tensor([examples[0].input_tokens])
+    tokens = examples[0].input_tokens[None]
     with torch.no_grad(), use_adapters([adapter_id]):
         ours = backend.model(input_ids=tokens).logits
     with torch.no_grad():
@@ -58,8 +58,8 @@ def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, clie
     example = render_conversation(tokenizer, CONV)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), path).eval()
     with torch.no_grad():
-        logits = peft_model(input_ids=torch.tensor([example.input_tokens])).logits
-    logprobs = target_logprobs(logits, torch.tensor([example.target_tokens]))
-    weights = torch.tensor([example.weights])
+        logits = peft_model(input_ids=example.input_tokens[None]).logits
+    logprobs = target_logprobs(logits, example.target_tokens[None])
+    weights = example.weights[None]
     peft_loss = float(-(logprobs * weights).sum() / weights.sum())
     assert peft_loss == pytest.approx(server_loss, abs=1e-5)

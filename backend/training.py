@@ -1,0 +1,172 @@
+"""One fused forward(+backward) over the rows of many requests, each on its own adapter.
+
+Every request keeps its own loss function, config and reduction; its loss is computed on
+its own rows only, so it equals what running it alone gives, and its gradient lands on its
+own adapter. The caller (the engine) validates requests, counts and retries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from backend.examples import Example
+from backend.lora import use_adapters
+from backend.loss_functions import LOSS_FUNCTIONS
+from backend.losses import head_target_logprobs
+from errors import RequestFailedError
+
+
+@dataclass(frozen=True)
+class FwdBwdRequest:
+    adapter_id: str | None  # None: the base model alone (forward only)
+    examples: list[Example]
+    loss_fn: str = "cross_entropy"
+    loss_config: Mapping[str, float] = field(default_factory=dict)  # complete: defaults filled in
+    reduction: str = "mean"  # "mean": divide by the total weight (the seed API); "sum": Tinker's
+    backward: bool = True  # False: forward only, no gradient (Tinker's forward)
+    return_logprobs: bool = False  # per-example target logprobs in the result
+
+
+def fused_pass(model, plain_head: bool, pad_id: int, device, requests: Sequence[FwdBwdRequest]) -> list:
+    """Run every request's rows in one pass; a result dict or an exception per request."""
+    rows = [(r, request.adapter_id, ex) for r, request in enumerate(requests) for ex in request.examples]
+    started = time.perf_counter()
+    B, T = len(rows), max(ex.length for _, _, ex in rows)
+    K = max(_width(ex) for _, _, ex in rows)
+    inputs_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    targets_BTK = torch.zeros((B, T, K), dtype=torch.long)
+    mask_BT = torch.zeros((B, T), dtype=torch.bool)
+    selected_BT = torch.zeros((B, T), dtype=torch.bool)  # positions whose logprob is needed
+    for b, (r, _, ex) in enumerate(rows):  # right padding: causal attention never sees it
+        n = ex.length
+        inputs_BT[b, :n] = ex.input_tokens
+        targets_BTK[b, :n, : _width(ex)] = ex.target_tokens.reshape(n, -1)
+        mask_BT[b, :n] = True
+        selected_BT[b, :n] = True if _needs_every_position(requests[r]) else _loss_positions(ex)
+    inputs_BT, targets_BTK = inputs_BT.to(device), targets_BTK.to(device)
+    mask_BT, selected_BT = mask_BT.to(device), selected_BT.to(device)
+    positions_BT = torch.arange(T, device=device).expand(B, T)
+
+    wants_grad = any(q.backward and q.adapter_id for q in requests)
+    with torch.set_grad_enabled(wants_grad), use_adapters([adapter for _, adapter, _ in rows], device):
+        logprobs_BTK = _target_logprobs(model, plain_head, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
+        losses, start = [], 0
+        for request in requests:
+            end = start + len(request.examples)
+            losses.append(_request_loss(request, logprobs_BTK[start:end], mask_BT[start:end]))
+            start = end
+    values = [float(loss.detach()) for loss in losses]
+    finite = [math.isfinite(v) for v in values]
+    trainable = [
+        loss for loss, q, ok in zip(losses, requests, finite, strict=True) if ok and q.backward and q.adapter_id
+    ]
+    if trainable:
+        # Requests are independent, so the sum's gradient on each adapter is its own loss's;
+        # a request with a non-finite loss is left out and sends no gradient.
+        torch.stack(trainable).sum().backward()
+    elapsed = time.perf_counter() - started
+
+    results: list[dict | BaseException] = []
+    logprobs_cpu = logprobs_BTK.detach().cpu() if any(q.return_logprobs for q in requests) else None
+    start = 0
+    for r, request in enumerate(requests):
+        end, start = start + len(request.examples), start + len(request.examples)
+        if not finite[r]:
+            results.append(RequestFailedError(f"the loss is not finite ({values[r]}); no gradient was applied"))
+            continue
+        result = {
+            "loss": values[r],
+            "num_tokens": sum(ex.length for ex in request.examples),
+            "num_loss_tokens": sum(ex.num_loss_tokens for ex in request.examples),
+            "num_sequences": len(request.examples),
+            "batch_requests": len(requests),  # requests fused into this pass
+            "batch_sequences": B,
+            "elapsed_s": elapsed,
+        }
+        if logprobs_cpu is not None and request.return_logprobs:
+            first = end - len(request.examples)
+            result["logprobs"] = [
+                _unpad(logprobs_cpu[first + i], ex) for i, ex in enumerate(request.examples)
+            ]
+        results.append(result)
+    return results
+
+
+def _width(example: Example) -> int:
+    """K: how many target tokens each position has (1 for plain next-token targets)."""
+    targets = example.target_tokens
+    return 1 if targets.dim() == 1 else int(targets.shape[1])
+
+
+def _needs_every_position(request: FwdBwdRequest) -> bool:
+    # Tinker returns a logprob at every position; DRO's penalty applies at every position.
+    return request.return_logprobs or request.loss_fn == "dro"
+
+
+def _loss_positions(example: Example) -> torch.Tensor:
+    """(T,) positions with a nonzero weight or advantage: the only ones that carry loss."""
+    inputs, n = example.loss_inputs, example.length
+    carried = torch.zeros(n, dtype=torch.bool)
+    for key in ("weights", "advantages"):
+        if key in inputs:
+            carried |= (inputs[key].reshape(n, -1) != 0).any(dim=1)
+    return carried
+
+
+def _target_logprobs(model, plain_head, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT) -> torch.Tensor:
+    """log p(target) at every selected position, 0 elsewhere: -> (B, T, K) fp32."""
+    B, T, K = targets_BTK.shape
+    attention_BT = mask_BT.long()
+    if not plain_head:
+        logits_BTV = model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT).logits
+        logprobs_BTK = F.log_softmax(logits_BTV.float(), dim=-1).gather(2, targets_BTK)
+        return logprobs_BTK * selected_BT.unsqueeze(2)
+    # Only selected positions go through the output head (prompt tokens often don't).
+    out = model.model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT)
+    hidden_BTH = out.last_hidden_state
+    hidden_NH, targets_NK = hidden_BTH[selected_BT], targets_BTK[selected_BT]
+    head_VH = model.get_output_embeddings().weight
+    if K == 1:
+        logprobs_NK = head_target_logprobs(hidden_NH, head_VH, targets_NK[:, 0]).unsqueeze(1)
+    else:  # top-K targets: the full log-softmax at the selected positions
+        logprobs_NK = F.log_softmax((hidden_NH @ head_VH.t()).float(), dim=-1).gather(1, targets_NK)
+    where_BTK = selected_BT.unsqueeze(2).expand(B, T, K)
+    return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_BTH.device).masked_scatter(where_BTK, logprobs_NK)
+
+
+def _request_loss(request: FwdBwdRequest, logprobs_nTK: torch.Tensor, mask_nT: torch.Tensor) -> torch.Tensor:
+    """The request's scalar loss from its rows' logprobs (n, T, K)."""
+    n, T, K = logprobs_nTK.shape
+    width = max(_width(ex) for ex in request.examples)
+    two_d = any(ex.target_tokens.dim() == 2 for ex in request.examples)
+    inputs: dict[str, torch.Tensor] = {}
+    for key in request.examples[0].loss_inputs:
+        if key == "target_tokens":
+            continue
+        per_target = two_d and key == "weights"  # (T, K) like the targets, else (T,)
+        padded = torch.zeros((n, T, width) if per_target else (n, T), dtype=torch.float32)
+        for i, ex in enumerate(request.examples):
+            value = ex.loss_inputs[key]
+            padded[i, : ex.length] = value.reshape(ex.length, -1) if per_target else value
+        inputs[key] = padded.to(logprobs_nTK.device)
+    logprobs = logprobs_nTK[:, :, :width] if two_d else logprobs_nTK[:, :, 0]
+    if two_d:  # only cross_entropy takes (T, K) targets: weights is its only input
+        inputs = {key: value if key == "weights" else value.unsqueeze(2) for key, value in inputs.items()}
+    elementwise = LOSS_FUNCTIONS[request.loss_fn].elementwise(logprobs, inputs, request.loss_config)
+    mask = mask_nT.unsqueeze(2) if two_d else mask_nT
+    total = (elementwise * mask).sum()
+    if request.reduction == "mean":
+        return total / inputs["weights"].sum()
+    return total
+
+
+def _unpad(logprobs_TK: torch.Tensor, example: Example) -> torch.Tensor:
+    """One example's logprobs, shaped like its target_tokens."""
+    cut = logprobs_TK[: example.length, : _width(example)]
+    return cut if example.target_tokens.dim() == 2 else cut[:, 0]
