@@ -153,7 +153,7 @@ def trained_flops_per_token(backend: HFBackend) -> float:
     """LoRA training on a frozen base: forward (2 FLOPs per weight) plus the backward pass
     to the activations (2 more); the adapters' own FLOPs are negligible."""
     params = sum(p.numel() for n, p in backend.model.named_parameters() if "embed_tokens" not in n)
-    head = backend.model.get_output_embeddings().weight.numel()
+    head = backend.loaded.head_weight.numel()
     return 4.0 * (params + head)
 
 

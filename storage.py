@@ -6,13 +6,18 @@ base model and give the logits the server gives.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from backend.adapters import Adapter
 from backend.lora import MultiLoraLinear
+
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")
 
 
 def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base_model_path: str, folder: Path) -> Path:
@@ -35,3 +40,24 @@ def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base
         base_model_name_or_path=base_model_path,
     ).save_pretrained(str(folder))
     return folder
+
+
+def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT adapter folder's config (adapter_config.json) and tensors keyed by module
+    path and matrix: {"model.layers.0.self_attn.q_proj": {"A": ..., "B": ...}}."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(f"unexpected tensor {key!r} in {folder}")
+        tensors.setdefault(match["module"], {})[match["matrix"]] = value
+    return config, tensors
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)

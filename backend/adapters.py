@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from backend.lora import MultiLoraLinear, short_name
-from errors import NotFoundError
+from errors import ConflictError, NotFoundError
 
 
 @dataclass
@@ -29,7 +29,9 @@ class Adapter:
     layer_names: list[str]  # module paths it has weights in, sorted
     params: list[nn.Parameter]  # A then B for each layer in layer_names
     optimizer: torch.optim.AdamW
+    trainable: bool = True  # False: a frozen copy serving samplers (a checkpoint or snapshot)
     created_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
     step: int = 0
     tokens_trained: int = 0
     last_loss: float | None = None
@@ -56,8 +58,21 @@ class AdapterRegistry:
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
 
-    def create(self, rank: int, alpha: float, target_modules: Sequence[str], seed: int | None) -> Adapter:
-        adapter_id = f"{self._prefix}{secrets.token_hex(6)}"
+    def create(
+        self,
+        rank: int,
+        alpha: float,
+        target_modules: Sequence[str],
+        seed: int | None,
+        adapter_id: str | None = None,
+        trainable: bool = True,
+    ) -> Adapter:
+        """A new adapter (A random from ``seed``, B zero). ``adapter_id``: the id to use (the
+        Tinker API names its models itself); taken ids are refused."""
+        adapter_id = adapter_id or f"{self._prefix}{secrets.token_hex(6)}"
+        with self._lock:
+            if adapter_id in self._adapters:
+                raise ConflictError(f"model_id {adapter_id!r} already exists")
         seed = secrets.randbits(31) if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         wanted = set(target_modules)
@@ -78,6 +93,7 @@ class AdapterRegistry:
             layer_names=layer_names,
             params=params,
             optimizer=optimizer,
+            trainable=trainable,
         )
         with self._lock:
             self._adapters[adapter_id] = adapter

@@ -127,8 +127,8 @@ class DecodeBatch:
         positions of rows that go on and the tokens they feed next."""
         keep, tokens = [], []
         for j, live in enumerate(rows):
-            token = choose_token(logits_BV[j], live.row.params, live.generator)
-            done = self._append(live, token)
+            token, logprob = choose_token(logits_BV[j], live.row.params, live.generator)
+            done = self._append(live, token, logprob)
             if done:
                 if not live.text_final:
                     live.completion.text = self.tokenizer.decode(live.completion.tokens, skip_special_tokens=True)
@@ -138,12 +138,16 @@ class DecodeBatch:
                 tokens.append(token)
         return keep, tokens
 
-    def _append(self, live: LiveRow, token: int) -> bool:
-        result = live.completion
-        if token in self.eos_ids:
+    def _append(self, live: LiveRow, token: int, logprob: float) -> bool:
+        result, params = live.completion, live.row.params
+        if token in params.stop_token_ids or (params.stop_at_eos and token in self.eos_ids):
             result.stop_reason = "stop"
+            if params.keep_stop_token:
+                result.tokens.append(token)
+                result.logprobs.append(logprob)
             return True
         result.tokens.append(token)
+        result.logprobs.append(logprob)
         stops = live.row.params.stop
         if stops:
             text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)

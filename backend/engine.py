@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from backend import adapter_state
 from backend.adapters import AdapterRegistry
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.examples import Example, render_conversation, render_prompt
 from backend.loss_functions import get_loss_function
 from backend.losses import PLAIN_HEAD_MODELS
 from backend.model_loading import LoadedModel
-from backend.sampling import Completion, SampleRow, SamplingParams, generate
+from backend.sampling import Completion, SampleRow, SamplingParams, generate, prompt_logprobs
 from backend.sampling_engine import SamplingEngine
 from backend.training import FwdBwdRequest, fused_pass
 from errors import BadRequestError, RequestFailedError, ThinkerError
@@ -100,22 +101,70 @@ class HFBackend:
 
     # ---- jobs ----------------------------------------------------------------------------
 
+    def allowed_targets(self) -> list[str]:
+        """Short names of the layers LoRA may target: the linear layers, and the output head."""
+        head = [self.loaded.head_module] if self.loaded.head_module else []
+        return list(self.loaded.target_modules) + head
+
     @on_compute_thread
-    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None, seed: int | None) -> dict:
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float,
+        target_modules: Sequence[str] | None,
+        seed: int | None,
+        adapter_id: str | None = None,
+    ) -> dict:
+        """A new adapter; ``target_modules`` None: every linear layer but the output head."""
         targets = list(target_modules) if target_modules else list(self.loaded.target_modules)
-        unknown = sorted(set(targets) - set(self.loaded.target_modules))
+        unknown = sorted(set(targets) - set(self.allowed_targets()))
         if unknown:
             raise BadRequestError(
-                f"target_modules: {unknown} are not linear layers of this model; allowed: {self.loaded.target_modules}"
+                f"target_modules: {unknown} are not linear layers of this model; allowed: {self.allowed_targets()}"
             )
-        adapter = self.adapters.create(rank, alpha, targets, seed)
+        adapter = self.adapters.create(rank, alpha, targets, seed, adapter_id=adapter_id)
         return adapter.describe()
+
+    @on_compute_thread
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.adapters.remove(adapter_id)
+
+    @on_compute_thread
+    def save_state(self, adapter_id: str, folder: Path, optimizer: bool) -> None:
+        """Write the adapter (and its optimizer state) to ``folder`` in PEFT format."""
+        adapter = self.adapters.get(adapter_id)
+        adapter_state.save_state(adapter, self.loaded.lora_layers, self.loaded.path, folder, optimizer)
+
+    @on_compute_thread
+    def load_state(self, adapter_id: str, folder: Path, optimizer: bool) -> dict:
+        adapter = self._trainable(adapter_id)
+        adapter_state.load_into(adapter, self.loaded.lora_layers, folder, optimizer)
+        return adapter.describe()
+
+    @on_compute_thread
+    def create_from_checkpoint(self, folder: Path, adapter_id: str | None, optimizer: bool, trainable: bool) -> dict:
+        layers = self.loaded.lora_layers
+        return adapter_state.create_from(self.adapters, layers, folder, adapter_id, optimizer, trainable).describe()
+
+    @on_compute_thread
+    def snapshot(self, adapter_id: str, snapshot_id: str) -> dict:
+        """A frozen copy of the adapter's current weights, for sampling."""
+        source = self.adapters.get(adapter_id)
+        return adapter_state.snapshot(self.adapters, self.loaded.lora_layers, source, snapshot_id).describe()
+
+    def _trainable(self, adapter_id: str):
+        adapter = self.adapters.get(adapter_id)
+        if not adapter.trainable:
+            raise BadRequestError(f"model_id: {adapter_id!r} holds frozen sampler weights; it cannot be trained")
+        return adapter
 
     def check_fwdbwd(self, request: FwdBwdRequest) -> None:
         """Reject what this model cannot run (raised inside the job, failing its future)."""
         spec = get_loss_function(request.loss_fn)
         if request.backward and request.adapter_id is None:
             raise BadRequestError("the base model is frozen: only a forward pass can run on it")
+        if request.backward:
+            self._trainable(request.adapter_id)
         if not request.examples:
             raise BadRequestError("data: at least one example is needed")
         vocab = self.vocab_size
@@ -186,7 +235,8 @@ class HFBackend:
         params = [p for adapter_id in trained for p in self.adapters.get(adapter_id).params]
         before = [None if p.grad is None else p.grad.clone() for p in params]
         try:
-            results = fused_pass(self.model, self.plain_head, self.tokenizer.pad_token_id, self.device, requests)
+            head_VH = self._plain_head_for(requests)
+            results = fused_pass(self.model, head_VH, self.tokenizer.pad_token_id, self.device, requests)
         except BaseException:
             # A half-done backward must not leave partial gradients behind (the requests
             # may be retried one by one).
@@ -200,9 +250,18 @@ class HFBackend:
                 adapter.last_loss = result["loss"]
         return results
 
+    def _plain_head_for(self, requests: Sequence[FwdBwdRequest]) -> torch.Tensor | None:
+        """The head weight when the fast output-head path applies: a plain head that no
+        adapter of these requests puts LoRA on."""
+        head = self.loaded.head_module
+        adapters = {q.adapter_id for q in requests if q.adapter_id}
+        if not self.plain_head or any(head in self.adapters.get(a).target_modules for a in adapters):
+            return None
+        return self.loaded.head_weight
+
     @on_compute_thread
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
-        adapter = self.adapters.get(adapter_id)
+        adapter = self._trainable(adapter_id)
         grads = [p.grad for p in adapter.params if p.grad is not None]
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         if not math.isfinite(grad_norm):
@@ -254,6 +313,14 @@ class HFBackend:
         rows = self.sample_rows(adapter_id, prompts, params)
         completions = generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
         return sample_response(completions)
+
+    @on_compute_thread
+    def prompt_logprobs(self, adapter_id: str | None, tokens: Sequence[int], topk: int):
+        """See sampling.prompt_logprobs."""
+        if len(tokens) > self.loaded.context_length:
+            limit = self.loaded.context_length
+            raise BadRequestError(f"prompt: {len(tokens)} tokens, over the context window of {limit}")
+        return prompt_logprobs(self.model, adapter_id, tokens, topk, self.device)
 
     def sample_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
         """Join the shared decode loop; the future's result is the response dict."""

@@ -37,6 +37,13 @@ class LoadedModel:
     lora_layers: dict[str, MultiLoraLinear]
     fallback_reason: str | None = None
     target_modules: list[str] = field(default_factory=list)  # short names adapters may target
+    head_module: str | None = None  # short name of the output head when LoRA may target it too
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's (V, H) weight, under its LoRA wrapper if it has one."""
+        head = self.model.get_output_embeddings()
+        return head.base.weight if isinstance(head, MultiLoraLinear) else head.weight
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -112,6 +119,12 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
     if not names:
         raise ConfigurationError(f"{name} has no nn.Linear layers for LoRA to target")
     layers = wrap_linear_layers(model, names)
+    head_name = None
+    if isinstance(head, nn.Linear) and getattr(head, "bias", None) is None:
+        # The output head takes LoRA too (Tinker's train_unembed), but only when asked.
+        head_path = next(path_ for path_, module in model.named_modules() if module is head)
+        head_name = short_name(head_path)
+        layers.update(wrap_linear_layers(model, [head_name]))
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     return LoadedModel(
         model=model,
@@ -123,4 +136,5 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
         context_length=context,
         lora_layers=layers,
         target_modules=names,
+        head_module=head_name,
     )

@@ -18,7 +18,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # <= 0: no limit
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens, besides end-of-sequence
+    stop_at_eos: bool = True  # False: only max_tokens, stop strings and stop_token_ids end a row
+    keep_stop_token: bool = False  # True (Tinker): a stop token ends ``tokens``; False: it is dropped
 
 
 @dataclass
@@ -31,6 +34,7 @@ class SampleRow:
 @dataclass
 class Completion:
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # the model's log p of each token in ``tokens``
     text: str = ""
     stop_reason: str = "length"  # "stop": end-of-turn token or a stop string; "length": max_tokens
 
@@ -44,8 +48,14 @@ def check_prompts(rows: Sequence[SampleRow], context_length: int) -> None:
             )
 
 
-def choose_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from one row's next-token logits (V,)."""
+def choose_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, float]:
+    """One token from one row's next-token logits (V,), and the model's log-probability of
+    it (of the untempered, untruncated distribution: what a training forward computes)."""
+    token = _choose(logits_V, params, generator)
+    return token, float(logits_V[token] - torch.logsumexp(logits_V, dim=-1))
+
+
+def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     if params.temperature == 0:
         return int(torch.argmax(logits_V))
     logits_V = logits_V / params.temperature
@@ -82,3 +92,24 @@ def generate(
     while len(batch):
         batch.step()
     return [r.completion for r in live]
+
+
+@torch.no_grad()
+def prompt_logprobs(
+    model: nn.Module, adapter_id: str | None, tokens: Sequence[int], topk: int, device: torch.device
+) -> tuple[list[float | None], list[list[tuple[int, float]] | None] | None]:
+    """log p(tokens[t] | tokens[:t]) for every prompt position (None at 0, which has no
+    context), and when ``topk`` > 0 the ``topk`` likeliest tokens at each position."""
+    from backend.lora import use_adapters
+
+    ids_1T = torch.tensor([list(tokens)], device=device)
+    with use_adapters([adapter_id], device):
+        logits_TV = model(input_ids=ids_1T).logits[0].float()
+    logsoftmax_TV = torch.log_softmax(logits_TV[:-1], dim=-1)  # row t-1 predicts token t
+    values = logsoftmax_TV.gather(1, ids_1T[0, 1:, None])[:, 0].tolist()
+    top = None
+    if topk > 0:
+        best_TK = logsoftmax_TV.topk(min(topk, logsoftmax_TV.shape[-1]), dim=-1)
+        pairs = zip(best_TK.indices.tolist(), best_TK.values.tolist(), strict=True)
+        top = [None] + [list(zip(ids, lps, strict=True)) for ids, lps in pairs]
+    return [None, *values], top

@@ -33,8 +33,10 @@ class FwdBwdRequest:
     return_logprobs: bool = False  # per-example target logprobs in the result
 
 
-def fused_pass(model, plain_head: bool, pad_id: int, device, requests: Sequence[FwdBwdRequest]) -> list:
-    """Run every request's rows in one pass; a result dict or an exception per request."""
+def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, requests: Sequence[FwdBwdRequest]) -> list:
+    """Run every request's rows in one pass; a result dict or an exception per request.
+    ``head_VH``: the frozen output head's weight when logits are exactly hidden @ head.T
+    (so only the needed positions go through it), else None (the model's own logits)."""
     rows = [(r, request.adapter_id, ex) for r, request in enumerate(requests) for ex in request.examples]
     started = time.perf_counter()
     B, T = len(rows), max(ex.length for _, _, ex in rows)
@@ -55,7 +57,7 @@ def fused_pass(model, plain_head: bool, pad_id: int, device, requests: Sequence[
 
     wants_grad = any(q.backward and q.adapter_id for q in requests)
     with torch.set_grad_enabled(wants_grad), use_adapters([adapter for _, adapter, _ in rows], device):
-        logprobs_BTK = _target_logprobs(model, plain_head, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
+        logprobs_BTK = _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
         losses, start = [], 0
         for request in requests:
             end = start + len(request.examples)
@@ -119,11 +121,11 @@ def _loss_positions(example: Example) -> torch.Tensor:
     return carried
 
 
-def _target_logprobs(model, plain_head, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT) -> torch.Tensor:
+def _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT) -> torch.Tensor:
     """log p(target) at every selected position, 0 elsewhere: -> (B, T, K) fp32."""
     B, T, K = targets_BTK.shape
     attention_BT = mask_BT.long()
-    if not plain_head:
+    if head_VH is None:
         logits_BTV = model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT).logits
         logprobs_BTK = F.log_softmax(logits_BTV.float(), dim=-1).gather(2, targets_BTK)
         return logprobs_BTK * selected_BT.unsqueeze(2)
@@ -131,7 +133,6 @@ def _target_logprobs(model, plain_head, inputs_BT, mask_BT, positions_BT, target
     out = model.model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT)
     hidden_BTH = out.last_hidden_state
     hidden_NH, targets_NK = hidden_BTH[selected_BT], targets_BTK[selected_BT]
-    head_VH = model.get_output_embeddings().weight
     if K == 1:
         logprobs_NK = head_target_logprobs(hidden_NH, head_VH, targets_NK[:, 0]).unsqueeze(1)
     else:  # top-K targets: the full log-softmax at the selected positions
