@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams
 from backend.losses import LOSS_FUNCTIONS
+from checkpoints import CheckpointStore
 from config import Config
 from errors import BadRequestError, RequestFailedError, ServerError
 from futures import COMPLETED, FAILED
@@ -26,6 +27,7 @@ from schemas import (
     SampleBody,
     parse_body,
 )
+from tinker_api.sessions import TinkerState
 from worker_pool import WorkerPool
 
 bp = Blueprint("api", __name__)
@@ -38,6 +40,9 @@ class Services:
     config: Config
     backend: HFBackend
     pool: WorkerPool
+    checkpoints: CheckpointStore
+    tinker: TinkerState  # sessions, samplers and request order of the Tinker API
+    download_secret: bytes  # signs checkpoint download links
 
 
 def services() -> Services:

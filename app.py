@@ -7,6 +7,7 @@ API through waitress. ``create_app(config)`` builds the same app for tests.
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 
 from flask import Flask, jsonify
@@ -31,8 +32,10 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         )
     # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
     # of after the seconds torch and transformers take to import.
+    import tinker_api
     from api import Services, bp
     from backend import HFBackend, load_base_model
+    from checkpoints import CheckpointStore
     from worker_pool import BatchLimits, WorkerPool
 
     if backend is None:
@@ -65,8 +68,16 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
     app.json.sort_keys = False
-    app.extensions["thinker"] = Services(config=config, backend=backend, pool=pool)
+    app.extensions["thinker"] = Services(
+        config=config,
+        backend=backend,
+        pool=pool,
+        checkpoints=CheckpointStore(config.thinker_data_dir),
+        tinker=tinker_api.TinkerState(pool),
+        download_secret=secrets.token_bytes(32),
+    )
     app.register_blueprint(bp)
+    app.register_blueprint(tinker_api.bp)
     _register_error_handlers(app)
     return app
 

@@ -60,7 +60,7 @@ class Config:
     # How long the synchronous sample endpoint waits for its job, in seconds.
     sample_timeout_s: float = 600.0
     # WSGI threads: long-polls each hold one, so keep this well above MAX_WORKERS.
-    http_threads: int = 32
+    http_threads: int = 128  # long-polls (the Tinker SDK keeps one open per pending future) hold a thread each
     log_level: str = "INFO"
 
     @classmethod

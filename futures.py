@@ -27,6 +27,7 @@ class Future:
     started_at: float | None = None
     finished_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    meta: dict = field(default_factory=dict)  # what the API layer needs to render the result
 
     def wait(self, timeout: float | None) -> bool:
         """Block until the job finished or ``timeout`` seconds passed; True if finished."""
@@ -49,6 +50,9 @@ class FutureStore:
     def add(self, future: Future) -> None:
         self._evict_expired()
         self._futures[future.id] = future
+
+    def __contains__(self, future_id: str) -> bool:
+        return future_id in self._futures
 
     def get(self, future_id: str) -> Future:
         future = self._futures.get(future_id)

@@ -88,17 +88,33 @@ class WorkerPool:
 
     # ---- submitting and reading ------------------------------------------------------
 
-    def submit(self, key: str | None, kind: str, fn: Callable[[], Any]) -> Future:
-        """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own)."""
-        return self._enqueue(_Job(new_future(key, kind), fn=fn))
+    def submit(self, key: str | None, kind: str, fn: Callable[[], Any], future: Future | None = None) -> Future:
+        """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own).
+        ``future``: one from ``reserve`` to complete, instead of a new one."""
+        return self._enqueue(_Job(future or new_future(key, kind), fn=fn))
 
-    def submit_fusable(self, key: str, kind: str, group: str, payload: Any, rows: int, length: int) -> Future:
+    def submit_fusable(
+        self, key: str, kind: str, group: str, payload: Any, rows: int, length: int, future: Future | None = None
+    ) -> Future:
         """Queue a job that may run fused with other keys' jobs of ``group``; it costs
         ``rows`` sequences of at most ``length`` tokens."""
         if group not in self.runners:
             raise ValueError(f"no runner for group {group!r}")
-        job = _Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
+        job = _Job(future or new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
         return self._enqueue(job)
+
+    def reserve(self, key: str | None, kind: str) -> Future:
+        """A pending future that no job completes yet: pass it to a submit later, or fail it.
+        (The API hands out ids for requests it must hold back to run them in order.)"""
+        future = new_future(key, kind)
+        with self._cond:
+            self._store.add(future)
+        return future
+
+    def fail(self, future: Future, error: ThinkerError) -> None:
+        """Fail a reserved future that will never run."""
+        with self._cond:
+            self._store.finish(future, error=error.message, error_type=type(error).__name__)
 
     def submit_many(self, items: list[tuple[str, str, str, Any, int, int]]) -> list[Future]:
         """``submit_fusable`` for several jobs at once, queued atomically: workers see them
@@ -153,7 +169,8 @@ class WorkerPool:
         future = job.future
         if self._closed:
             raise ThinkerError("the server is shutting down")
-        self._store.add(future)
+        if future.id not in self._store:
+            self._store.add(future)
         if job.group:
             self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
         queue = self._queues.setdefault(future.key, deque())

@@ -34,6 +34,7 @@ class Adapter:
     last_used_at: float = field(default_factory=time.time)
     step: int = 0
     tokens_trained: int = 0
+    user_metadata: dict[str, str] = field(default_factory=dict)
     last_loss: float | None = None
 
     def describe(self) -> dict:

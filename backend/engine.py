@@ -38,7 +38,9 @@ def on_compute_thread(method):
     """Run this model computation where the backend runs torch (see compute_thread.py)."""
 
     @functools.wraps(method)
-    def run(self, *args):
+    def run(self, *args, **kwargs):
+        if kwargs:
+            return self.compute.run(functools.partial(method, **kwargs), self, *args)
         return self.compute.run(method, self, *args)
 
     return run
@@ -308,13 +310,6 @@ class HFBackend:
         return outcomes
 
     @on_compute_thread
-    def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
-        """Sample as one batch of its own (no sharing with other requests)."""
-        rows = self.sample_rows(adapter_id, prompts, params)
-        completions = generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
-        return sample_response(completions)
-
-    @on_compute_thread
     def prompt_logprobs(self, adapter_id: str | None, tokens: Sequence[int], topk: int):
         """See sampling.prompt_logprobs."""
         if len(tokens) > self.loaded.context_length:
@@ -322,10 +317,24 @@ class HFBackend:
             raise BadRequestError(f"prompt: {len(tokens)} tokens, over the context window of {limit}")
         return prompt_logprobs(self.model, adapter_id, tokens, topk, self.device)
 
-    def sample_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
-        """Join the shared decode loop; the future's result is the response dict."""
+    @on_compute_thread
+    def complete(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> list:
+        """Generate for ``prompts`` as one batch of its own (no sharing with other requests)."""
+        rows = self.sample_rows(adapter_id, prompts, params)
+        return generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
+
+    def complete_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
+        """Join the shared decode loop; the future's result is the completions, in order."""
         if self.sampler is None:
             raise RuntimeError("no sampling engine: start one with start_sampler()")
+        return self.sampler.submit(self.sample_rows(adapter_id, prompts, params))
+
+    def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
+        """The seed API's sampling response, from a batch of its own."""
+        return sample_response(self.complete(adapter_id, prompts, params))
+
+    def sample_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
+        """The seed API's sampling response, from the shared decode loop."""
         response: Future = Future()
 
         def done(engine_future: Future) -> None:
@@ -335,7 +344,7 @@ class HFBackend:
             else:
                 response.set_result(sample_response(engine_future.result()))
 
-        self.sampler.submit(self.sample_rows(adapter_id, prompts, params)).add_done_callback(done)
+        self.complete_async(adapter_id, prompts, params).add_done_callback(done)
         return response
 
     def start_sampler(self, max_rows: int, window_s: float) -> None:

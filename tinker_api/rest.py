@@ -1,0 +1,177 @@
+"""Tinker API, REST side: training runs, checkpoints, sessions, and checkpoint downloads.
+
+Downloads: ``GET .../checkpoints/<kind>/<name>/archive`` returns the PEFT adapter as a
+.tar.gz; the SDK's own download flow (``tinker checkpoint download``) asks for
+``external_weights_urls`` and fetches each file from a signed, expiring URL without
+credentials, which ``/api/v1/files/...`` serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+from flask import Response, request, send_file, url_for
+
+from checkpoints import KINDS, CheckpointInfo, TinkerPath
+from errors import BadRequestError, NotFoundError
+from tinker_api.common import base_model_name, body, bp, iso, services
+from tinker_api.schemas import TtlBody
+
+URL_LIFETIME_S = 3600
+_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _page() -> tuple[int, int]:
+    try:
+        limit = min(max(int(request.args.get("limit", 20)), 1), 1000)
+        offset = max(int(request.args.get("offset", 0)), 0)
+    except ValueError:
+        raise BadRequestError("limit and offset must be integers") from None
+    return limit, offset
+
+
+def _runs() -> dict[str, dict]:
+    """Every training run: live trainable adapters, and runs known only from checkpoints."""
+    s = services()
+    checkpoints = s.checkpoints.list()
+    runs: dict[str, dict] = {}
+    for adapter in s.backend.adapters.all():
+        if adapter.trainable:
+            runs[adapter.id] = _run(adapter.id, adapter.rank, adapter.last_used_at, adapter.user_metadata, checkpoints)
+    for info in checkpoints:
+        if info.run_id not in runs:
+            runs[info.run_id] = _run(info.run_id, info.rank, info.created_at, {}, checkpoints)
+    return runs
+
+
+def _run(run_id: str, rank: int, last_used: float, metadata: dict, checkpoints: list[CheckpointInfo]) -> dict:
+    own = [c for c in checkpoints if c.run_id == run_id]
+    last = {kind: next((c.describe() for c in reversed(own) if c.kind == kind), None) for kind in KINDS}
+    return {
+        "training_run_id": run_id,
+        "base_model": base_model_name(),
+        "model_owner": "local",  # one owner until API keys arrive
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": rank,
+        "last_request_time": iso(max([last_used] + [c.created_at for c in own])),
+        "last_checkpoint": last["weights"],
+        "last_sampler_checkpoint": last["sampler_weights"],
+        "user_metadata": metadata or None,
+    }
+
+
+@bp.get("/training_runs")
+def list_training_runs():
+    limit, offset = _page()
+    runs = sorted(_runs().values(), key=lambda r: r["last_request_time"], reverse=True)
+    cursor = {"offset": offset, "limit": limit, "total_count": len(runs)}
+    return {"training_runs": runs[offset : offset + limit], "cursor": cursor}
+
+
+@bp.get("/training_runs/<run_id>")
+def get_training_run(run_id: str):
+    run = _runs().get(run_id)
+    if run is None:
+        raise NotFoundError(f"training run {run_id!r} does not exist")
+    return run
+
+
+@bp.get("/training_runs/<run_id>/checkpoints")
+def list_run_checkpoints(run_id: str):
+    return {"checkpoints": [c.describe() for c in services().checkpoints.list(run_id)]}
+
+
+@bp.get("/checkpoints")
+def list_user_checkpoints():
+    limit, offset = _page()
+    checkpoints = list(reversed(services().checkpoints.list()))  # newest first
+    cursor = {"offset": offset, "limit": limit, "total_count": len(checkpoints)}
+    return {"checkpoints": [c.describe() for c in checkpoints[offset : offset + limit]], "cursor": cursor}
+
+
+@bp.route("/training_runs/<run_id>/checkpoints/<path:rest>", methods=["GET", "POST", "PUT", "DELETE"])
+def checkpoint_operation(run_id: str, rest: str):
+    """``<kind>/<name>`` (DELETE), ``<kind>/<name>/publish`` (POST, DELETE), ``.../ttl``
+    (PUT), ``.../external_weights_urls`` and ``.../archive`` (GET). Checkpoint ids hold a
+    slash, and the SDK sends them unescaped, hence one route."""
+    s = services()
+    parts = rest.split("/")
+    if len(parts) not in (2, 3):
+        raise NotFoundError(f"no such checkpoint operation: {rest!r}")
+    path = TinkerPath.parse(f"tinker://{run_id}/{parts[0]}/{parts[1]}")
+    action = (request.method, parts[2] if len(parts) == 3 else "")
+    if action == ("DELETE", ""):
+        s.checkpoints.delete(path)
+        return {}
+    if action == ("GET", ""):
+        return s.checkpoints.get(path).describe()
+    if action in {("POST", "publish"), ("DELETE", "publish")}:
+        s.checkpoints.update(path, public=request.method == "POST")  # idempotent: no 409 either way
+        return {}
+    if action == ("PUT", "ttl"):
+        ttl = body(TtlBody).ttl_seconds
+        s.checkpoints.update(path, expires_at=time.time() + ttl if ttl else None)
+        return {}
+    if action == ("GET", "archive"):
+        archive = s.checkpoints.archive(path)
+        filename = f"{path.run_id}-{path.kind}-{path.name}.tar.gz".replace(":", "_")
+        return Response(
+            archive,
+            content_type="application/gzip",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+    if action == ("GET", "external_weights_urls"):
+        s.checkpoints.get(path)
+        expires = int(time.time()) + URL_LIFETIME_S
+        urls = {
+            name: url_for(
+                "tinker.download_file", run_id=path.run_id, kind=path.kind, name=path.name, filename=name,
+                expires=expires, signature=_sign(path, name, expires), _external=True,
+            )
+            for name in _FILES
+        }
+        return {"urls": urls, "expires": iso(expires)}
+    raise NotFoundError(f"no such checkpoint operation: {request.method} {rest!r}")
+
+
+def _sign(path: TinkerPath, filename: str, expires: int) -> str:
+    message = f"{path}|{filename}|{expires}".encode()
+    return hmac.new(services().download_secret, message, hashlib.sha256).hexdigest()
+
+
+@bp.get("/files/<run_id>/<kind>/<name>/<filename>")
+def download_file(run_id: str, kind: str, name: str, filename: str):
+    """One file of a checkpoint, for whoever holds a URL signed by external_weights_urls."""
+    path = TinkerPath.parse(f"tinker://{run_id}/{kind}/{name}")
+    try:
+        expires = int(request.args.get("expires", "0"))
+    except ValueError:
+        expires = 0
+    signature = request.args.get("signature", "")
+    valid = filename in _FILES and expires >= time.time()
+    if not valid or not hmac.compare_digest(signature, _sign(path, filename, expires)):
+        raise NotFoundError("this download link is invalid or expired")
+    services().checkpoints.get(path)
+    return send_file(services().checkpoints.folder(path) / filename, as_attachment=True, download_name=filename)
+
+
+@bp.get("/sessions")
+def list_sessions():
+    limit, offset = _page()
+    ids = sorted(services().tinker.sessions, key=lambda i: services().tinker.sessions[i].created_at, reverse=True)
+    return {"sessions": ids[offset : offset + limit]}
+
+
+@bp.get("/sessions/<session_id>")
+def get_session(session_id: str):
+    session = services().tinker.session(session_id)
+    if session is None:
+        raise NotFoundError(f"session {session_id!r} does not exist")
+    return {
+        "training_run_ids": list(session.models),
+        "sampler_ids": list(session.samplers),
+        "user_metadata": session.user_metadata or None,
+    }

@@ -1,0 +1,170 @@
+"""Tinker API: sampling sessions and sampling (``sample`` and ``compute_logprobs``).
+
+A sampling session samples from the base model, a live adapter (one engine under both
+APIs: an adapter made with /add_lora is a valid ``base_model`` here), a checkpoint loaded
+as a frozen adapter, or a frozen snapshot. Requests on frozen weights do not queue behind
+each other: they all join the shared decode loop at once.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future as ConcurrentFuture
+
+from backend import SamplingParams
+from checkpoints import TinkerPath
+from errors import BadRequestError, NotFoundError
+from tinker_api.common import SAMPLE, base_model_name, body, bp, check_base_model, services, with_render
+from tinker_api.schemas import CreateSamplingSessionBody, SampleBody
+from tinker_api.sessions import Sampler
+
+
+def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) -> Sampler:
+    """What a new sampler samples from."""
+    s = services()
+    backend = s.backend
+    if model_path:
+        live = model_path.removeprefix("tinker://")
+        if "/" not in live and live in backend.adapters:  # tinker://<model id>: the adapter as it is now
+            return Sampler(sampler_id, base_model_name(), live, model_path)
+        path = TinkerPath.parse(model_path, "model_path")
+        s.checkpoints.get(path)
+        adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}"
+        if adapter_id not in backend.adapters:
+            backend.create_from_checkpoint(s.checkpoints.folder(path), adapter_id, optimizer=False, trainable=False)
+        return Sampler(sampler_id, base_model_name(), adapter_id, str(path))
+    if base_model is None:
+        raise BadRequestError("base_model or model_path is required")
+    if base_model in backend.adapters:
+        return Sampler(sampler_id, base_model_name(), base_model)
+    check_base_model(base_model)
+    return Sampler(sampler_id, base_model_name(), None)
+
+
+@bp.post("/create_sampling_session")
+def create_sampling_session():
+    s, req = services(), body(CreateSamplingSessionBody)
+    sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
+    if sampler_id not in s.tinker.samplers:
+        s.tinker.add_sampler(_resolve(req.base_model, req.model_path, sampler_id), req.session_id)
+    return {"sampling_session_id": sampler_id}
+
+
+@bp.get("/samplers/<path:sampler_id>")
+def get_sampler(sampler_id: str):
+    sampler = services().tinker.samplers.get(sampler_id)
+    if sampler is None:
+        raise NotFoundError(f"sampler {sampler_id!r} is unknown")
+    return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+
+
+def _params(req: SampleBody, vocab: int) -> SamplingParams:
+    p, limit = req.sampling_params, services().config.max_sample_tokens
+    if p.max_tokens is not None and p.max_tokens > limit:
+        raise BadRequestError(f"sampling_params.max_tokens: {p.max_tokens} is over this server's limit of {limit}")
+    stop = p.stop
+    strings = (stop,) if isinstance(stop, str) else tuple(x for x in stop or () if isinstance(x, str))
+    token_ids = tuple(x for x in stop or () if isinstance(x, int))
+    if any(not 0 <= t < vocab for t in token_ids):
+        raise BadRequestError(f"sampling_params.stop: token ids must lie in [0, {vocab})")
+    return SamplingParams(
+        max_tokens=p.max_tokens or limit,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=max(p.top_k, 0),
+        seed=p.seed,
+        stop=strings,
+        stop_token_ids=token_ids,
+        stop_at_eos=stop is None,  # an explicit stop list replaces end-of-sequence ([] stops at length only)
+        keep_stop_token=True,
+    )
+
+
+def _prompt_tokens(req: SampleBody, vocab: int) -> list[int]:
+    tokens: list[int] = []
+    for i, chunk in enumerate(req.prompt.chunks):
+        if chunk.type != "encoded_text":
+            raise BadRequestError(f"prompt.chunks[{i}]: {chunk.type} chunks are not supported (text models only)")
+        tokens += chunk.tokens
+    if not tokens:
+        raise BadRequestError("prompt: no tokens")
+    if max(tokens) >= vocab:
+        raise BadRequestError(f"prompt: token ids must lie in [0, {vocab})")
+    return tokens
+
+
+@bp.post("/asample")
+@bp.post("/sample")
+def asample():
+    s, req = services(), body(SampleBody)
+    if req.sampling_session_id is not None:
+        sampler = s.tinker.samplers.get(req.sampling_session_id)
+        if sampler is None:
+            raise NotFoundError(f"sampling_session_id {req.sampling_session_id!r} is unknown")
+    else:
+        sampler = _resolve(req.base_model, req.model_path, "stateless")
+    if sampler.released:
+        raise BadRequestError(
+            f"sampler {sampler.id} served a snapshot that newer snapshots replaced; save weights with "
+            "save_weights_for_sampler(name) to keep them"
+        )
+    for name in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if getattr(req, name):
+            raise BadRequestError(f"{name}: not supported by this server")
+    if req.target_prompt_logprobs is not None:
+        raise BadRequestError("target_prompt_logprobs: not supported by this server")
+    if req.num_samples > s.config.max_prompts_per_request:
+        limit = s.config.max_prompts_per_request
+        raise BadRequestError(f"num_samples: {req.num_samples} is over this server's limit of {limit}")
+    vocab = s.backend.vocab_size
+    tokens, params = _prompt_tokens(req, vocab), _params(req, vocab)
+    if len(tokens) >= (window := s.backend.loaded.context_length):
+        raise BadRequestError(f"prompt: {len(tokens)} tokens fill the context window of {window}")
+    job = _sampling_job(sampler.adapter_id, tokens, params, req)
+    # A live adapter's samples keep their place in its queue (behind training sent before);
+    # frozen weights and the base model need no order, so their requests run side by side.
+    frozen = sampler.adapter_id is None or not s.backend.adapters.get(sampler.adapter_id).trainable
+    key = None if frozen else sampler.adapter_id
+
+    def submit() -> str:
+        return with_render(s.pool.submit(key, "sample", job), SAMPLE).id
+
+    future_id = s.tinker.sample_once(sampler.id, req.seq_id, submit) if req.seq_id else submit()
+    return {"request_id": future_id, "sample_sequence_ids": [f"{future_id}:{i}" for i in range(req.num_samples)]}
+
+
+def _sampling_job(adapter_id: str | None, tokens: list[int], params: SamplingParams, req: SampleBody):
+    backend = services().backend
+
+    def job() -> ConcurrentFuture:
+        prompt_logprobs = top = None
+        if req.prompt_logprobs or req.topk_prompt_logprobs:
+            prompt_logprobs, top = backend.prompt_logprobs(adapter_id, tokens, req.topk_prompt_logprobs)
+            if req.prompt_logprobs_last_n:  # only the last N positions are scored
+                cut = max(0, len(tokens) - req.prompt_logprobs_last_n)
+                prompt_logprobs = [None] * cut + prompt_logprobs[cut:]
+                top = None if top is None else [None] * cut + top[cut:]
+        prompts = [tokens] * req.num_samples
+        if backend.sampler is not None:
+            completions = backend.complete_async(adapter_id, prompts, params)
+        else:
+            completions = ConcurrentFuture()
+            completions.set_result(backend.complete(adapter_id, prompts, params))
+        result: ConcurrentFuture = ConcurrentFuture()
+
+        def done(f: ConcurrentFuture) -> None:
+            if f.exception() is not None:
+                result.set_exception(f.exception())
+                return
+            sequences = [{"tokens": c.tokens, "logprobs": c.logprobs, "stop_reason": c.stop_reason} for c in f.result()]
+            result.set_result(
+                {
+                    "sequences": sequences,
+                    "prompt_logprobs": prompt_logprobs if req.prompt_logprobs else None,
+                    "topk_prompt_logprobs": top,
+                }
+            )
+
+        completions.add_done_callback(done)
+        return result
+
+    return job

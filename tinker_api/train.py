@@ -1,0 +1,208 @@
+"""Tinker API: forward / forward_backward, optim_step, and saving and loading weights.
+
+Every request to a model goes through its Sequencer, so it runs in the SDK's seq_id order
+whatever order the POSTs arrive in. A request that fails validation still takes its turn
+(its future fails), so a bad request never leaves a hole that stalls the ones after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flask import request
+
+from backend import AdamParams, FwdBwdRequest
+from backend.loss_functions import loss_config
+from checkpoints import CheckpointInfo, TinkerPath, check_name
+from errors import BadRequestError, ConflictError, ThinkerError
+from futures import Future
+from tinker_api import wire
+from tinker_api.common import (
+    FORWARD_BACKWARD,
+    JSON,
+    OPTIM,
+    body,
+    bp,
+    check_base_model,
+    live_adapter,
+    services,
+    session_of,
+    start_plain,
+    with_render,
+)
+from tinker_api.schemas import AdamParamsBody, LoadWeightsBody, OptimStepBody, SaveWeightsBody
+from tinker_api.sessions import Sampler
+
+SNAPSHOTS_KEPT = 8  # in-memory sampler snapshots kept per training run (older ones are released)
+
+
+def _admit(model_id: str, seq_id: int | None, kind: str, start: Callable[[Future], None]) -> dict:
+    future_id = services().tinker.sequencer(model_id).admit(seq_id, kind, start)
+    return {"request_id": future_id, "model_id": model_id}
+
+
+def _failing(error: ThinkerError) -> Callable[[Future], None]:
+    pool = services().pool
+    return lambda future: pool.fail(future, error)
+
+
+@bp.post("/forward_backward")
+def forward_backward():
+    s = services()
+    if "protobuf" not in (request.content_type or ""):
+        raise BadRequestError("forward_backward takes a protobuf body (Content-Type: application/x-protobuf)")
+    message = wire.parse_forward_backward(wire.decompress(request.get_data(cache=False), request.content_encoding))
+    adapter = live_adapter(message.model_id)
+    kind = "forward" if message.forward_only else "fwdbwd"
+    try:
+        if len(message.data) > s.config.max_examples_per_request:
+            limit = s.config.max_examples_per_request
+            raise BadRequestError(f"data: {len(message.data)} examples, over this server's limit of {limit}")
+        job = FwdBwdRequest(
+            adapter.id,
+            wire.examples(message),
+            message.loss_fn,
+            loss_config(message.loss_fn, wire.loss_config(message)),
+            reduction="sum",
+            backward=not message.forward_only,
+            return_logprobs=True,
+        )
+        s.backend.check_fwdbwd(job)
+    except ThinkerError as exc:
+        return _admit(adapter.id, message.seq_id, kind, _failing(exc))
+    longest = max(ex.length for ex in job.examples)
+
+    def start(future: Future) -> None:
+        with_render(future, FORWARD_BACKWARD)
+        s.pool.submit_fusable(adapter.id, kind, "fwdbwd", job, len(job.examples), longest, future=future)
+
+    return _admit(adapter.id, message.seq_id, kind, start)
+
+
+@bp.post("/optim_step")
+def optim_step():
+    s, req = services(), body(OptimStepBody)
+    adapter = live_adapter(req.model_id)
+    if req.optimizer_params is not None and req.adam_params is None:
+        error = BadRequestError("optimizer_params: only AdamW (adam_params) is supported here")
+        return _admit(adapter.id, req.seq_id, "optim_step", _failing(error))
+    adam = AdamParams(**(req.adam_params or AdamParamsBody()).model_dump())
+
+    def start(future: Future) -> None:
+        with_render(future, OPTIM)
+        s.pool.submit_fusable(adapter.id, "optim_step", "optim_step", (adapter.id, adam), 0, 0, future=future)
+
+    return _admit(adapter.id, req.seq_id, "optim_step", start)
+
+
+_RESULT_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for_sampler"}
+
+
+def _save(s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeightsBody, overwrite: bool) -> dict:
+    """Write a checkpoint of the model's current state (a job: it runs in the model's turn)."""
+    path = TinkerPath(model_id, kind, check_name(name, "path"))
+    if s.checkpoints.exists(path) and not overwrite:
+        raise ConflictError(f"checkpoint {path} already exists; pass another name (or overwrite=True)")
+    adapter = s.backend.adapters.get(model_id)
+    folder = s.checkpoints.folder(path)
+    s.backend.save_state(model_id, folder, optimizer)
+    info = CheckpointInfo(
+        tinker_path=str(path),
+        run_id=model_id,
+        kind=kind,
+        name=path.name,
+        base_model=s.backend.loaded.name,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        target_modules=list(adapter.target_modules),
+        step=adapter.step,
+        has_optimizer=optimizer,
+        user_metadata=dict(req.user_metadata or {}),
+        expires_at=time.time() + req.ttl_seconds if req.ttl_seconds else None,
+    )
+    s.checkpoints.write_info(info)
+    return {"path": str(path), "type": _RESULT_TYPES.get(kind, "save_weights_external")}
+
+
+@bp.post("/save_weights")
+def save_weights():
+    s, req = services(), body(SaveWeightsBody)
+    adapter = live_adapter(req.model_id)
+    name = req.path or f"step-{adapter.step:06d}"
+    job = lambda: _save(s, adapter.id, "weights", name, True, req, req.overwrite)  # noqa: E731
+    return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
+
+
+@bp.post("/save_weights_external")
+def save_weights_external():
+    s, req = services(), body(SaveWeightsBody)
+    adapter = live_adapter(req.model_id)
+    name = req.path or f"export-{adapter.step:06d}"
+    job = lambda: _save(s, adapter.id, "external_weights", name, False, req, True)  # noqa: E731
+    return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
+
+
+@bp.post("/save_weights_for_sampler")
+def save_weights_for_sampler():
+    """With a name: a sampler_weights checkpoint on disk. Without (save_weights_and_get_
+    sampling_client): a frozen in-memory snapshot, served by a new sampling session."""
+    s, req = services(), body(SaveWeightsBody)
+    adapter = live_adapter(req.model_id)
+    if req.path is not None:
+        job = lambda: _save(s, adapter.id, "sampler_weights", req.path, False, req, True)  # noqa: E731
+        return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
+    if req.sampling_session_seq_id is None:
+        raise BadRequestError("path or sampling_session_seq_id is required")
+    sampler_id = f"{session_of(adapter.id)}:sample:{req.sampling_session_seq_id}"
+
+    def snapshot() -> dict:
+        if sampler_id not in s.tinker.samplers:
+            s.backend.snapshot(adapter.id, sampler_id)
+            sampler = Sampler(sampler_id, s.backend.loaded.name, sampler_id)
+            s.tinker.add_sampler(sampler, session_of(adapter.id))
+            _release_old_snapshots(s, adapter.id, sampler_id)
+        return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+    return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "snapshot", JSON, snapshot))
+
+
+def _release_old_snapshots(s, model_id: str, newest: str) -> None:
+    snapshots = s.tinker.snapshots.setdefault(model_id, [])
+    snapshots.append(newest)
+    while len(snapshots) > SNAPSHOTS_KEPT:
+        old = snapshots.pop(0)
+        s.tinker.samplers[old].released = True
+        s.backend.remove_adapter(old)
+
+
+@bp.post("/load_weights")
+def load_weights():
+    s, req = services(), body(LoadWeightsBody)
+    path = TinkerPath.parse(req.path)
+    if req.model_id is not None:  # load into an existing model, in its turn
+        adapter = live_adapter(req.model_id)
+
+        def load() -> dict:
+            s.checkpoints.get(path)
+            s.backend.load_state(adapter.id, s.checkpoints.folder(path), req.optimizer)
+            return {"path": str(path), "model_id": adapter.id, "type": "load_weights"}
+
+        return _admit(adapter.id, req.seq_id, "load_weights", start_plain(adapter.id, "load_weights", JSON, load))
+    if req.session_id is None or req.model_seq_id is None:
+        raise BadRequestError("load_weights needs model_id, or session_id and model_seq_id")
+    check_base_model(req.base_model)
+    s.checkpoints.get(path)  # 404 now if it does not exist
+    model_id = f"{req.session_id}:train:{req.model_seq_id}"
+
+    def create() -> dict:
+        folder = s.checkpoints.folder(path)
+        s.backend.create_from_checkpoint(folder, model_id, req.optimizer, trainable=True)
+        s.backend.adapters.get(model_id).user_metadata = dict(req.user_metadata or {})
+        s.tinker.add_model(req.session_id, model_id)
+        return {"path": str(path), "model_id": model_id, "type": "load_weights"}
+
+    def submit() -> str:
+        return with_render(s.pool.submit(None, "load_weights", create), JSON).id
+
+    return {"request_id": s.tinker.once((req.session_id, req.model_seq_id), submit), "model_id": model_id}
