@@ -12,10 +12,9 @@ import tarfile
 
 import pytest
 import requests
+import tinker
 import torch
-
-tinker = pytest.importorskip("tinker")
-from tinker import types  # noqa: E402
+from tinker import types
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
@@ -286,3 +285,27 @@ def test_bad_requests_fail_their_future_with_a_user_error(training):
         training.forward_backward([datum], "stable_reinforce").result()
     # The failed requests took their turns: the next one runs normally.
     assert "loss:sum" in training.forward([datum], "cross_entropy").result().metrics
+
+
+def test_chunked_forward_backward_equals_one_request(start_server, training, monkeypatch_module):
+    """With at most 2 examples per request the SDK splits 5 datums into 3 requests and POSTs
+    them concurrently, the first one last; the server runs them in seq_id order and the
+    summed result equals one unsplit request's."""
+    small = start_server(MAX_EXAMPLES_PER_REQUEST="2")
+    service = tinker.ServiceClient(base_url=small.url, api_key="tml-test-key")
+    chunked = service.create_lora_training_client(base_model="builtin-tiny", rank=8, seed=1).result()
+    reference = service.create_lora_training_client(base_model="builtin-tiny", rank=8, seed=1).result()
+    tokenizer = chunked.get_tokenizer()
+    data = [sft_datum(tokenizer, CONVERSATIONS[i % 3]) for i in range(5)]
+    result = chunked.forward_backward(data, "cross_entropy").result()
+    parts = [reference.forward_backward(data[i : i + 2], "cross_entropy").result() for i in (0, 2, 4)]
+    assert result.metrics["loss:sum"] == pytest.approx(sum(p.metrics["loss:sum"] for p in parts), rel=1e-5)
+    flat = [x for p in parts for o in p.loss_fn_outputs for x in o["logprobs"].data]
+    assert [x for o in result.loss_fn_outputs for x in o["logprobs"].data] == pytest.approx(flat, abs=1e-5)
+    # The accumulated gradients are the same too: one step leaves both adapters equal.
+    clients = (chunked, reference)
+    for client in clients:
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = [c.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data for c in clients]
+    assert after[0] == pytest.approx(after[1], abs=1e-5)
+    service.close("success").result()

@@ -84,7 +84,8 @@ def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
             values = torch.from_numpy(np.frombuffer(csr.values, dtype=dtype).copy())
             crow = torch.from_numpy(np.frombuffer(csr.crow_indices, dtype="<i8").copy())
             col = torch.from_numpy(np.frombuffer(csr.col_indices, dtype="<i8").copy())
-            return torch.sparse_csr_tensor(crow, col, values, size=shape).to_dense()
+            # Checked: a malformed CSR from a client must be a 400, never a crash.
+            return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=True).to_dense()
         array = np.frombuffer(message.dense, dtype=dtype).copy()
         return torch.from_numpy(array.reshape(shape) if shape else array)
     except (ValueError, RuntimeError) as exc:
