@@ -309,3 +309,41 @@ def test_chunked_forward_backward_equals_one_request(start_server, training, mon
     after = [c.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data for c in clients]
     assert after[0] == pytest.approx(after[1], abs=1e-5)
     service.close("success").result()
+
+
+def test_external_weights_download_with_signed_urls(server, training, backend):
+    """The SDK's download flow: export, ask for signed URLs, fetch each file without a key."""
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-test-key")
+    path = training.save_weights_external("export-1").result().path
+    assert path.endswith("/external_weights/export-1")
+    urls = rest.get_external_weights_urls(path).result().urls
+    assert set(urls) == {"adapter_config.json", "adapter_model.safetensors"}
+    folder = backend.data_dir / "external"
+    folder.mkdir(exist_ok=True)
+    for name, url in urls.items():
+        response = requests.get(url)
+        assert response.status_code == 200
+        (folder / name).write_bytes(response.content)
+    _check_peft_reproduces(training, folder, backend)
+    forged = urls["adapter_config.json"].replace("signature=", "signature=0")
+    assert requests.get(forged).status_code == 404
+
+
+def test_retrieve_future_answers_try_again_while_pending(server):
+    """A long-poll that ends before the result exists says try_again (the SDK polls again)."""
+    body = {
+        "base_model": "builtin-tiny",  # the stateless form: no sampling session
+        "num_samples": 8,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [72, 105]}]},
+        "sampling_params": {"max_tokens": 400, "temperature": 1.0, "stop": []},
+    }
+    queued = requests.post(f"{server.url}/api/v1/asample", json=body).json()
+    assert len(queued["sample_sequence_ids"]) == 8
+    poll = requests.post(
+        f"{server.url}/api/v1/retrieve_future",
+        json={"request_id": queued["request_id"]},
+        headers={"x-stainless-read-timeout": "5"},  # leaves no time to wait: answer at once
+    ).json()
+    assert poll == {"type": "try_again", "request_id": queued["request_id"], "queue_state": "active"}
+    unknown = requests.post(f"{server.url}/api/v1/retrieve_future", json={"request_id": "nope"})
+    assert unknown.status_code == 404

@@ -93,7 +93,6 @@ def _prompt_tokens(req: SampleBody, vocab: int) -> list[int]:
 
 
 @bp.post("/asample")
-@bp.post("/sample")
 def asample():
     s, req = services(), body(SampleBody)
     if req.sampling_session_id is not None:

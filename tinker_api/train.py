@@ -138,6 +138,8 @@ def save_weights():
 def save_weights_external():
     s, req = services(), body(SaveWeightsBody)
     adapter = live_adapter(req.model_id)
+    if req.age_encryption_recipients:  # never hand out plaintext to someone who asked for ciphertext
+        raise BadRequestError("age_encryption_recipients: encrypted exports are not supported by this server")
     name = req.path or f"export-{adapter.step:06d}"
     job = lambda: _save(s, adapter.id, "external_weights", name, False, req, True)  # noqa: E731
     return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
