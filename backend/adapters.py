@@ -32,6 +32,7 @@ class Adapter:
     trainable: bool = True  # False: a frozen copy serving samplers (a checkpoint or snapshot)
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
+    pins: int = 0  # sampling requests in flight on it: a frozen adapter is never freed while pinned
     step: int = 0
     tokens_trained: int = 0
     user_metadata: dict[str, str] = field(default_factory=dict)
@@ -116,6 +117,25 @@ class AdapterRegistry:
             raise NotFoundError(f"model_id {adapter_id!r} is not an adapter on this server")
         for name in adapter.layer_names:
             self._layers[name].remove_adapter(adapter_id)
+
+    def pin(self, adapter_id: str) -> None:
+        with self._lock:
+            adapter = self.get(adapter_id)
+            adapter.pins += 1
+            adapter.last_used_at = time.time()
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            adapter = self._adapters.get(adapter_id)
+            if adapter is not None:
+                adapter.pins -= 1
+                adapter.last_used_at = time.time()
+
+    def idle(self, adapter_id: str, for_s: float) -> bool:
+        """True if nothing uses the adapter now and nothing did for ``for_s`` seconds."""
+        with self._lock:
+            adapter = self._adapters.get(adapter_id)
+            return adapter is not None and adapter.pins == 0 and time.time() - adapter.last_used_at >= for_s
 
     def all(self) -> list[Adapter]:
         with self._lock:

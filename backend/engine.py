@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -246,6 +247,8 @@ class HFBackend:
                 p.grad = grad
             raise
         for request, result in zip(requests, results, strict=True):
+            if request.adapter_id:
+                self.adapters.get(request.adapter_id).last_used_at = time.time()
             if isinstance(result, dict) and request.backward and request.adapter_id:
                 adapter = self.adapters.get(request.adapter_id)
                 adapter.tokens_trained += result["num_tokens"]
@@ -281,6 +284,7 @@ class HFBackend:
         adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.step += 1
+        adapter.last_used_at = time.time()
         return {
             "model_id": adapter_id,
             "step": adapter.step,

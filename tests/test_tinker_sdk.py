@@ -347,3 +347,12 @@ def test_retrieve_future_answers_try_again_while_pending(server):
     assert poll == {"type": "try_again", "request_id": queued["request_id"], "queue_state": "active"}
     unknown = requests.post(f"{server.url}/api/v1/retrieve_future", json={"request_id": "nope"})
     assert unknown.status_code == 404
+
+
+def test_old_snapshots_are_released_with_a_clear_error(service):
+    trainer = service.create_lora_training_client(base_model="builtin-tiny", rank=4, seed=2).result()
+    samplers = [trainer.save_weights_and_get_sampling_client().result() for _ in range(9)]
+    prompt, params = types.ModelInput.from_ints([72, 105]), types.SamplingParams(max_tokens=2)
+    assert len(samplers[-1].sample(prompt, 1, params).result().sequences) == 1
+    with pytest.raises(tinker.BadRequestError, match="newer snapshots replaced"):
+        samplers[0].sample(prompt, 1, params).result()

@@ -12,10 +12,12 @@ from concurrent.futures import Future as ConcurrentFuture
 
 from backend import SamplingParams
 from checkpoints import TinkerPath
-from errors import BadRequestError, NotFoundError
+from errors import BadRequestError, ConflictError, NotFoundError
 from tinker_api.common import SAMPLE, base_model_name, body, bp, check_base_model, services, with_render
 from tinker_api.schemas import CreateSamplingSessionBody, SampleBody
-from tinker_api.sessions import Sampler
+from tinker_api.sessions import IDLE_BEFORE_FREEING_S, Sampler
+
+CHECKPOINTS_IN_MEMORY = 16  # checkpoints kept loaded for sampling; idle ones beyond are freed
 
 
 def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) -> Sampler:
@@ -27,17 +29,29 @@ def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) ->
         if "/" not in live and live in backend.adapters:  # tinker://<model id>: the adapter as it is now
             return Sampler(sampler_id, base_model_name(), live, model_path)
         path = TinkerPath.parse(model_path, "model_path")
-        s.checkpoints.get(path)
-        adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}"
-        if adapter_id not in backend.adapters:
-            backend.create_from_checkpoint(s.checkpoints.folder(path), adapter_id, optimizer=False, trainable=False)
-        return Sampler(sampler_id, base_model_name(), adapter_id, str(path))
+        return Sampler(sampler_id, base_model_name(), load_checkpoint(path), str(path))
     if base_model is None:
         raise BadRequestError("base_model or model_path is required")
     if base_model in backend.adapters:
         return Sampler(sampler_id, base_model_name(), base_model)
     check_base_model(base_model)
     return Sampler(sampler_id, base_model_name(), None)
+
+
+def load_checkpoint(path: TinkerPath) -> str:
+    """The frozen adapter serving a checkpoint, loaded if it is not in memory (again)."""
+    s = services()
+    s.checkpoints.get(path)
+    adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}"
+    try:
+        s.backend.create_from_checkpoint(s.checkpoints.folder(path), adapter_id, optimizer=False, trainable=False)
+    except ConflictError:
+        return adapter_id  # already loaded (perhaps just now, by a concurrent request)
+    loaded = [a for a in s.backend.adapters.all() if a.id.startswith("checkpoint:") and a.id != adapter_id]
+    for adapter in sorted(loaded, key=lambda a: a.last_used_at)[: max(0, len(loaded) + 1 - CHECKPOINTS_IN_MEMORY)]:
+        if s.backend.adapters.idle(adapter.id, IDLE_BEFORE_FREEING_S):
+            s.backend.remove_adapter(adapter.id)  # reloaded from disk if a sampler needs it again
+    return adapter_id
 
 
 @bp.post("/create_sampling_session")
@@ -118,6 +132,8 @@ def asample():
     tokens, params = _prompt_tokens(req, vocab), _params(req, vocab)
     if len(tokens) >= (window := s.backend.loaded.context_length):
         raise BadRequestError(f"prompt: {len(tokens)} tokens fill the context window of {window}")
+    if sampler.model_path and sampler.adapter_id not in s.backend.adapters:
+        load_checkpoint(TinkerPath.parse(sampler.model_path))  # freed while idle: load it again
     job = _sampling_job(sampler.adapter_id, tokens, params, req)
     # A live adapter's samples keep their place in its queue (behind training sent before);
     # frozen weights and the base model need no order, so their requests run side by side.
@@ -132,25 +148,26 @@ def asample():
 
 
 def _sampling_job(adapter_id: str | None, tokens: list[int], params: SamplingParams, req: SampleBody):
+    """The job: prompt logprobs if asked, then the completions; the adapter stays pinned
+    (never freed) from now until the job is done."""
     backend = services().backend
+    if adapter_id is not None:
+        backend.adapters.pin(adapter_id)
+
+    def release() -> None:
+        if adapter_id is not None:
+            backend.adapters.unpin(adapter_id)
 
     def job() -> ConcurrentFuture:
-        prompt_logprobs = top = None
-        if req.prompt_logprobs or req.topk_prompt_logprobs:
-            prompt_logprobs, top = backend.prompt_logprobs(adapter_id, tokens, req.topk_prompt_logprobs)
-            if req.prompt_logprobs_last_n:  # only the last N positions are scored
-                cut = max(0, len(tokens) - req.prompt_logprobs_last_n)
-                prompt_logprobs = [None] * cut + prompt_logprobs[cut:]
-                top = None if top is None else [None] * cut + top[cut:]
-        prompts = [tokens] * req.num_samples
-        if backend.sampler is not None:
-            completions = backend.complete_async(adapter_id, prompts, params)
-        else:
-            completions = ConcurrentFuture()
-            completions.set_result(backend.complete(adapter_id, prompts, params))
+        try:
+            prompt_logprobs, top, completions = _prompt_and_completions()
+        except BaseException:
+            release()
+            raise
         result: ConcurrentFuture = ConcurrentFuture()
 
         def done(f: ConcurrentFuture) -> None:
+            release()
             if f.exception() is not None:
                 result.set_exception(f.exception())
                 return
@@ -165,5 +182,20 @@ def _sampling_job(adapter_id: str | None, tokens: list[int], params: SamplingPar
 
         completions.add_done_callback(done)
         return result
+
+    def _prompt_and_completions():
+        prompt_logprobs = top = None
+        if req.prompt_logprobs or req.topk_prompt_logprobs:
+            prompt_logprobs, top = backend.prompt_logprobs(adapter_id, tokens, req.topk_prompt_logprobs)
+            if req.prompt_logprobs_last_n:  # only the last N positions are scored
+                cut = max(0, len(tokens) - req.prompt_logprobs_last_n)
+                prompt_logprobs = [None] * cut + prompt_logprobs[cut:]
+                top = None if top is None else [None] * cut + top[cut:]
+        prompts = [tokens] * req.num_samples
+        if backend.sampler is not None:
+            return prompt_logprobs, top, backend.complete_async(adapter_id, prompts, params)
+        completions: ConcurrentFuture = ConcurrentFuture()
+        completions.set_result(backend.complete(adapter_id, prompts, params))
+        return prompt_logprobs, top, completions
 
     return job

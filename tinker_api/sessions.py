@@ -23,6 +23,7 @@ from worker_pool import WorkerPool
 
 log = logging.getLogger("thinker.tinker")
 
+IDLE_BEFORE_FREEING_S = 60.0  # frozen sampler weights unused this long (and not pinned) may be freed
 GAP_TIMEOUT_S = 30.0  # a missing seq_id (a POST that never arrived) holds later ones this long at most
 _REMEMBERED_IDS = 4096  # (seq_id -> future id) pairs kept per model and per sampler, for resends
 

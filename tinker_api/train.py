@@ -170,12 +170,14 @@ def save_weights_for_sampler():
 
 
 def _release_old_snapshots(s, model_id: str, newest: str) -> None:
+    """Free the oldest snapshots beyond SNAPSHOTS_KEPT, unless something still samples them."""
     snapshots = s.tinker.snapshots.setdefault(model_id, [])
     snapshots.append(newest)
-    while len(snapshots) > SNAPSHOTS_KEPT:
-        old = snapshots.pop(0)
-        s.tinker.samplers[old].released = True
-        s.backend.remove_adapter(old)
+    for old in snapshots[: max(0, len(snapshots) - SNAPSHOTS_KEPT)]:
+        if s.backend.adapters.idle(old, 0.0):
+            snapshots.remove(old)
+            s.tinker.samplers[old].released = True
+            s.backend.remove_adapter(old)
 
 
 @bp.post("/load_weights")
