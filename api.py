@@ -129,11 +129,22 @@ def retrieve_future():
     if req.timeout:
         future.wait(min(req.timeout, s.config.max_long_poll_s))
     if future.status == COMPLETED:
-        return {"status": "completed", "request_id": future.id, "result": future.result}
+        return {"status": "completed", "request_id": future.id, "result": _jsonable(future.result)}
     if future.status == FAILED:
         payload = {"status": "failed", "request_id": future.id, "error": future.error, "type": "RequestFailedError"}
         return jsonify(payload | {"cause": future.error_type}), 500
     return jsonify({"status": "pending", "request_id": future.id, "state": future.status}), 202
+
+
+def _jsonable(value):
+    """A result as JSON can carry it (Tinker API results hold tensors of logprobs)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
 
 
 @bp.post("/api/v1/sample")

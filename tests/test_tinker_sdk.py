@@ -222,6 +222,8 @@ def test_rest_client_runs_checkpoints_and_peft_download(server, training, backen
     assert any(r.training_run_id == run_id for r in rest.list_training_runs().result().training_runs)
     listed = rest.list_checkpoints(run_id).result().checkpoints
     assert "weights/for-download" in [c.checkpoint_id for c in listed]
+    info = rest.get_weights_info_by_tinker_path(path).result()
+    assert info.lora_rank == 8 and info.train_unembed and info.train_attn and info.train_mlp
 
     archive = requests.get(f"{server.url}/api/v1/training_runs/{run_id}/checkpoints/weights/for-download/archive")
     assert archive.status_code == 200
@@ -356,3 +358,12 @@ def test_old_snapshots_are_released_with_a_clear_error(service):
     assert len(samplers[-1].sample(prompt, 1, params).result().sequences) == 1
     with pytest.raises(tinker.BadRequestError, match="newer snapshots replaced"):
         samplers[0].sample(prompt, 1, params).result()
+
+
+def test_lora_switches_choose_the_layers(server, service):
+    trainer = service.create_lora_training_client(
+        base_model="builtin-tiny", rank=4, train_attn=False, train_unembed=False
+    ).result()
+    model_id = trainer.get_info().model_id
+    adapters = {a["model_id"]: a for a in requests.get(f"{server.url}/adapters").json()["adapters"]}
+    assert adapters[model_id]["target_modules"] == ["down_proj", "gate_proj", "up_proj"]

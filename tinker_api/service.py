@@ -97,23 +97,26 @@ def healthz():
     return {"status": "ok"}
 
 
-def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list[str]:
-    """Short names of the layers to put LoRA on, from Tinker's three switches."""
+def _layer_groups() -> dict[str, str]:
+    """Tinker's switch for each LoRA-able layer's short name: "unembed", "attn" or "mlp"."""
     loaded = services().backend.loaded
-    chosen = set()
+    groups = {}
     for path in loaded.lora_layers:
         name = short_name(path)
         if name == loaded.head_module:
-            if train_unembed:
-                chosen.add(name)
-        elif "attn" in path or "attention" in path:
-            if train_attn:
-                chosen.add(name)
-        elif train_mlp:
-            chosen.add(name)
+            groups[name] = "unembed"
+        else:
+            groups[name] = "attn" if "attn" in path or "attention" in path else "mlp"
+    return groups
+
+
+def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list[str]:
+    """Short names of the layers to put LoRA on, from Tinker's three switches."""
+    wanted = {"mlp": train_mlp, "attn": train_attn, "unembed": train_unembed}
+    chosen = sorted(name for name, group in _layer_groups().items() if wanted[group])
     if not chosen:
         raise BadRequestError("lora_config: train_mlp, train_attn and train_unembed select no layer of this model")
-    return sorted(chosen)
+    return chosen
 
 
 @bp.post("/create_model")
@@ -166,15 +169,14 @@ def weights_info():
     s = services()
     path = TinkerPath.parse(body(WeightsInfoBody).tinker_path, "tinker_path")
     info = s.checkpoints.get(path)
-    head = s.backend.loaded.head_module
-    attn = any("attn" in name or "attention" in name for name in info.target_modules)
+    groups = {group for name, group in _layer_groups().items() if name in info.target_modules}
     return {
         "base_model": info.base_model,
         "is_lora": True,
         "lora_rank": info.rank,
-        "train_unembed": head in info.target_modules,
-        "train_attn": attn,
-        "train_mlp": any(name in info.target_modules for name in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")),
+        "train_unembed": "unembed" in groups,
+        "train_attn": "attn" in groups,
+        "train_mlp": "mlp" in groups,
         "optimizer_config": {"type": "adamw"},
     }
 
