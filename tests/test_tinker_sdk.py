@@ -367,3 +367,23 @@ def test_lora_switches_choose_the_layers(server, service):
     model_id = trainer.get_info().model_id
     adapters = {a["model_id"]: a for a in requests.get(f"{server.url}/adapters").json()["adapters"]}
     assert adapters[model_id]["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+
+
+def test_a_resent_sample_is_the_same_request(server):
+    api = f"{server.url}/api/v1"
+    session = requests.post(f"{api}/create_session", json={"tags": []}).json()["session_id"]
+    sampler = requests.post(
+        f"{api}/create_sampling_session",
+        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": "builtin-tiny"},
+    ).json()["sampling_session_id"]
+    body = {
+        "sampling_session_id": sampler,
+        "seq_id": 0,
+        "num_samples": 2,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [72, 105]}]},
+        "sampling_params": {"max_tokens": 3},
+    }
+    first, again = (requests.post(f"{api}/asample", json=body).json() for _ in range(2))
+    assert first == again and len(first["sample_sequence_ids"]) == 2
+    body["seq_id"] = 1
+    assert requests.post(f"{api}/asample", json=body).json()["request_id"] != first["request_id"]

@@ -134,16 +134,18 @@ def asample():
         raise BadRequestError(f"prompt: {len(tokens)} tokens fill the context window of {window}")
     if sampler.model_path and sampler.adapter_id not in s.backend.adapters:
         load_checkpoint(TinkerPath.parse(sampler.model_path))  # freed while idle: load it again
-    job = _sampling_job(sampler.adapter_id, tokens, params, req)
     # A live adapter's samples keep their place in its queue (behind training sent before);
     # frozen weights and the base model need no order, so their requests run side by side.
     frozen = sampler.adapter_id is None or not s.backend.adapters.get(sampler.adapter_id).trainable
     key = None if frozen else sampler.adapter_id
 
     def submit() -> str:
+        job = _sampling_job(sampler.adapter_id, tokens, params, req)
         return with_render(s.pool.submit(key, "sample", job), SAMPLE).id
 
-    future_id = s.tinker.sample_once(sampler.id, req.seq_id, submit) if req.seq_id else submit()
+    # A resend of the same (sampler, seq_id) gets the first request's id and runs nothing.
+    resend_key = req.seq_id is not None and req.sampling_session_id is not None
+    future_id = s.tinker.sample_once(sampler.id, req.seq_id, submit) if resend_key else submit()
     return {"request_id": future_id, "sample_sequence_ids": [f"{future_id}:{i}" for i in range(req.num_samples)]}
 
 

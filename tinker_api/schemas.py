@@ -123,7 +123,7 @@ class SampleBody(_Body):
     sampling_session_id: str | None = None
     base_model: str | None = None  # the legacy stateless form
     model_path: str | None = None
-    seq_id: SeqId = 0
+    seq_id: SeqId | None = None
     num_samples: int = Field(1, ge=1)
     prompt: ModelInputBody
     sampling_params: SamplingParamsBody = Field(default_factory=SamplingParamsBody)
