@@ -34,13 +34,13 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     # of after the seconds torch and transformers take to import.
     import tinker_api
     from api import Services, bp
-    from backend import HFBackend, load_base_model
+    from backend import load_backend
     from checkpoints import CheckpointStore
     from worker_pool import BatchLimits, WorkerPool
 
     if backend is None:
         log.info("Initializing HuggingFace backend...")
-        backend = HFBackend(load_base_model(config), config.thinker_data_dir)
+        backend = load_backend(config)
     loaded = backend.loaded
     log.info("Worker pool size: %d threads", config.max_workers)
     limits = None

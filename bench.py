@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, load_base_model
+from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, load_backend
 from backend.examples import Example
 from backend.random_models import ensure_random_model
 from bench_http import http_benchmarks
@@ -45,7 +45,7 @@ def log(message: str) -> None:
 def load(model: str, cache_dir: str, device: str | None) -> HFBackend:
     path = model if model == "builtin-tiny" else str(ensure_random_model(model, cache_dir))
     config = Config(base_model=path, thinker_cache_dir=cache_dir, device=device)
-    backend = HFBackend(load_base_model(config), Path(cache_dir) / "bench-data")
+    backend = load_backend(config, Path(cache_dir) / "bench-data")
     backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
     return backend
 

@@ -5,4 +5,27 @@ from backend.model_loading import LoadedModel, load_base_model
 from backend.sampling import SamplingParams
 from backend.training import FwdBwdRequest
 
-__all__ = ["AdamParams", "FwdBwdRequest", "HFBackend", "LoadedModel", "SamplingParams", "load_base_model"]
+
+def load_backend(config, data_dir=None) -> HFBackend:
+    """Load the base model on the thread that will run all model work, and the backend on it.
+
+    On CPU that is one compute thread, from the very start: once a second thread has run
+    torch's OpenMP parallel regions (even just while loading), libgomp sees more threads than
+    cores and every op slows down (a decode step of 8 rows took 2x as long)."""
+    from backend.compute_thread import ComputeThread, InlineRunner
+    from backend.model_loading import pick_device
+
+    compute = ComputeThread() if pick_device(config.device).type == "cpu" else InlineRunner()
+    loaded = compute.run(load_base_model, config)
+    return HFBackend(loaded, data_dir if data_dir is not None else config.thinker_data_dir, compute=compute)
+
+
+__all__ = [
+    "AdamParams",
+    "FwdBwdRequest",
+    "HFBackend",
+    "LoadedModel",
+    "SamplingParams",
+    "load_backend",
+    "load_base_model",
+]

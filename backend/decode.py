@@ -135,7 +135,8 @@ class DecodeBatch:
             if any(head.lora_A.get(a) is not None for a in adapters):
                 return head(hidden_B1H)[:, -1, :].float()  # LoRA on the head: route rows through it
             # (V, H) @ (H, B): on CPU this runs ~1.7x faster than linear() for a few rows.
-            return (head.base.weight @ hidden_B1H[:, -1, :].t()).t().float()
+            # .contiguous(): each row's logits are then read whole, not at a stride of B.
+            return (head.base.weight @ hidden_B1H[:, -1, :].t()).t().contiguous().float()
 
     def _advance(self, rows: Sequence[LiveRow], logits_BV: torch.Tensor) -> tuple[list[int], list[int]]:
         """Choose each row's next token; finish rows that are done. Returns the batch

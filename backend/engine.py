@@ -60,12 +60,13 @@ class AdamParams:
 class HFBackend:
     name = "HF"
 
-    def __init__(self, loaded: LoadedModel, data_dir: str | Path, compute_thread: bool | None = None) -> None:
-        """``compute_thread``: run all model work on one thread (default: on CPU only)."""
+    def __init__(self, loaded: LoadedModel, data_dir: str | Path, compute=None) -> None:
+        """``compute``: where model work runs (a ComputeThread, best the one that loaded the
+        model; see load_backend). Default: a new compute thread on CPU, inline on GPU."""
         self.loaded = loaded
-        if compute_thread is None:
-            compute_thread = loaded.device.type == "cpu"
-        self.compute = ComputeThread() if compute_thread else InlineRunner()
+        if compute is None:
+            compute = ComputeThread() if loaded.device.type == "cpu" else InlineRunner()
+        self.compute = compute
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -268,7 +269,7 @@ class HFBackend:
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
         adapter = self._trainable(adapter_id)
         grads = [p.grad for p in adapter.params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one foreach pass
         if not math.isfinite(grad_norm):
             adapter.optimizer.zero_grad(set_to_none=True)
             raise RequestFailedError(
@@ -276,7 +277,7 @@ class HFBackend:
                 "refused and the gradients were discarded"
             )
         if adam.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(adapter.params, adam.grad_clip_norm)
+            torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, torch.tensor(grad_norm))
         for group in adapter.optimizer.param_groups:
             group.update(
                 lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay

@@ -68,7 +68,6 @@ def forward_backward():
             backward=not message.forward_only,
             return_logprobs=True,
         )
-        s.backend.check_fwdbwd(job)
     except ThinkerError as exc:
         return _admit(adapter.id, message.seq_id, kind, _failing(exc))
     longest = max(ex.length for ex in job.examples)
