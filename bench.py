@@ -70,9 +70,8 @@ def random_example(rng: random.Random, length: int, vocab: int) -> Example:
 
 
 def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[str, float]:
-    """Trained tokens per second for each way of running N users' steps. Every mode runs
-    its model work on pool threads, as the server does (on a CPU, torch runs measurably
-    slower off the main thread, so timing one mode on the main thread would not be fair)."""
+    """Trained tokens per second for each way of running N users' steps. Every mode goes
+    through a worker pool, as the server does, and its model work through the backend."""
     vocab = backend.model.get_input_embeddings().weight.shape[0]
     ids = [backend.add_lora(args.rank, 2.0 * args.rank, None, seed)["model_id"] for seed in range(n)]
     requests = [FwdBwdRequest(a, [random_example(rng, args.seq_len, vocab) for _ in range(args.batch)]) for a in ids]
