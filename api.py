@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify, request
 
-from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams
-from backend.losses import LOSS_FUNCTIONS
+import futures
+from auth import check_owner, owner
+from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, adapters
+from backend.losses import CHAT_LOSS_FUNCTIONS
 from checkpoints import CheckpointStore
 from config import Config
 from errors import BadRequestError, RequestFailedError, ServerError
@@ -57,6 +59,14 @@ def body(schema):
     return parse_body(schema, decoded)
 
 
+def owned_model(model_id: str, allow_base: bool) -> str | None:
+    """resolve_model, for adapters the caller owns only (another's is a 404, like a missing one)."""
+    adapter_id = services().backend.resolve_model(model_id, allow_base)
+    if adapter_id is not None:
+        check_owner(services().backend.adapters.get(adapter_id).owner, adapters.not_found(adapter_id))
+    return adapter_id
+
+
 def _check_limit(field: str, value: int, limit: int) -> None:
     if value > limit:
         raise BadRequestError(f"{field}: {value} is over this server's limit of {limit}")
@@ -71,7 +81,8 @@ def healthz():
 
 @bp.get("/adapters")
 def list_adapters():
-    return {"adapters": [a.describe() for a in services().backend.adapters.all()]}
+    mine = [a for a in services().backend.adapters.all() if a.owner == owner()]
+    return {"adapters": [a.describe() for a in mine]}
 
 
 @bp.post("/add_lora")
@@ -84,8 +95,9 @@ def add_lora():
     if req.target_modules and not set(req.target_modules) <= set(allowed):
         unknown = sorted(set(req.target_modules) - set(allowed))
         raise BadRequestError(f"target_modules: {unknown} are not linear layers of this model; allowed: {allowed}")
+    who = owner()
     future = s.pool.submit(
-        None, "add_lora", lambda: s.backend.add_lora(req.rank, req.alpha, req.target_modules, req.seed)
+        None, "add_lora", lambda: s.backend.add_lora(req.rank, req.alpha, req.target_modules, req.seed, owner=who)
     )
     return {"request_id": future.id, "model_id": req.base_model}
 
@@ -93,9 +105,9 @@ def add_lora():
 @bp.post("/fwdbwd")
 def fwdbwd():
     s, req = services(), body(FwdBwdBody)
-    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
-    if req.loss_fn not in LOSS_FUNCTIONS:
-        raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: {list(LOSS_FUNCTIONS)}")
+    adapter_id = owned_model(req.model_id, allow_base=False)
+    if req.loss_fn not in CHAT_LOSS_FUNCTIONS:
+        raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: {list(CHAT_LOSS_FUNCTIONS)}")
     _check_limit("data", len(req.data), s.config.max_examples_per_request)
     examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
     job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
@@ -107,7 +119,7 @@ def fwdbwd():
 @bp.post("/optim_step")
 def optim_step():
     s, req = services(), body(OptimStepBody)
-    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
+    adapter_id = owned_model(req.model_id, allow_base=False)
     adam = AdamParams(**req.adam_params.model_dump())
     # Optimizer steps of several adapters that are ready together run as one job.
     future = s.pool.submit_fusable(adapter_id, "optim_step", "optim_step", (adapter_id, adam), rows=0, length=0)
@@ -117,7 +129,7 @@ def optim_step():
 @bp.post("/save_lora")
 def save_lora():
     s, req = services(), body(ModelIdBody)
-    adapter_id = s.backend.resolve_model(req.model_id, allow_base=False)
+    adapter_id = owned_model(req.model_id, allow_base=False)
     future = s.pool.submit(adapter_id, "save_lora", lambda: s.backend.save_adapter(adapter_id))
     return {"request_id": future.id, "model_id": adapter_id}
 
@@ -126,6 +138,7 @@ def save_lora():
 def retrieve_future():
     s, req = services(), body(RetrieveFutureBody)
     future = s.pool.get(req.request_id)
+    check_owner(future.owner, futures.not_found(req.request_id))
     if req.timeout:
         future.wait(min(req.timeout, s.config.max_long_poll_s))
     if future.status == COMPLETED:
@@ -150,7 +163,7 @@ def _jsonable(value):
 @bp.post("/api/v1/sample")
 def sample():
     s, req = services(), body(SampleBody)
-    adapter_id = s.backend.resolve_model(req.model_id, allow_base=True)
+    adapter_id = owned_model(req.model_id, allow_base=True)
     p = req.sampling_params
     _check_limit("prompts", len(req.prompts), s.config.max_prompts_per_request)
     _check_limit("sampling_params.max_tokens", p.max_tokens, s.config.max_sample_tokens)

@@ -32,6 +32,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         )
     # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
     # of after the seconds torch and transformers take to import.
+    import auth
     import tinker_api
     from api import Services, bp
     from backend import load_backend
@@ -76,6 +77,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         tinker=tinker_api.TinkerState(pool),
         download_secret=secrets.token_bytes(32),
     )
+    auth.install(app, auth.KeyRing.from_config(config))
     app.register_blueprint(bp)
     app.register_blueprint(tinker_api.bp)
     _register_error_handlers(app)

@@ -82,6 +82,7 @@ class CheckpointInfo:
     user_metadata: dict[str, str] = field(default_factory=dict)
     expires_at: float | None = None
     public: bool = False
+    owner: str | None = None  # who saved it (see auth.py)
 
     def describe(self) -> dict:
         """The SDK's ``Checkpoint`` shape."""
@@ -95,6 +96,10 @@ class CheckpointInfo:
             "user_metadata": self.user_metadata or None,
             "expires_at": _iso(self.expires_at) if self.expires_at else None,
         }
+
+
+def not_found(path: TinkerPath) -> str:
+    return f"checkpoint {path} does not exist"
 
 
 def _iso(timestamp: float) -> str:
@@ -124,7 +129,7 @@ class CheckpointStore:
         try:
             return CheckpointInfo(**json.loads((self.folder(path) / "checkpoint.json").read_text()))
         except FileNotFoundError:
-            raise NotFoundError(f"checkpoint {path} does not exist") from None
+            raise NotFoundError(not_found(path)) from None
 
     def list(self, run_id: str | None = None) -> list[CheckpointInfo]:
         """Every checkpoint (of one run), oldest first."""
@@ -149,7 +154,7 @@ class CheckpointStore:
     def delete(self, path: TinkerPath) -> None:
         folder = self.folder(path)
         if not self.exists(path):
-            raise NotFoundError(f"checkpoint {path} does not exist")
+            raise NotFoundError(not_found(path))
         shutil.rmtree(folder, ignore_errors=True)
 
     def archive(self, path: TinkerPath) -> bytes:

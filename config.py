@@ -60,8 +60,13 @@ class Config:
     # How long the synchronous sample endpoint waits for its job, in seconds.
     sample_timeout_s: float = 600.0
     # WSGI threads: long-polls each hold one, so keep this well above MAX_WORKERS.
-    http_threads: int = 128  # long-polls (the Tinker SDK keeps one open per pending future) hold a thread each
+    # (the Tinker SDK keeps one long-poll open per pending future).
+    http_threads: int = 128
     log_level: str = "INFO"
+    # API keys, comma-separated (THINKER_API_KEYS=tml-alice,tml-bob), and/or a file with one
+    # key per line. None of either: open single-user mode (no key needed).
+    thinker_api_keys: str | None = None
+    thinker_api_keys_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:

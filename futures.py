@@ -6,12 +6,17 @@ import secrets
 import threading
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from errors import NotFoundError
 
 PENDING, RUNNING, COMPLETED, FAILED = "pending", "running", "completed", "failed"
+
+# Who the request being handled on this thread is from (set by auth.py); a future belongs
+# to whoever's request created it.
+current_owner: ContextVar[str | None] = ContextVar("thinker_owner", default=None)
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Future:
     finished_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     meta: dict = field(default_factory=dict)  # what the API layer needs to render the result
+    owner: str | None = field(default_factory=current_owner.get)
 
     def wait(self, timeout: float | None) -> bool:
         """Block until the job finished or ``timeout`` seconds passed; True if finished."""
@@ -36,6 +42,10 @@ class Future:
 
 def new_future(key: str | None, kind: str) -> Future:
     return Future(id=f"future_{secrets.token_hex(8)}", key=key or f"solo_{secrets.token_hex(8)}", kind=kind)
+
+
+def not_found(future_id: str) -> str:
+    return f"request_id {future_id!r} is unknown (never issued, or expired)"
 
 
 class FutureStore:
@@ -57,7 +67,7 @@ class FutureStore:
     def get(self, future_id: str) -> Future:
         future = self._futures.get(future_id)
         if future is None:
-            raise NotFoundError(f"request_id {future_id!r} is unknown (never issued, or expired)")
+            raise NotFoundError(not_found(future_id))
         return future
 
     def finish(

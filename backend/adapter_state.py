@@ -59,12 +59,13 @@ def create_from(
     adapter_id: str | None,
     optimizer: bool,
     trainable: bool,
+    owner: str | None = None,
 ) -> Adapter:
     rank, alpha, targets = checkpoint_config(folder)
     known = {short_name(name) for name in layers}
     if not set(targets) <= known:
         raise BadRequestError(f"path: the checkpoint targets {sorted(set(targets) - known)}, not layers of this model")
-    adapter = registry.create(rank, alpha, targets, seed=0, adapter_id=adapter_id, trainable=trainable)
+    adapter = registry.create(rank, alpha, targets, 0, adapter_id=adapter_id, trainable=trainable, owner=owner)
     try:
         load_into(adapter, layers, folder, optimizer)
     except BaseException:
@@ -77,7 +78,9 @@ def snapshot(
     registry: AdapterRegistry, layers: dict[str, MultiLoraLinear], source: Adapter, adapter_id: str
 ) -> Adapter:
     """A frozen copy of ``source``'s current weights under ``adapter_id``."""
-    copy = registry.create(source.rank, source.alpha, source.target_modules, 0, adapter_id=adapter_id, trainable=False)
+    copy = registry.create(
+        source.rank, source.alpha, source.target_modules, 0, adapter_id=adapter_id, trainable=False, owner=source.owner
+    )
     with torch.no_grad():
         for name in source.layer_names:
             layers[name].lora_A[copy.id].copy_(layers[name].lora_A[source.id])

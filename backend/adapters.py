@@ -30,6 +30,7 @@ class Adapter:
     params: list[nn.Parameter]  # A then B for each layer in layer_names
     optimizer: torch.optim.AdamW
     trainable: bool = True  # False: a frozen copy serving samplers (a checkpoint or snapshot)
+    owner: str | None = None  # who created it (see auth.py); others cannot see it
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     pins: int = 0  # sampling requests in flight on it: a frozen adapter is never freed while pinned
@@ -53,6 +54,10 @@ class Adapter:
         }
 
 
+def not_found(adapter_id: str) -> str:
+    return f"model_id {adapter_id!r} is not an adapter on this server"
+
+
 class AdapterRegistry:
     def __init__(self, layers: dict[str, MultiLoraLinear], id_prefix: str = "base_lora_") -> None:
         self._layers = layers
@@ -68,6 +73,7 @@ class AdapterRegistry:
         seed: int | None,
         adapter_id: str | None = None,
         trainable: bool = True,
+        owner: str | None = None,
     ) -> Adapter:
         """A new adapter (A random from ``seed``, B zero). ``adapter_id``: the id to use (the
         Tinker API names its models itself); taken ids are refused."""
@@ -97,6 +103,7 @@ class AdapterRegistry:
             params=params,
             optimizer=optimizer,
             trainable=trainable,
+            owner=owner,
         )
         with self._lock:
             self._adapters[adapter_id] = adapter
@@ -105,7 +112,7 @@ class AdapterRegistry:
     def get(self, adapter_id: str) -> Adapter:
         adapter = self._adapters.get(adapter_id)
         if adapter is None:
-            raise NotFoundError(f"model_id {adapter_id!r} is not an adapter on this server")
+            raise NotFoundError(not_found(adapter_id))
         return adapter
 
     def __contains__(self, adapter_id: object) -> bool:

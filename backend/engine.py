@@ -118,6 +118,7 @@ class HFBackend:
         target_modules: Sequence[str] | None,
         seed: int | None,
         adapter_id: str | None = None,
+        owner: str | None = None,
     ) -> dict:
         """A new adapter; ``target_modules`` None: every linear layer but the output head."""
         targets = list(target_modules) if target_modules else list(self.loaded.target_modules)
@@ -126,7 +127,7 @@ class HFBackend:
             raise BadRequestError(
                 f"target_modules: {unknown} are not linear layers of this model; allowed: {self.allowed_targets()}"
             )
-        adapter = self.adapters.create(rank, alpha, targets, seed, adapter_id=adapter_id)
+        adapter = self.adapters.create(rank, alpha, targets, seed, adapter_id=adapter_id, owner=owner)
         return adapter.describe()
 
     @on_compute_thread
@@ -146,9 +147,12 @@ class HFBackend:
         return adapter.describe()
 
     @on_compute_thread
-    def create_from_checkpoint(self, folder: Path, adapter_id: str | None, optimizer: bool, trainable: bool) -> dict:
+    def create_from_checkpoint(
+        self, folder: Path, adapter_id: str | None, optimizer: bool, trainable: bool, owner: str | None = None
+    ) -> dict:
         layers = self.loaded.lora_layers
-        return adapter_state.create_from(self.adapters, layers, folder, adapter_id, optimizer, trainable).describe()
+        adapter = adapter_state.create_from(self.adapters, layers, folder, adapter_id, optimizer, trainable, owner)
+        return adapter.describe()
 
     @on_compute_thread
     def snapshot(self, adapter_id: str, snapshot_id: str) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_FUNCTIONS = ("cross_entropy",)
+# Losses of the seed API's /fwdbwd: its chat examples carry targets and weights only (the
+# RL losses of loss_functions.py need sampler logprobs and advantages: Tinker API).
+CHAT_LOSS_FUNCTIONS = ("cross_entropy",)
 
 # Causal LMs whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping or
 # scaling), so the head may be applied by ``head_target_logprobs`` instead.

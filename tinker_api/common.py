@@ -11,6 +11,10 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
+import checkpoints
+from auth import check_owner
+from backend import adapters
+from checkpoints import CheckpointInfo, TinkerPath
 from errors import BadRequestError, NotFoundError
 from futures import Future
 from schemas import parse_body
@@ -76,8 +80,23 @@ def check_base_model(name: str | None, field: str = "base_model") -> None:
 
 
 def live_adapter(model_id: str):
-    """A trainable adapter by id, or NotFoundError."""
+    """A trainable adapter of the caller's by id, or NotFoundError."""
     adapter = services().backend.adapters.get(model_id)
+    check_owner(adapter.owner, adapters.not_found(model_id))
     if not adapter.trainable:
-        raise NotFoundError(f"model_id {model_id!r} is not a training run on this server")
+        raise NotFoundError(adapters.not_found(model_id))
     return adapter
+
+
+def owned_checkpoint(path: TinkerPath) -> CheckpointInfo:
+    info = services().checkpoints.get(path)
+    check_owner(info.owner, checkpoints.not_found(path))
+    return info
+
+
+def owned_session(session_id: str):
+    """The caller's session, or None if the server does not know it (it restarted since)."""
+    session = services().tinker.session(session_id)
+    if session is not None:
+        check_owner(session.owner, f"session {session_id!r} does not exist")
+    return session

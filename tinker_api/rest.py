@@ -14,9 +14,10 @@ import time
 
 from flask import Response, request, send_file, url_for
 
+from auth import owner
 from checkpoints import KINDS, CheckpointInfo, TinkerPath
 from errors import BadRequestError, NotFoundError
-from tinker_api.common import base_model_name, body, bp, iso, services
+from tinker_api.common import base_model_name, body, bp, iso, owned_checkpoint, owned_session, services
 from tinker_api.schemas import TtlBody
 
 URL_LIFETIME_S = 3600
@@ -34,11 +35,11 @@ def _page() -> tuple[int, int]:
 
 def _runs() -> dict[str, dict]:
     """Every training run: live trainable adapters, and runs known only from checkpoints."""
-    s = services()
-    checkpoints = s.checkpoints.list()
+    s, me = services(), owner()
+    checkpoints = [c for c in s.checkpoints.list() if c.owner == me]
     runs: dict[str, dict] = {}
     for adapter in s.backend.adapters.all():
-        if adapter.trainable:
+        if adapter.trainable and adapter.owner == me:
             runs[adapter.id] = _run(adapter.id, adapter.rank, adapter.last_used_at, adapter.user_metadata, checkpoints)
     for info in checkpoints:
         if info.run_id not in runs:
@@ -81,13 +82,13 @@ def get_training_run(run_id: str):
 
 @bp.get("/training_runs/<run_id>/checkpoints")
 def list_run_checkpoints(run_id: str):
-    return {"checkpoints": [c.describe() for c in services().checkpoints.list(run_id)]}
+    return {"checkpoints": [c.describe() for c in services().checkpoints.list(run_id) if c.owner == owner()]}
 
 
 @bp.get("/checkpoints")
 def list_user_checkpoints():
     limit, offset = _page()
-    checkpoints = list(reversed(services().checkpoints.list()))  # newest first
+    checkpoints = [c for c in reversed(services().checkpoints.list()) if c.owner == owner()]  # newest first
     cursor = {"offset": offset, "limit": limit, "total_count": len(checkpoints)}
     return {"checkpoints": [c.describe() for c in checkpoints[offset : offset + limit]], "cursor": cursor}
 
@@ -102,6 +103,7 @@ def checkpoint_operation(run_id: str, rest: str):
     if len(parts) not in (2, 3):
         raise NotFoundError(f"no such checkpoint operation: {rest!r}")
     path = TinkerPath.parse(f"tinker://{run_id}/{parts[0]}/{parts[1]}")
+    owned_checkpoint(path)
     action = (request.method, parts[2] if len(parts) == 3 else "")
     if action == ("DELETE", ""):
         s.checkpoints.delete(path)
@@ -161,13 +163,14 @@ def download_file(run_id: str, kind: str, name: str, filename: str):
 @bp.get("/sessions")
 def list_sessions():
     limit, offset = _page()
-    ids = sorted(services().tinker.sessions, key=lambda i: services().tinker.sessions[i].created_at, reverse=True)
+    mine = [x for x in services().tinker.sessions.values() if x.owner == owner()]
+    ids = [x.id for x in sorted(mine, key=lambda x: x.created_at, reverse=True)]
     return {"sessions": ids[offset : offset + limit]}
 
 
 @bp.get("/sessions/<session_id>")
 def get_session(session_id: str):
-    session = services().tinker.session(session_id)
+    session = owned_session(session_id)
     if session is None:
         raise NotFoundError(f"session {session_id!r} does not exist")
     return {

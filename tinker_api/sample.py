@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from concurrent.futures import Future as ConcurrentFuture
 
-from backend import SamplingParams
+from auth import check_owner, owner
+from backend import SamplingParams, adapters
 from checkpoints import TinkerPath
 from errors import BadRequestError, ConflictError, NotFoundError
-from tinker_api.common import SAMPLE, base_model_name, body, bp, check_base_model, services, with_render
+from tinker_api.common import (
+    SAMPLE,
+    base_model_name,
+    body,
+    bp,
+    check_base_model,
+    owned_checkpoint,
+    owned_session,
+    services,
+    with_render,
+)
 from tinker_api.schemas import CreateSamplingSessionBody, SampleBody
 from tinker_api.sessions import IDLE_BEFORE_FREEING_S, Sampler
 
@@ -27,24 +38,27 @@ def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) ->
     if model_path:
         live = model_path.removeprefix("tinker://")
         if "/" not in live and live in backend.adapters:  # tinker://<model id>: the adapter as it is now
-            return Sampler(sampler_id, base_model_name(), live, model_path)
+            check_owner(backend.adapters.get(live).owner, adapters.not_found(live))
+            return Sampler(sampler_id, base_model_name(), live, model_path, owner())
         path = TinkerPath.parse(model_path, "model_path")
-        return Sampler(sampler_id, base_model_name(), load_checkpoint(path), str(path))
+        return Sampler(sampler_id, base_model_name(), load_checkpoint(path), str(path), owner())
     if base_model is None:
         raise BadRequestError("base_model or model_path is required")
-    if base_model in backend.adapters:
-        return Sampler(sampler_id, base_model_name(), base_model)
+    if base_model in backend.adapters:  # an adapter of the seed API, sampled as it is now
+        check_owner(backend.adapters.get(base_model).owner, adapters.not_found(base_model))
+        return Sampler(sampler_id, base_model_name(), base_model, owner=owner())
     check_base_model(base_model)
-    return Sampler(sampler_id, base_model_name(), None)
+    return Sampler(sampler_id, base_model_name(), None, owner=owner())
 
 
 def load_checkpoint(path: TinkerPath) -> str:
     """The frozen adapter serving a checkpoint, loaded if it is not in memory (again)."""
     s = services()
-    s.checkpoints.get(path)
+    info = owned_checkpoint(path)
     adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}"
     try:
-        s.backend.create_from_checkpoint(s.checkpoints.folder(path), adapter_id, optimizer=False, trainable=False)
+        folder = s.checkpoints.folder(path)
+        s.backend.create_from_checkpoint(folder, adapter_id, optimizer=False, trainable=False, owner=info.owner)
     except ConflictError:
         return adapter_id  # already loaded (perhaps just now, by a concurrent request)
     loaded = [a for a in s.backend.adapters.all() if a.id.startswith("checkpoint:") and a.id != adapter_id]
@@ -57,6 +71,7 @@ def load_checkpoint(path: TinkerPath) -> str:
 @bp.post("/create_sampling_session")
 def create_sampling_session():
     s, req = services(), body(CreateSamplingSessionBody)
+    owned_session(req.session_id)
     sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
     if sampler_id not in s.tinker.samplers:
         s.tinker.add_sampler(_resolve(req.base_model, req.model_path, sampler_id), req.session_id)
@@ -68,6 +83,7 @@ def get_sampler(sampler_id: str):
     sampler = services().tinker.samplers.get(sampler_id)
     if sampler is None:
         raise NotFoundError(f"sampler {sampler_id!r} is unknown")
+    check_owner(sampler.owner, f"sampler {sampler_id!r} is unknown")
     return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
 
@@ -111,8 +127,10 @@ def asample():
     s, req = services(), body(SampleBody)
     if req.sampling_session_id is not None:
         sampler = s.tinker.samplers.get(req.sampling_session_id)
+        unknown = f"sampling_session_id {req.sampling_session_id!r} is unknown"
         if sampler is None:
-            raise NotFoundError(f"sampling_session_id {req.sampling_session_id!r} is unknown")
+            raise NotFoundError(unknown)
+        check_owner(sampler.owner, unknown)
     else:
         sampler = _resolve(req.base_model, req.model_path, "stateless")
     if sampler.released:

@@ -6,6 +6,8 @@ import time
 
 from flask import Response, jsonify, request
 
+import futures
+from auth import check_owner, owner
 from backend.lora import short_name
 from checkpoints import TinkerPath
 from errors import BadRequestError, NotFoundError
@@ -21,6 +23,8 @@ from tinker_api.common import (
     bp,
     check_base_model,
     live_adapter,
+    owned_checkpoint,
+    owned_session,
     services,
     with_render,
 )
@@ -59,13 +63,13 @@ def client_dynamic_config():
 @bp.post("/create_session")
 def create_session():
     req = body(CreateSessionBody)
-    session = services().tinker.new_session(req.tags, req.user_metadata)
+    session = services().tinker.new_session(req.tags, req.user_metadata, owner())
     return {"session_id": session.id}
 
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
-    session = services().tinker.session(body(SessionIdBody).session_id)
+    session = owned_session(body(SessionIdBody).session_id)
     if session is None:
         raise NotFoundError("session_id is unknown (the server may have restarted)")
     session.last_heartbeat = time.time()
@@ -74,7 +78,7 @@ def session_heartbeat():
 
 @bp.post("/sessions/<path:session_id>/finish")
 def finish_session(session_id: str):
-    session = services().tinker.session(session_id)
+    session = owned_session(session_id)
     if session is not None:
         session.finished = True
     return {}
@@ -122,6 +126,7 @@ def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list
 @bp.post("/create_model")
 def create_model():
     s, req = services(), body(CreateModelBody)
+    owned_session(req.session_id)
     check_base_model(req.base_model)
     if req.optimizer_config.type != "adamw":
         raise BadRequestError(f"optimizer_config.type: {req.optimizer_config.type!r} is not supported; use adamw")
@@ -129,10 +134,10 @@ def create_model():
         raise BadRequestError(f"lora_config.rank: {req.lora_config.rank} is over the limit of {s.config.max_lora_rank}")
     cfg = req.lora_config
     targets = lora_targets(cfg.train_mlp, cfg.train_attn, cfg.train_unembed)
-    model_id = f"{req.session_id}:train:{req.model_seq_id}"
+    model_id, who = f"{req.session_id}:train:{req.model_seq_id}", owner()
 
     def create() -> dict:
-        adapter = s.backend.add_lora(cfg.rank, LORA_ALPHA, targets, cfg.seed, adapter_id=model_id)
+        adapter = s.backend.add_lora(cfg.rank, LORA_ALPHA, targets, cfg.seed, adapter_id=model_id, owner=who)
         s.backend.adapters.get(model_id).user_metadata = dict(req.user_metadata or {})
         s.tinker.add_model(req.session_id, model_id)
         return {"model_id": adapter["model_id"], "type": "create_model"}
@@ -166,9 +171,8 @@ def get_info():
 
 @bp.post("/weights_info")
 def weights_info():
-    s = services()
     path = TinkerPath.parse(body(WeightsInfoBody).tinker_path, "tinker_path")
-    info = s.checkpoints.get(path)
+    info = owned_checkpoint(path)
     groups = {group for name, group in _layer_groups().items() if name in info.target_modules}
     return {
         "base_model": info.base_model,
@@ -187,6 +191,7 @@ def retrieve_future():
     again at once, and gives up on a request after 45 s)."""
     s, req = services(), body(RetrieveFutureBody)
     future = s.pool.get(req.request_id)
+    check_owner(future.owner, futures.not_found(req.request_id))
     client_timeout = _float_header("x-stainless-read-timeout", 45.0)
     future.wait(max(0.0, min(25.0, s.config.max_long_poll_s, client_timeout - 5.0)))
     if future.status == FAILED:

@@ -33,6 +33,7 @@ class Session:
     id: str
     tags: list[str]
     user_metadata: dict[str, str]
+    owner: str | None = None
     created_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     finished: bool = False
@@ -48,6 +49,7 @@ class Sampler:
     base_model: str
     adapter_id: str | None  # None: the base model
     model_path: str | None = None  # tinker:// path it was created from, if any
+    owner: str | None = None
     released: bool = False  # its snapshot weights were freed (newer snapshots replaced them)
 
 
@@ -128,8 +130,8 @@ class TinkerState:
         self._sample_ids: dict[str, OrderedDict[int, str]] = {}  # sampler -> seq_id -> future id
         self.snapshots: dict[str, list[str]] = {}  # training run -> its in-memory sampler snapshots, oldest first
 
-    def new_session(self, tags: list[str], user_metadata: dict[str, str]) -> Session:
-        session = Session(f"sess-{secrets.token_hex(6)}", tags, user_metadata)
+    def new_session(self, tags: list[str], user_metadata: dict[str, str], owner: str | None) -> Session:
+        session = Session(f"sess-{secrets.token_hex(6)}", tags, user_metadata, owner)
         with self._lock:
             self.sessions[session.id] = session
         return session

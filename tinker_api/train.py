@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from flask import request
 
+from auth import owner
 from backend import AdamParams, FwdBwdRequest
 from backend.loss_functions import loss_config
 from checkpoints import CheckpointInfo, TinkerPath, check_name
@@ -26,6 +27,8 @@ from tinker_api.common import (
     bp,
     check_base_model,
     live_adapter,
+    owned_checkpoint,
+    owned_session,
     services,
     session_of,
     start_plain,
@@ -101,9 +104,11 @@ _RESULT_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for
 def _save(s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeightsBody, overwrite: bool) -> dict:
     """Write a checkpoint of the model's current state (a job: it runs in the model's turn)."""
     path = TinkerPath(model_id, kind, check_name(name, "path"))
+    adapter = s.backend.adapters.get(model_id)
+    if s.checkpoints.exists(path) and s.checkpoints.get(path).owner != adapter.owner:
+        raise ConflictError(f"checkpoint {path} belongs to another owner")  # a run id reused after a restart
     if s.checkpoints.exists(path) and not overwrite:
         raise ConflictError(f"checkpoint {path} already exists; pass another name (or overwrite=True)")
-    adapter = s.backend.adapters.get(model_id)
     folder = s.checkpoints.folder(path)
     s.backend.save_state(model_id, folder, optimizer)
     info = CheckpointInfo(
@@ -119,6 +124,7 @@ def _save(s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeig
         has_optimizer=optimizer,
         user_metadata=dict(req.user_metadata or {}),
         expires_at=time.time() + req.ttl_seconds if req.ttl_seconds else None,
+        owner=adapter.owner,
     )
     s.checkpoints.write_info(info)
     return {"path": str(path), "type": _RESULT_TYPES.get(kind, "save_weights_external")}
@@ -160,7 +166,7 @@ def save_weights_for_sampler():
     def snapshot() -> dict:
         if sampler_id not in s.tinker.samplers:
             s.backend.snapshot(adapter.id, sampler_id)
-            sampler = Sampler(sampler_id, s.backend.loaded.name, sampler_id)
+            sampler = Sampler(sampler_id, s.backend.loaded.name, sampler_id, owner=adapter.owner)
             s.tinker.add_sampler(sampler, session_of(adapter.id))
             _release_old_snapshots(s, adapter.id, sampler_id)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
@@ -186,6 +192,8 @@ def load_weights():
     if req.model_id is not None:  # load into an existing model, in its turn
         adapter = live_adapter(req.model_id)
 
+        owned_checkpoint(path)
+
         def load() -> dict:
             s.checkpoints.get(path)
             s.backend.load_state(adapter.id, s.checkpoints.folder(path), req.optimizer)
@@ -195,12 +203,13 @@ def load_weights():
     if req.session_id is None or req.model_seq_id is None:
         raise BadRequestError("load_weights needs model_id, or session_id and model_seq_id")
     check_base_model(req.base_model)
-    s.checkpoints.get(path)  # 404 now if it does not exist
-    model_id = f"{req.session_id}:train:{req.model_seq_id}"
+    owned_session(req.session_id)
+    owned_checkpoint(path)  # 404 now if it does not exist (or is not the caller's)
+    model_id, who = f"{req.session_id}:train:{req.model_seq_id}", owner()
 
     def create() -> dict:
         folder = s.checkpoints.folder(path)
-        s.backend.create_from_checkpoint(folder, model_id, req.optimizer, trainable=True)
+        s.backend.create_from_checkpoint(folder, model_id, req.optimizer, trainable=True, owner=who)
         s.backend.adapters.get(model_id).user_metadata = dict(req.user_metadata or {})
         s.tinker.add_model(req.session_id, model_id)
         return {"path": str(path), "model_id": model_id, "type": "load_weights"}
