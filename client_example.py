@@ -50,10 +50,14 @@ class TinkerClient:
     A ``requests.Session`` is not guaranteed thread-safe, so give each thread its own client.
     """
 
-    def __init__(self, base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0, api_key: str | None = None) -> None:
+        """``api_key``: needed when the server has keys (default: $THINKER_API_KEY)."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout  # HTTP timeout for ordinary (non long-poll) calls, in seconds
         self.session = requests.Session()
+        api_key = api_key or os.environ.get("THINKER_API_KEY")
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     # ------------------------------------------------------------------ plumbing
 

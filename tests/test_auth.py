@@ -162,3 +162,14 @@ def test_keys_file_and_short_keys(tmp_path):
 def test_open_mode_says_so_at_start(server, keyed):
     assert "OPEN single-user mode" in server.log()
     assert "API keys: on (2 keys)" in keyed.log()
+
+
+def test_python_client_sends_its_key(keyed):
+    from client_example import TinkerClient
+    from errors import AuthenticationError
+
+    with TinkerClient(keyed.url, api_key=BOB) as client:
+        model_id = client.wait_for_result(client.add_lora(base_model="base", rank=4, alpha=8))["model_id"]
+        assert client.sample(model_id=model_id, prompts=["hi"], max_tokens=2)["num_tokens"]
+    with TinkerClient(keyed.url) as anonymous, pytest.raises(AuthenticationError):
+        anonymous.add_lora(base_model="base", rank=4, alpha=8)
