@@ -72,6 +72,22 @@ def _check_limit(field: str, value: int, limit: int) -> None:
         raise BadRequestError(f"{field}: {value} is over this server's limit of {limit}")
 
 
+def check_adapter_quota() -> None:
+    """400 when the caller already holds MAX_ADAPTERS_PER_USER trainable adapters."""
+    s, me = services(), owner()
+    held = sum(1 for a in s.backend.adapters.all() if a.owner == me and a.trainable)
+    if held >= s.config.max_adapters_per_user:
+        limit = s.config.max_adapters_per_user
+        raise BadRequestError(f"adapters: you hold {held}, the limit per user (MAX_ADAPTERS_PER_USER) is {limit}")
+
+
+def check_sequence_lengths(lengths, field: str = "data") -> None:
+    limit = services().config.max_sequence_tokens
+    for i, length in enumerate(lengths):
+        if length > limit:
+            raise BadRequestError(f"{field}[{i}]: {length} tokens, over this server's limit of {limit} per sequence")
+
+
 @bp.get("/healthz")
 def healthz():
     s = services()
@@ -91,6 +107,7 @@ def add_lora():
     if req.base_model not in s.backend.base_names():
         raise BadRequestError(f"base_model: {req.base_model!r} is not served here; allowed: {s.backend.base_names()}")
     _check_limit("rank", req.rank, s.config.max_lora_rank)
+    check_adapter_quota()
     allowed = s.backend.loaded.target_modules
     if req.target_modules and not set(req.target_modules) <= set(allowed):
         unknown = sorted(set(req.target_modules) - set(allowed))
@@ -110,6 +127,7 @@ def fwdbwd():
         raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: {list(CHAT_LOSS_FUNCTIONS)}")
     _check_limit("data", len(req.data), s.config.max_examples_per_request)
     examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
+    check_sequence_lengths(ex.length + 1 for ex in examples)
     job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
     longest = max(ex.length for ex in examples)
     future = s.pool.submit_fusable(adapter_id, "fwdbwd", "fwdbwd", job, rows=len(examples), length=longest)

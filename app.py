@@ -14,7 +14,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from config import Config
-from errors import ConfigurationError, ServerError, ThinkerError
+from errors import ConfigurationError, RateLimitError, ServerError, ThinkerError
 
 log = logging.getLogger("thinker")
 
@@ -52,6 +52,8 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
             backend.start_sampler(config.max_batch_sequences, window_s)
     pool = WorkerPool(
         config.max_workers,
+        max_pending=config.max_pending,
+        max_pending_per_user=config.max_pending_per_user,
         future_ttl_s=config.future_ttl_s,
         runners={"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps},
         limits=limits,
@@ -67,7 +69,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     log.info("Base model loaded on %s", loaded.device.type)
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes  # larger bodies: 413
     app.json.sort_keys = False
     app.extensions["thinker"] = Services(
         config=config,
@@ -87,7 +89,8 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ThinkerError)
     def thinker_error(exc: ThinkerError):
-        return jsonify(exc.to_dict()), exc.status_code
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimitError) else {}
+        return jsonify(exc.to_dict()), exc.status_code, headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

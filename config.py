@@ -53,6 +53,12 @@ class Config:
     max_examples_per_request: int = 256
     max_prompts_per_request: int = 64
     max_sample_tokens: int = 2048
+    max_sequence_tokens: int = 8192  # tokens in one training sequence (and the model's context window)
+    max_adapters_per_user: int = 1000  # trainable adapters one key may hold
+    max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies: 413
+    # Unfinished requests (queued or running) one key, and everyone, may have: beyond, 429.
+    max_pending_per_user: int = 1000
+    max_pending: int = 10000
     # Longest a retrieve_future long-poll may hold a connection, in seconds.
     max_long_poll_s: float = 60.0
     # How long finished futures stay retrievable, in seconds.
@@ -89,6 +95,10 @@ class Config:
             raise ConfigurationError(f"PORT must be in 1..65535, got {self.port}")
         if self.max_batch_tokens < 1 or self.max_batch_sequences < 1 or self.batch_window_ms < 0:
             raise ConfigurationError("MAX_BATCH_TOKENS and MAX_BATCH_SEQUENCES must be >= 1, BATCH_WINDOW_MS >= 0")
+        limits = ("max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user")
+        for name in (*limits, "max_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.max_lora_rank < 1:
             raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
 

@@ -53,9 +53,13 @@ class PayloadTooLargeError(ThinkerError):
 
 
 class RateLimitError(ThinkerError):
-    """Too much pending work; retry later."""
+    """Too much pending work; retry later (the answer carries a Retry-After header)."""
 
     status_code = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServerError(ThinkerError):

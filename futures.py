@@ -56,10 +56,14 @@ class FutureStore:
         self.ttl_s = ttl_s
         self._futures: dict[str, Future] = {}
         self._finished: deque[Future] = deque()  # in finishing order, for eviction
+        self.unfinished: dict[str | None, int] = {}  # owner -> futures not finished yet
+        self.unfinished_total = 0
 
     def add(self, future: Future) -> None:
         self._evict_expired()
         self._futures[future.id] = future
+        self.unfinished[future.owner] = self.unfinished.get(future.owner, 0) + 1
+        self.unfinished_total += 1
 
     def __contains__(self, future_id: str) -> bool:
         return future_id in self._futures
@@ -73,9 +77,13 @@ class FutureStore:
     def finish(
         self, future: Future, result: Any = None, error: str | None = None, error_type: str | None = None
     ) -> None:
+        if future.done.is_set():
+            return  # finished already (a reserved future failed at shutdown, say)
         future.result, future.error, future.error_type = result, error, error_type
         future.status = FAILED if error is not None else COMPLETED
         future.finished_at = time.time()
+        self.unfinished[future.owner] -= 1
+        self.unfinished_total -= 1
         self._finished.append(future)
         future.done.set()
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from errors import ThinkerError
+from errors import RateLimitError, ThinkerError
 from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
@@ -64,9 +64,17 @@ class WorkerPool:
         future_ttl_s: float = 3600.0,
         runners: dict[str, GroupRunner] | None = None,
         limits: BatchLimits | None = None,
+        max_pending: int | None = None,
+        max_pending_per_user: int | None = None,
     ) -> None:
-        """``limits=None`` turns fusion off: every job runs on its own."""
+        """``limits=None`` turns fusion off: every job runs on its own. ``max_pending`` and
+        ``max_pending_per_user`` bound unfinished futures (in all, and per owner): beyond,
+        submitting raises RateLimitError (429)."""
         self.num_workers = num_workers
+        self.max_pending = max_pending
+        self.max_pending_per_user = max_pending_per_user
+        self._served: dict[str | None, int] = {}  # owner -> when a worker last took their job (a counter)
+        self._turn = 0
         self.runners = runners or {}
         self.limits = limits
         self._cond = threading.Condition()
@@ -108,7 +116,7 @@ class WorkerPool:
         (The API hands out ids for requests it must hold back to run them in order.)"""
         future = new_future(key, kind)
         with self._cond:
-            self._store.add(future)
+            self._admit_locked(future)
         return future
 
     def fail(self, future: Future, error: ThinkerError) -> None:
@@ -170,7 +178,7 @@ class WorkerPool:
         if self._closed:
             raise ThinkerError("the server is shutting down")
         if future.id not in self._store:
-            self._store.add(future)
+            self._admit_locked(future)
         if job.group:
             self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
         queue = self._queues.setdefault(future.key, deque())
@@ -179,6 +187,19 @@ class WorkerPool:
             self._ready.append(future.key)
         self._cond.notify_all()
         return future
+
+    def _admit_locked(self, future: Future) -> None:
+        """Add a new future to the store, within the pending limits."""
+        store = self._store
+        if self.max_pending is not None and store.unfinished_total >= self.max_pending:
+            raise RateLimitError(f"the server has {store.unfinished_total} unfinished requests; retry shortly")
+        mine = store.unfinished.get(future.owner, 0)
+        if self.max_pending_per_user is not None and mine >= self.max_pending_per_user:
+            raise RateLimitError(
+                f"you have {mine} unfinished requests (the limit is {self.max_pending_per_user}); "
+                "wait for some results, then retry"
+            )
+        store.add(future)
 
     def _work(self) -> None:
         while True:
@@ -204,14 +225,23 @@ class WorkerPool:
                 self._run_plain(*batch[0])
 
     def _next_ready_key(self) -> str | None:
-        """The first ready key, skipping jobs of a group another worker is gathering
-        (they belong in that worker's pass, not in a second, smaller one)."""
+        """The ready key of the owner served longest ago (fair between users: one who floods
+        the queue, with any number of adapters, gets a turn like everyone else), first in
+        the ready line among that owner's; jobs of a group another worker is gathering are
+        skipped (they belong in that worker's pass, not in a second, smaller one)."""
+        best, best_served = None, None
         for key in self._ready:
-            group = self._queues[key][0].group
-            if group is None or self.limits is None or group not in self._gathering:
-                self._ready.remove(key)
-                return key
-        return None
+            head = self._queues[key][0]
+            if head.group is not None and self.limits is not None and head.group in self._gathering:
+                continue
+            served = self._served.get(head.future.owner, -1)
+            if best is None or served < best_served:
+                best, best_served = key, served
+        if best is not None:
+            self._ready.remove(best)
+            self._turn += 1
+            self._served[self._queues[best][0].future.owner] = self._turn
+        return best
 
     def _take(self, key: str) -> _Job:
         job = self._queues[key].popleft()
@@ -245,12 +275,29 @@ class WorkerPool:
         started = last_join = time.monotonic()
         while True:
             candidates = [k for k in self._ready if self._queues[k][0].group == group]
-            # Prefer lengths close to the oldest job's: less padding in the fused pass.
+            # Fill the pass owner by owner (one flooding user cannot crowd the others out),
+            # and within that prefer lengths close to the oldest job's: less padding.
             target = picked[0][1].length
-            for key in sorted(candidates, key=lambda k: abs(self._queues[k][0].length - target)):
-                if fits(self._queues[key][0]):
+            rows_of: dict[str | None, int] = {}
+            for _, job in picked:
+                rows_of[job.future.owner] = rows_of.get(job.future.owner, 0) + job.rows
+            while candidates:
+                key = min(
+                    candidates,
+                    key=lambda k: (
+                        rows_of.get(self._queues[k][0].future.owner, 0),
+                        abs(self._queues[k][0].length - target),
+                    ),
+                )
+                candidates.remove(key)
+                head = self._queues[key][0]
+                if fits(head):
                     self._ready.remove(key)
+                    before = len(picked)
                     take_from(key)
+                    rows_of[head.future.owner] = rows_of.get(head.future.owner, 0) + sum(
+                        job.rows for _, job in picked[before:]
+                    )
                     last_join = time.monotonic()
             left = min(started + 10 * limits.window_s, last_join + limits.window_s) - time.monotonic()
             if left <= 0 or not self._expect_more(group, {k for k, _ in picked}, rows, longest):

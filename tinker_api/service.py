@@ -7,6 +7,7 @@ import time
 from flask import Response, jsonify, request
 
 import futures
+from api import check_adapter_quota
 from auth import check_owner, owner
 from backend.lora import short_name
 from checkpoints import TinkerPath
@@ -132,6 +133,8 @@ def create_model():
         raise BadRequestError(f"optimizer_config.type: {req.optimizer_config.type!r} is not supported; use adamw")
     if req.lora_config.rank > s.config.max_lora_rank:
         raise BadRequestError(f"lora_config.rank: {req.lora_config.rank} is over the limit of {s.config.max_lora_rank}")
+    if (req.session_id, req.model_seq_id) not in s.tinker.creations:
+        check_adapter_quota()  # (a resend of a create already accepted is not a new adapter)
     cfg = req.lora_config
     targets = lora_targets(cfg.train_mlp, cfg.train_attn, cfg.train_unembed)
     model_id, who = f"{req.session_id}:train:{req.model_seq_id}", owner()

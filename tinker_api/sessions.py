@@ -126,7 +126,7 @@ class TinkerState:
         self.sessions: dict[str, Session] = {}
         self.samplers: dict[str, Sampler] = {}
         self._sequencers: dict[str, Sequencer] = {}
-        self._creations: dict[tuple[str, int], str] = {}  # (session, model_seq_id) -> future id
+        self.creations: dict[tuple[str, int], str] = {}  # (session, model_seq_id) -> future id
         self._sample_ids: dict[str, OrderedDict[int, str]] = {}  # sampler -> seq_id -> future id
         self.snapshots: dict[str, list[str]] = {}  # training run -> its in-memory sampler snapshots, oldest first
 
@@ -148,9 +148,9 @@ class TinkerState:
     def once(self, key: tuple[str, int], create: Callable[[], str]) -> str:
         """The future id for a model-creating request, created once per (session, seq)."""
         with self._lock:
-            if key not in self._creations:
-                self._creations[key] = create()
-            return self._creations[key]
+            if key not in self.creations:
+                self.creations[key] = create()
+            return self.creations[key]
 
     def sample_once(self, sampler_id: str, seq_id: int, create: Callable[[], str]) -> str:
         """The future id for a sample request, created once per (sampler, seq_id)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from flask import request
 
+from api import check_adapter_quota, check_sequence_lengths
 from auth import owner
 from backend import AdamParams, FwdBwdRequest
 from backend.loss_functions import loss_config
@@ -62,9 +63,11 @@ def forward_backward():
         if len(message.data) > s.config.max_examples_per_request:
             limit = s.config.max_examples_per_request
             raise BadRequestError(f"data: {len(message.data)} examples, over this server's limit of {limit}")
+        examples = wire.examples(message)
+        check_sequence_lengths((ex.length + 1 for ex in examples), "data")
         job = FwdBwdRequest(
             adapter.id,
-            wire.examples(message),
+            examples,
             message.loss_fn,
             loss_config(message.loss_fn, wire.loss_config(message)),
             reduction="sum",
@@ -205,6 +208,8 @@ def load_weights():
     check_base_model(req.base_model)
     owned_session(req.session_id)
     owned_checkpoint(path)  # 404 now if it does not exist (or is not the caller's)
+    if (req.session_id, req.model_seq_id) not in s.tinker.creations:
+        check_adapter_quota()
     model_id, who = f"{req.session_id}:train:{req.model_seq_id}", owner()
 
     def create() -> dict:
