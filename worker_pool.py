@@ -85,6 +85,11 @@ class WorkerPool:
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
         self._pass_s: dict[str, float] = {}  # group -> duration of its last pass
         self._gathering: set[str] = set()  # groups a worker is gathering a pass for
+        # Groups with a fused pass running. The model runs one pass at a time anyway (one
+        # compute thread on CPU, one stream on GPU), so a second pass gathered now would only
+        # queue behind it, holding jobs that arrive meanwhile out of the pass after it: a
+        # group's next pass is gathered when its running pass is done.
+        self._passing: set[str] = set()
         self._closed = False
         self.passes = 0  # runs of a fused group (one per pass)
         self.fused_jobs = 0  # jobs run in those passes
@@ -214,6 +219,7 @@ class WorkerPool:
                     self._gathering.add(head.group)
                     try:
                         batch = self._gather(key, head.group)
+                        self._passing.add(head.group)
                     finally:
                         self._gathering.discard(head.group)
                         self._cond.notify_all()
@@ -232,7 +238,7 @@ class WorkerPool:
         best, best_served = None, None
         for key in self._ready:
             head = self._queues[key][0]
-            if head.group is not None and self.limits is not None and head.group in self._gathering:
+            if head.group is not None and self.limits is not None and head.group in self._gathering | self._passing:
                 continue
             served = self._served.get(head.future.owner, -1)
             if best is None or served < best_served:
@@ -281,6 +287,7 @@ class WorkerPool:
             rows_of: dict[str | None, int] = {}
             for _, job in picked:
                 rows_of[job.future.owner] = rows_of.get(job.future.owner, 0) + job.rows
+            left_out = False  # a waiting job did not fit: the pass is as full as it gets
             while candidates:
                 key = min(
                     candidates,
@@ -299,8 +306,10 @@ class WorkerPool:
                         job.rows for _, job in picked[before:]
                     )
                     last_join = time.monotonic()
+                else:
+                    left_out = True
             left = min(started + 10 * limits.window_s, last_join + limits.window_s) - time.monotonic()
-            if left <= 0 or not self._expect_more(group, {k for k, _ in picked}, rows, longest):
+            if left <= 0 or left_out or not self._expect_more(group, {k for k, _ in picked}, rows, longest):
                 return picked
             self._cond.wait(left)
 
@@ -343,6 +352,8 @@ class WorkerPool:
             self._pass_s[group] = time.monotonic() - started
             self.passes += 1
             self.fused_jobs += len(batch)
+            self._passing.discard(group)
+            self._cond.notify_all()
         self._complete([(key, job, result) for (key, job), result in zip(batch, results, strict=True)])
 
     def _complete(self, outcomes: list[tuple[str, _Job, Any]]) -> None:
