@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, current_app, jsonify, request
 
+import checkpoints
 import futures
 from auth import check_owner, owner
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, adapters
 from backend.losses import CHAT_LOSS_FUNCTIONS
-from checkpoints import CheckpointStore
+from checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
 from config import Config
 from errors import BadRequestError, RequestFailedError, ServerError
 from futures import COMPLETED, FAILED
@@ -29,8 +31,10 @@ from schemas import (
     SampleBody,
     parse_body,
 )
-from tinker_api.sessions import TinkerState
 from worker_pool import WorkerPool
+
+if TYPE_CHECKING:  # imported for the annotation only: tinker_api itself imports this module
+    from tinker_api.sessions import TinkerState
 
 bp = Blueprint("api", __name__)
 
@@ -70,6 +74,13 @@ def owned_model(model_id: str, allow_base: bool) -> str | None:
 def _check_limit(field: str, value: int, limit: int) -> None:
     if value > limit:
         raise BadRequestError(f"{field}: {value} is over this server's limit of {limit}")
+
+
+def owned_checkpoint(path: TinkerPath) -> CheckpointInfo:
+    """A checkpoint of the caller's (another's is a 404, like a missing one)."""
+    info = services().checkpoints.get(path)
+    check_owner(info.owner, checkpoints.not_found(path))
+    return info
 
 
 def check_adapter_quota() -> None:

@@ -32,6 +32,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         )
     # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
     # of after the seconds torch and transformers take to import.
+    import api_state
     import auth
     import tinker_api
     from api import Services, bp
@@ -81,6 +82,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     )
     auth.install(app, auth.KeyRing.from_config(config))
     app.register_blueprint(bp)
+    app.register_blueprint(api_state.bp)
     app.register_blueprint(tinker_api.bp)
     _register_error_handlers(app)
     return app

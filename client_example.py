@@ -147,6 +147,22 @@ class TinkerClient:
         """Queue writing the adapter to disk; the future's result holds the server-side ``path``."""
         return self._submit("/save_lora", {"model_id": model_id})
 
+    def save_state(self, model_id: str, name: str | None = None) -> str:
+        """Checkpoint weights + optimizer state; the result is ``{"path": "tinker://..."}``."""
+        body = {"model_id": model_id} | ({"name": name} if name else {})
+        return self._submit("/save_state", body)
+
+    def load_state(self, path: str) -> str:
+        """A new adapter from a checkpoint; the result is ``{"model_id", "path", "step"}``."""
+        return self._submit("/load_state", {"path": path})
+
+    def list_checkpoints(self) -> list[dict]:
+        return self._call("GET", "/checkpoints")["checkpoints"]
+
+    def delete_lora(self, model_id: str) -> str:
+        """Remove an adapter once the jobs queued before this are done."""
+        return self._submit("/delete_lora", {"model_id": model_id})
+
     def retrieve_future(self, request_id: str, timeout: float | None = None) -> dict:
         """Ask once for a future's state; never raises for a job that is merely unfinished.
 

@@ -77,6 +77,15 @@ class ModelIdBody(_Body):
     model_id: str
 
 
+class SaveStateBody(_Body):
+    model_id: str
+    name: str | None = Field(None, min_length=1, max_length=200)  # default: step-<step>
+
+
+class LoadStateBody(_Body):
+    path: str  # tinker://<model_id>/weights/<name>
+
+
 def parse_body(schema: type[_Body], body: object) -> _Body:
     """Validate a decoded JSON body, turning the first problems into one clear 400."""
     if not isinstance(body, dict):

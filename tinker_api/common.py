@@ -11,10 +11,9 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
-import checkpoints
+from api import owned_checkpoint  # noqa: F401 - shared with the seed API
 from auth import check_owner
 from backend import adapters
-from checkpoints import CheckpointInfo, TinkerPath
 from errors import BadRequestError, NotFoundError
 from futures import Future
 from schemas import parse_body
@@ -86,12 +85,6 @@ def live_adapter(model_id: str):
     if not adapter.trainable:
         raise NotFoundError(adapters.not_found(model_id))
     return adapter
-
-
-def owned_checkpoint(path: TinkerPath) -> CheckpointInfo:
-    info = services().checkpoints.get(path)
-    check_owner(info.owner, checkpoints.not_found(path))
-    return info
 
 
 def owned_session(session_id: str):

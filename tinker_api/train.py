@@ -7,17 +7,17 @@ whatever order the POSTs arrive in. A request that fails validation still takes 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from flask import request
 
 from api import check_adapter_quota, check_sequence_lengths
+from api_state import write_checkpoint
 from auth import owner
 from backend import AdamParams, FwdBwdRequest
 from backend.loss_functions import loss_config
-from checkpoints import CheckpointInfo, TinkerPath, check_name
-from errors import BadRequestError, ConflictError, ThinkerError
+from checkpoints import TinkerPath
+from errors import BadRequestError, ThinkerError
 from futures import Future
 from tinker_api import wire
 from tinker_api.common import (
@@ -106,30 +106,9 @@ _RESULT_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for
 
 def _save(s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeightsBody, overwrite: bool) -> dict:
     """Write a checkpoint of the model's current state (a job: it runs in the model's turn)."""
-    path = TinkerPath(model_id, kind, check_name(name, "path"))
-    adapter = s.backend.adapters.get(model_id)
-    if s.checkpoints.exists(path) and s.checkpoints.get(path).owner != adapter.owner:
-        raise ConflictError(f"checkpoint {path} belongs to another owner")  # a run id reused after a restart
-    if s.checkpoints.exists(path) and not overwrite:
-        raise ConflictError(f"checkpoint {path} already exists; pass another name (or overwrite=True)")
-    folder = s.checkpoints.folder(path)
-    s.backend.save_state(model_id, folder, optimizer)
-    info = CheckpointInfo(
-        tinker_path=str(path),
-        run_id=model_id,
-        kind=kind,
-        name=path.name,
-        base_model=s.backend.loaded.name,
-        rank=adapter.rank,
-        alpha=adapter.alpha,
-        target_modules=list(adapter.target_modules),
-        step=adapter.step,
-        has_optimizer=optimizer,
-        user_metadata=dict(req.user_metadata or {}),
-        expires_at=time.time() + req.ttl_seconds if req.ttl_seconds else None,
-        owner=adapter.owner,
+    path = write_checkpoint(
+        s, model_id, kind, name, optimizer, ttl_s=req.ttl_seconds, user_metadata=req.user_metadata, overwrite=overwrite
     )
-    s.checkpoints.write_info(info)
     return {"path": str(path), "type": _RESULT_TYPES.get(kind, "save_weights_external")}
 
 

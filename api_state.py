@@ -1,0 +1,109 @@
+"""Seed-API routes for durable adapter state: checkpoints (save, list, load) and deletion.
+
+``POST /save_state {"model_id", "name"}`` -> future -> ``{"path": "tinker://<model_id>/weights/<name>"}``
+(weights and optimizer state, in PEFT format); ``POST /load_state {"path"}`` -> future ->
+``{"model_id"}``, a new adapter with those weights and optimizer state; ``GET /checkpoints``;
+``POST /delete_lora {"model_id"}``. Checkpoints are shared with the Tinker API: a path saved
+here loads with the SDK and vice versa.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint
+
+from api import body, check_adapter_quota, owned_checkpoint, owned_model, services
+from auth import owner
+from checkpoints import CheckpointInfo, TinkerPath, check_name
+from errors import BadRequestError, ConflictError
+from schemas import LoadStateBody, ModelIdBody, SaveStateBody
+
+bp = Blueprint("state", __name__)
+
+
+def write_checkpoint(
+    s, model_id: str, kind: str, name: str, optimizer: bool, *, ttl_s: int | None = None,
+    user_metadata: dict | None = None, overwrite: bool = False,
+) -> TinkerPath:
+    """Write a checkpoint of the adapter's current state. Runs as a job, in the adapter's
+    turn, so it holds exactly the updates submitted before it."""
+    path = TinkerPath(model_id, kind, check_name(name, "name"))
+    adapter = s.backend.adapters.get(model_id)
+    if s.checkpoints.exists(path) and s.checkpoints.get(path).owner != adapter.owner:
+        raise ConflictError(f"checkpoint {path} belongs to another owner")  # a run id reused after a restart
+    if s.checkpoints.exists(path) and not overwrite:
+        raise ConflictError(f"checkpoint {path} already exists; choose another name")
+    s.backend.save_state(model_id, s.checkpoints.folder(path), optimizer)
+    s.checkpoints.write_info(
+        CheckpointInfo(
+            tinker_path=str(path),
+            run_id=model_id,
+            kind=kind,
+            name=path.name,
+            base_model=s.backend.loaded.name,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            target_modules=list(adapter.target_modules),
+            step=adapter.step,
+            has_optimizer=optimizer,
+            user_metadata=dict(user_metadata or {}),
+            expires_at=time.time() + ttl_s if ttl_s else None,
+            owner=adapter.owner,
+        )
+    )
+    return path
+
+
+@bp.post("/save_state")
+def save_state():
+    s, req = services(), body(SaveStateBody)
+    adapter_id = owned_model(req.model_id, allow_base=False)
+    name = req.name or f"step-{s.backend.adapters.get(adapter_id).step:06d}"
+    check_name(name, "name")
+
+    def save() -> dict:
+        return {"path": str(write_checkpoint(s, adapter_id, "weights", name, True)), "model_id": adapter_id}
+
+    future = s.pool.submit(adapter_id, "save_state", save)
+    return {"request_id": future.id, "model_id": adapter_id}
+
+
+@bp.post("/load_state")
+def load_state():
+    s, req = services(), body(LoadStateBody)
+    path = TinkerPath.parse(req.path)
+    info = owned_checkpoint(path)
+    if not info.has_optimizer:
+        raise BadRequestError(f"path: {path} holds weights only (saved for sampling); load a weights/ checkpoint")
+    check_adapter_quota()
+    who = owner()
+
+    def load() -> dict:
+        adapter = s.backend.create_from_checkpoint(
+            s.checkpoints.folder(path), None, optimizer=True, trainable=True, owner=who
+        )
+        return {"model_id": adapter["model_id"], "path": str(path), "step": info.step}
+
+    future = s.pool.submit(None, "load_state", load)
+    return {"request_id": future.id, "model_id": None}
+
+
+@bp.get("/checkpoints")
+def list_checkpoints():
+    mine = [c for c in services().checkpoints.list() if c.owner == owner()]
+    return {"checkpoints": [{**c.describe(), "model_id": c.run_id, "step": c.step} for c in mine]}
+
+
+@bp.post("/delete_lora")
+def delete_lora():
+    """Remove an adapter after the jobs queued before it (its checkpoints stay)."""
+    s, req = services(), body(ModelIdBody)
+    adapter_id = owned_model(req.model_id, allow_base=False)
+
+    def delete() -> dict:
+        s.backend.remove_adapter(adapter_id)
+        return {"model_id": adapter_id, "deleted": True}
+
+    future = s.pool.submit(adapter_id, "delete_lora", delete)
+    return {"request_id": future.id, "model_id": adapter_id}
