@@ -7,8 +7,12 @@ API through waitress. ``create_app(config)`` builds the same app for tests.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
 import sys
+import threading
+import time
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
@@ -18,6 +22,7 @@ from errors import ConfigurationError, RateLimitError, ServerError, ThinkerError
 
 log = logging.getLogger("thinker")
 
+SHUTDOWN_DRAIN_S = 120.0  # how long SIGTERM lets running jobs finish
 _HTTP_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowedError", 413: "PayloadTooLargeError"}
 
 
@@ -121,8 +126,26 @@ def main() -> None:
 
     from waitress import serve
 
+    services = app.extensions["thinker"]
+
+    def drain() -> None:
+        services.pool.shutdown(wait=True, drain_s=SHUTDOWN_DRAIN_S)
+        time.sleep(1.0)  # let waiting long-polls send the answers they just got
+        os.kill(os.getpid(), signal.SIGINT)  # waitress stops serving; main() returns
+
+    def stop(signum, _frame) -> None:
+        """SIGTERM: finish running jobs, fail queued ones (their futures say why), then exit.
+        The HTTP loop keeps running meanwhile, so clients hear about their requests."""
+        log.info("%s: finishing running jobs, failing queued ones, then exiting", signal.Signals(signum).name)
+        threading.Thread(target=drain, name="thinker-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
     log.info(" * Running on http://%s:%d (waitress, %d HTTP threads)", config.host, config.port, config.http_threads)
-    serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")
+    try:
+        serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")
+    finally:
+        services.backend.close()
+        log.info("stopped")
 
 
 if __name__ == "__main__":

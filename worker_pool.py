@@ -156,8 +156,9 @@ class WorkerPool:
                 "fused_jobs": self.fused_jobs,
             }
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop taking jobs; fail queued ones; let running ones finish."""
+    def shutdown(self, wait: bool = True, drain_s: float = 0.0) -> None:
+        """Stop taking jobs; fail queued ones; let running ones finish. ``drain_s``: also
+        wait up to this long for running jobs that finish later (sampling in the decode loop)."""
         with self._cond:
             self._closed = True
             for queue in self._queues.values():
@@ -168,6 +169,9 @@ class WorkerPool:
             self._queues.clear()
             self._ready.clear()
             self._cond.notify_all()
+            deadline = time.monotonic() + drain_s
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
         if wait:
             for thread in self._threads:
                 thread.join()
