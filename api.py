@@ -20,6 +20,7 @@ from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, adapte
 from backend.losses import CHAT_LOSS_FUNCTIONS
 from checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
 from config import Config
+from database import jsonable
 from errors import BadRequestError, RequestFailedError, ServerError
 from futures import COMPLETED, FAILED
 from schemas import (
@@ -34,6 +35,7 @@ from schemas import (
 from worker_pool import WorkerPool
 
 if TYPE_CHECKING:  # imported for the annotation only: tinker_api itself imports this module
+    from database import Database
     from tinker_api.sessions import TinkerState
 
 bp = Blueprint("api", __name__)
@@ -49,6 +51,7 @@ class Services:
     checkpoints: CheckpointStore
     tinker: TinkerState  # sessions, samplers and request order of the Tinker API
     download_secret: bytes  # signs checkpoint download links
+    database: Database  # futures and idempotency keys, durable across restarts
 
 
 def services() -> Services:
@@ -61,6 +64,29 @@ def body(schema):
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise BadRequestError(f"the request body is not valid JSON ({type(exc).__name__})") from None
     return parse_body(schema, decoded)
+
+
+def install_idempotency(app) -> None:
+    """A POST that carries an ``Idempotency-Key`` header and was answered before (by the same
+    owner, even before a restart) gets that first answer again and runs nothing."""
+
+    @app.before_request
+    def replay():
+        key = request.headers.get("Idempotency-Key")
+        if request.method == "POST" and key:
+            earlier = services().database.idempotent_response(owner(), key)
+            if earlier is not None:
+                return jsonify(earlier)
+        return None
+
+    @app.after_request
+    def remember(response):
+        key = request.headers.get("Idempotency-Key")
+        if request.method == "POST" and key and response.status_code == 200 and response.is_json:
+            data = response.get_json(silent=True)
+            if isinstance(data, dict) and "request_id" in data:
+                services().database.remember_response(owner(), key, data)
+        return response
 
 
 def owned_model(model_id: str, allow_base: bool) -> str | None:
@@ -171,22 +197,11 @@ def retrieve_future():
     if req.timeout:
         future.wait(min(req.timeout, s.config.max_long_poll_s))
     if future.status == COMPLETED:
-        return {"status": "completed", "request_id": future.id, "result": _jsonable(future.result)}
+        return {"status": "completed", "request_id": future.id, "result": jsonable(future.result)}
     if future.status == FAILED:
         payload = {"status": "failed", "request_id": future.id, "error": future.error, "type": "RequestFailedError"}
         return jsonify(payload | {"cause": future.error_type}), 500
     return jsonify({"status": "pending", "request_id": future.id, "state": future.status}), 202
-
-
-def _jsonable(value):
-    """A result as JSON can carry it (Tinker API results hold tensors of logprobs)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
 
 
 @bp.post("/api/v1/sample")

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
@@ -40,9 +41,10 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     import api_state
     import auth
     import tinker_api
-    from api import Services, bp
+    from api import Services, bp, install_idempotency
     from backend import load_backend
     from checkpoints import CheckpointStore
+    from database import Database
     from worker_pool import BatchLimits, WorkerPool
 
     if backend is None:
@@ -56,8 +58,12 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         limits = BatchLimits(config.max_batch_tokens, config.max_batch_sequences, window_s)
         if backend.sampler is None:
             backend.start_sampler(config.max_batch_sequences, window_s)
+    database = Database(Path(config.thinker_data_dir) / "thinker.db")
+    if (recovered := database.recover()):
+        log.warning("%d requests were queued or running when the server last stopped; they now say so", recovered)
     pool = WorkerPool(
         config.max_workers,
+        database=database,
         max_pending=config.max_pending,
         max_pending_per_user=config.max_pending_per_user,
         future_ttl_s=config.future_ttl_s,
@@ -84,8 +90,10 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         checkpoints=CheckpointStore(config.thinker_data_dir),
         tinker=tinker_api.TinkerState(pool),
         download_secret=secrets.token_bytes(32),
+        database=database,
     )
     auth.install(app, auth.KeyRing.from_config(config))
+    install_idempotency(app)
     app.register_blueprint(bp)
     app.register_blueprint(api_state.bp)
     app.register_blueprint(tinker_api.bp)

@@ -52,8 +52,12 @@ class FutureStore:
     """Every future by id; finished ones are forgotten ``ttl_s`` seconds after finishing.
     Not locked itself: the worker pool calls it under its own lock."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, database=None) -> None:
+        """``database``: a database.Database to write futures through to (they then outlive
+        the process: see database.py)."""
         self.ttl_s = ttl_s
+        self.database = database
+        self._expired_db_at = 0.0
         self._futures: dict[str, Future] = {}
         self._finished: deque[Future] = deque()  # in finishing order, for eviction
         self.unfinished: dict[str | None, int] = {}  # owner -> futures not finished yet
@@ -64,12 +68,16 @@ class FutureStore:
         self._futures[future.id] = future
         self.unfinished[future.owner] = self.unfinished.get(future.owner, 0) + 1
         self.unfinished_total += 1
+        if self.database is not None:
+            self.database.future_added(future)
 
     def __contains__(self, future_id: str) -> bool:
         return future_id in self._futures
 
     def get(self, future_id: str) -> Future:
         future = self._futures.get(future_id)
+        if future is None and self.database is not None:
+            future = self.database.load_future(future_id)  # from before a restart
         if future is None:
             raise NotFoundError(not_found(future_id))
         return future
@@ -85,9 +93,15 @@ class FutureStore:
         self.unfinished[future.owner] -= 1
         self.unfinished_total -= 1
         self._finished.append(future)
+        if self.database is not None:
+            self.database.future_finished(future)
         future.done.set()
 
     def _evict_expired(self) -> None:
-        horizon = time.time() - self.ttl_s
+        now = time.time()
+        if self.database is not None and now - self._expired_db_at > 60:
+            self._expired_db_at = now
+            self.database.expire(self.ttl_s)
+        horizon = now - self.ttl_s
         while self._finished and (self._finished[0].finished_at or 0) < horizon:
             self._futures.pop(self._finished.popleft().id, None)

@@ -66,6 +66,7 @@ class WorkerPool:
         limits: BatchLimits | None = None,
         max_pending: int | None = None,
         max_pending_per_user: int | None = None,
+        database=None,
     ) -> None:
         """``limits=None`` turns fusion off: every job runs on its own. ``max_pending`` and
         ``max_pending_per_user`` bound unfinished futures (in all, and per owner): beyond,
@@ -81,7 +82,7 @@ class WorkerPool:
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: deque[str] = deque()
         self._running: set[str] = set()
-        self._store = FutureStore(future_ttl_s)
+        self._store = FutureStore(future_ttl_s, database)  # database: futures outlive the process
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
         self._pass_s: dict[str, float] = {}  # group -> duration of its last pass
         self._gathering: set[str] = set()  # groups a worker is gathering a pass for

@@ -26,7 +26,8 @@ def test_sigterm_finishes_running_fails_queued_and_exits(start_server):
 
     def poll(request_id: str) -> None:
         while True:
-            response = requests.post(f"{server.url}/api/v1/retrieve_future", json={"request_id": request_id}, timeout=90)
+            url = f"{server.url}/api/v1/retrieve_future"
+            response = requests.post(url, json={"request_id": request_id}, timeout=90)
             if "json" not in response.headers["Content-Type"] or "try_again" not in response.text:
                 answers[request_id] = response
                 return

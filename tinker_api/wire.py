@@ -92,7 +92,7 @@ def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
         raise BadRequestError(f"{field}: the tensor's data does not match its shape {shape}: {exc}") from None
 
 
-def forward_backward_output(logprobs: Sequence[torch.Tensor], metrics: Mapping[str, float]) -> bytes:
+def forward_backward_output(logprobs: Sequence, metrics: Mapping[str, float]) -> bytes:
     """ForwardBackwardOutput: one ``logprobs`` array per datum (shaped like its targets).
     Datums go into one ArrayRecord per run of equal trailing shape, as the format requires."""
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
@@ -100,7 +100,7 @@ def forward_backward_output(logprobs: Sequence[torch.Tensor], metrics: Mapping[s
         out.metrics[key] = float(value)
     runs: list[list[np.ndarray]] = []
     for values in logprobs:
-        array = np.ascontiguousarray(values.numpy(), dtype="<f4")
+        array = np.ascontiguousarray(np.asarray(values, dtype="<f4"))  # tensors, or lists after a restart
         if runs and runs[-1][0].shape[1:] == array.shape[1:]:
             runs[-1].append(array)
         else:

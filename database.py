@@ -1,0 +1,124 @@
+"""Durable server state in SQLite (WAL): futures and idempotency keys.
+
+Every future is written when it is submitted and again when it finishes, so that after a
+crash (kill -9) and restart: a request that was queued or running answers a clear failure
+("the server restarted before this request finished"), never 404; a finished result stays
+retrievable for FUTURE_TTL_S; and a request resent with the same ``Idempotency-Key`` gets
+the first answer instead of running twice. Model state itself lives in checkpoints
+(checkpoints.py); what was not saved is lost in a crash (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from futures import COMPLETED, FAILED, Future
+
+RESTARTED = "the server restarted before this request finished; send it again"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS futures (
+    id TEXT PRIMARY KEY, owner TEXT, kind TEXT, key TEXT, status TEXT, render TEXT,
+    result TEXT, error TEXT, error_type TEXT, submitted_at REAL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS futures_finished ON futures (finished_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL, key TEXT NOT NULL, response TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+"""
+
+
+def jsonable(value):
+    """A result as JSON can carry it (tensors and arrays become lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    return value
+
+
+class Database:
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def recover(self) -> int:
+        """Fail every future that was queued or running when the server stopped."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE futures SET status = ?, error = ?, error_type = 'ServerError', finished_at = ? "
+                "WHERE status NOT IN (?, ?)",
+                (FAILED, RESTARTED, time.time(), COMPLETED, FAILED),
+            )
+            return cursor.rowcount
+
+    def expire(self, ttl_s: float) -> None:
+        horizon = time.time() - ttl_s
+        with self._lock:
+            self._db.execute("DELETE FROM futures WHERE finished_at IS NOT NULL AND finished_at < ?", (horizon,))
+            self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (horizon,))
+
+    def future_added(self, future: Future) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO futures (id, owner, kind, key, status, submitted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (future.id, future.owner, future.kind, future.key, future.status, future.submitted_at),
+            )
+
+    def future_finished(self, future: Future) -> None:
+        result = json.dumps(jsonable(future.result)) if future.status == COMPLETED else None
+        with self._lock:
+            self._db.execute(
+                "UPDATE futures SET status = ?, render = ?, result = ?, error = ?, error_type = ?, finished_at = ? "
+                "WHERE id = ?",
+                (future.status, future.meta.get("render"), result, future.error, future.error_type,
+                 future.finished_at, future.id),
+            )
+
+    def load_future(self, future_id: str) -> Future | None:
+        """A finished future from before a restart (its result as JSON left it)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, owner, kind, key, status, render, result, error, error_type, submitted_at, finished_at "
+                "FROM futures WHERE id = ? AND finished_at IS NOT NULL",
+                (future_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        fid, owner, kind, key, status, render, result, error, error_type, submitted, finished = row
+        future = Future(id=fid, key=key, kind=kind, status=status, owner=owner, submitted_at=submitted)
+        future.result = json.loads(result) if result is not None else None
+        future.error, future.error_type, future.finished_at = error, error_type, finished
+        if render:
+            future.meta["render"] = render
+        future.done.set()
+        return future
+
+    def idempotent_response(self, owner: str | None, key: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT response FROM idempotency WHERE owner IS ? AND key = ?", (owner, key)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def remember_response(self, owner: str | None, key: str, response: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO idempotency (owner, key, response, created_at) VALUES (?, ?, ?, ?)",
+                (owner, key, json.dumps(response), time.time()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
