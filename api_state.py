@@ -9,6 +9,7 @@ here loads with the SDK and vice versa.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint
@@ -20,6 +21,7 @@ from errors import BadRequestError, ConflictError
 from schemas import LoadStateBody, ModelIdBody, SaveStateBody
 
 bp = Blueprint("state", __name__)
+log = logging.getLogger("thinker.state")
 
 
 def write_checkpoint(
@@ -107,3 +109,23 @@ def delete_lora():
 
     future = s.pool.submit(adapter_id, "delete_lora", delete)
     return {"request_id": future.id, "model_id": adapter_id}
+
+
+AUTOSAVES_KEPT = 3
+
+
+def autosaver(s, every_steps: int):
+    """After every ``every_steps``-th optimizer step of a trainable adapter, checkpoint it
+    (weights + optimizer) as ``autosave-<step>``; the 3 newest autosaves of each are kept."""
+
+    def after_step(adapter) -> None:
+        if not adapter.trainable or adapter.step % every_steps:
+            return
+        path = write_checkpoint(s, adapter.id, "weights", f"autosave-{adapter.step:06d}", True, overwrite=True)
+        mine = s.checkpoints.list(adapter.id)
+        autosaves = [c for c in mine if c.kind == "weights" and c.name.startswith("autosave-")]
+        for old in autosaves[:-AUTOSAVES_KEPT]:
+            s.checkpoints.delete(TinkerPath.parse(old.tinker_path))
+        log.info("autosaved %s at step %d: %s", adapter.id, adapter.step, path)
+
+    return after_step

@@ -94,6 +94,8 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     )
     auth.install(app, auth.KeyRing.from_config(config))
     install_idempotency(app)
+    if config.autosave_every_steps:
+        backend.after_step = api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps)
     app.register_blueprint(bp)
     app.register_blueprint(api_state.bp)
     app.register_blueprint(tinker_api.bp)

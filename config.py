@@ -59,6 +59,8 @@ class Config:
     # Unfinished requests (queued or running) one key, and everyone, may have: beyond, 429.
     max_pending_per_user: int = 1000
     max_pending: int = 10000
+    # Checkpoint every adapter (weights + optimizer) every N optimizer steps; 0: never.
+    autosave_every_steps: int = 0
     # Longest a retrieve_future long-poll may hold a connection, in seconds.
     max_long_poll_s: float = 60.0
     # How long finished futures stay retrievable, in seconds.

@@ -77,6 +77,7 @@ class HFBackend:
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {int(t) for t in eos if t is not None}
         self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
+        self.after_step = None  # called with the adapter after each optimizer step
         head = loaded.model.get_output_embeddings()
         self.plain_head = type(loaded.model).__name__ in PLAIN_HEAD_MODELS and getattr(head, "bias", None) is None
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
@@ -290,6 +291,8 @@ class HFBackend:
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.step += 1
         adapter.last_used_at = time.time()
+        if self.after_step is not None:
+            self.after_step(adapter)  # e.g. a periodic checkpoint, still in this adapter's turn
         return {
             "model_id": adapter_id,
             "step": adapter.step,

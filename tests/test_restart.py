@@ -60,3 +60,13 @@ def test_kill_9_and_restart(start_server, tmp_path):
     after = post(server, "/api/v1/sample", {**greedy, "model_id": restored})["outputs"]
     assert after == before
     assert "were queued or running when the server last stopped" in server.log()
+
+
+def test_autosave_every_steps(start_server, tmp_path):
+    server = start_server(THINKER_DATA_DIR=str(tmp_path / "auto"), AUTOSAVE_EVERY_STEPS="2")
+    model_id = run(server, "/add_lora", {"rank": 4, "alpha": 8.0})["model_id"]
+    for _ in range(9):
+        run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})
+        run(server, "/optim_step", {"model_id": model_id})
+    names = [c["checkpoint_id"] for c in requests.get(f"{server.url}/checkpoints", timeout=30).json()["checkpoints"]]
+    assert names == ["weights/autosave-000004", "weights/autosave-000006", "weights/autosave-000008"]
