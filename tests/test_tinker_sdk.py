@@ -265,7 +265,8 @@ def test_one_engine_under_both_apis(server, service, training):
     done = requests.post(f"{server.url}/retrieve_future", json={"request_id": created["request_id"], "timeout": 30})
     adapter_id = done.json()["result"]["model_id"]
     sampler = service.create_sampling_client(base_model=adapter_id).result()
-    out = sampler.sample(types.ModelInput.from_ints([72, 105]), 1, types.SamplingParams(max_tokens=3)).result()
+    params = types.SamplingParams(max_tokens=3, stop=[], seed=0)  # stop=[]: exactly max_tokens
+    out = sampler.sample(types.ModelInput.from_ints([72, 105]), 1, params).result()
     assert len(out.sequences[0].tokens) == 3
     # ... and a model made through the SDK trains through the seed API.
     model_id = training.get_info().model_id
