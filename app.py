@@ -40,6 +40,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     # of after the seconds torch and transformers take to import.
     import api_state
     import auth
+    import openapi
     import tinker_api
     from api import Services, bp, install_idempotency
     from backend import load_backend
@@ -98,6 +99,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         backend.after_step = api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps)
     app.register_blueprint(bp)
     app.register_blueprint(api_state.bp)
+    app.register_blueprint(openapi.bp)
     app.register_blueprint(tinker_api.bp)
     _register_error_handlers(app)
     return app
@@ -141,7 +143,7 @@ def main() -> None:
     def drain() -> None:
         services.pool.shutdown(wait=True, drain_s=SHUTDOWN_DRAIN_S)
         time.sleep(1.0)  # let waiting long-polls send the answers they just got
-        os.kill(os.getpid(), signal.SIGINT)  # waitress stops serving; main() returns
+        os.kill(os.getpid(), signal.SIGUSR1)  # -> exit() in the main thread: waitress stops, main() returns
 
     def stop(signum, _frame) -> None:
         """SIGTERM: finish running jobs, fail queued ones (their futures say why), then exit.
@@ -149,7 +151,11 @@ def main() -> None:
         log.info("%s: finishing running jobs, failing queued ones, then exiting", signal.Signals(signum).name)
         threading.Thread(target=drain, name="thinker-drain", daemon=True).start()
 
+    def exit_(_signum, _frame) -> None:
+        raise SystemExit(0)  # (our own signal: SIGINT may be ignored, as in background jobs)
+
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, exit_)
     log.info(" * Running on http://%s:%d (waitress, %d HTTP threads)", config.host, config.port, config.http_threads)
     try:
         serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")

@@ -26,7 +26,7 @@ log = logging.getLogger("thinker.auth")
 
 OPEN_OWNER = "local"
 # Paths anyone may call: health and metrics, and the signed (self-authenticating) downloads.
-PUBLIC_PATHS = ("/healthz", "/metrics", "/api/v1/healthz")
+PUBLIC_PATHS = ("/healthz", "/metrics", "/api/v1/healthz", "/openapi.json")
 PUBLIC_PREFIXES = ("/api/v1/files/",)
 
 
