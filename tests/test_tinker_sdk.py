@@ -290,6 +290,19 @@ def test_bad_requests_fail_their_future_with_a_user_error(training):
     assert "loss:sum" in training.forward([datum], "cross_entropy").result().metrics
 
 
+def test_malformed_protobuf_bodies_are_user_errors(server, training):
+    from tinker.proto import tinker_public_pb2 as pb
+
+    url, model_id = f"{server.url}/api/v1", training.get_info().model_id
+    headers = {"Content-Type": "application/x-protobuf"}
+    garbage = requests.post(f"{url}/forward_backward", data=b"\xff\xff\xff", headers=headers)
+    assert garbage.status_code == 400
+    empty = pb.ForwardBackwardRequest(model_id=model_id, loss_fn="cross_entropy").SerializeToString()
+    queued = requests.post(f"{url}/forward_backward", data=empty, headers=headers).json()
+    answer = requests.post(f"{url}/retrieve_future", json={"request_id": queued["request_id"]}).json()
+    assert answer["category"] == "user" and "at least one example" in answer["error"]
+
+
 def test_chunked_forward_backward_equals_one_request(start_server, training, monkeypatch_module):
     """With at most 2 examples per request the SDK splits 5 datums into 3 requests and POSTs
     them concurrently, the first one last; the server runs them in seq_id order and the

@@ -64,6 +64,8 @@ def forward_backward():
             limit = s.config.max_examples_per_request
             raise BadRequestError(f"data: {len(message.data)} examples, over this server's limit of {limit}")
         examples = wire.examples(message)
+        if not examples:
+            raise BadRequestError("data: at least one example is needed")
         check_sequence_lengths((ex.length + 1 for ex in examples), "data")
         job = FwdBwdRequest(
             adapter.id,
