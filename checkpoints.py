@@ -110,6 +110,7 @@ class CheckpointStore:
     def __init__(self, data_dir: str | Path) -> None:
         self.root = Path(data_dir).resolve() / "checkpoints"
         self._lock = threading.Lock()
+        self._expired_at = 0.0
 
     def folder(self, path: TinkerPath) -> Path:
         return self.root / path.run_id / path.kind / path.name
@@ -167,10 +168,11 @@ class CheckpointStore:
         return buffer.getvalue()
 
     def _expire(self) -> None:
-        """Delete checkpoints whose TTL ran out."""
-        if not self.root.exists():
-            return
+        """Delete checkpoints whose TTL ran out (a scan of every checkpoint: once a minute at most)."""
         now = time.time()
+        if not self.root.exists() or now - self._expired_at < 60:
+            return
+        self._expired_at = now
         for meta in self.root.glob("*/*/*/checkpoint.json"):
             try:
                 expires = json.loads(meta.read_text()).get("expires_at")

@@ -23,12 +23,11 @@ from backend import adapter_state
 from backend.adapters import AdapterRegistry
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.examples import Example, render_conversation, render_prompt
-from backend.loss_functions import get_loss_function
 from backend.losses import PLAIN_HEAD_MODELS
 from backend.model_loading import LoadedModel
-from backend.sampling import Completion, SampleRow, SamplingParams, generate, prompt_logprobs
+from backend.sampling import SampleRow, SamplingParams, generate, prompt_logprobs, sample_response
 from backend.sampling_engine import SamplingEngine
-from backend.training import FwdBwdRequest, fused_pass
+from backend.training import FwdBwdRequest, check_request, fused_pass
 from errors import BadRequestError, RequestFailedError, ThinkerError
 from storage import save_peft_adapter
 
@@ -169,40 +168,11 @@ class HFBackend:
 
     def check_fwdbwd(self, request: FwdBwdRequest) -> None:
         """Reject what this model cannot run (raised inside the job, failing its future)."""
-        spec = get_loss_function(request.loss_fn)
         if request.backward and request.adapter_id is None:
             raise BadRequestError("the base model is frozen: only a forward pass can run on it")
         if request.backward:
             self._trainable(request.adapter_id)
-        if not request.examples:
-            raise BadRequestError("data: at least one example is needed")
-        vocab = self.vocab_size
-        for i, example in enumerate(request.examples):
-            keys = set(example.loss_inputs) - {"target_tokens"}
-            if keys != set(spec.inputs):
-                raise BadRequestError(
-                    f"data[{i}].loss_fn_inputs: {request.loss_fn} takes target_tokens and {list(spec.inputs)}, "
-                    f"got {sorted(example.loss_inputs)}"
-                )
-            if example.target_tokens.dim() == 2 and request.loss_fn != "cross_entropy":
-                raise BadRequestError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: (T, K) targets are for cross_entropy only"
-                )
-            if example.length == 0:
-                raise BadRequestError(f"data[{i}]: the model input is empty")
-            if example.length > self.loaded.context_length:
-                raise BadRequestError(
-                    f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
-                    f"context window of {self.loaded.context_length}"
-                )
-            for key, tokens in (("model_input", example.input_tokens), ("target_tokens", example.target_tokens)):
-                if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-                    raise BadRequestError(f"data[{i}].{key}: token ids must lie in [0, {vocab})")
-            for key, value in example.loss_inputs.items():
-                if key != "target_tokens" and not bool(torch.isfinite(value).all()):
-                    raise BadRequestError(f"data[{i}].loss_fn_inputs.{key}: values must be finite")
-        if request.reduction == "mean" and sum(float(ex.weights.sum()) for ex in request.examples) == 0:
-            raise BadRequestError("data: every weight is zero, so there is no loss to average")
+        check_request(request, self.vocab_size, self.loaded.context_length)
 
     @on_compute_thread
     def forward_backward(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
@@ -396,13 +366,3 @@ class HFBackend:
         if self.loaded.fallback_reason:
             info["fallback_reason"] = self.loaded.fallback_reason
         return info
-
-
-def sample_response(completions: Sequence[Completion]) -> dict:
-    outputs = [c.text for c in completions]
-    return {
-        "generated_text": outputs[0] if outputs else "",
-        "outputs": outputs,
-        "stop_reasons": [c.stop_reason for c in completions],
-        "num_tokens": [len(c.tokens) for c in completions],
-    }

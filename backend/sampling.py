@@ -39,6 +39,17 @@ class Completion:
     stop_reason: str = "length"  # "stop": end-of-turn token or a stop string; "length": max_tokens
 
 
+def sample_response(completions: Sequence[Completion]) -> dict:
+    """The seed API's answer for a sampling request."""
+    outputs = [c.text for c in completions]
+    return {
+        "generated_text": outputs[0] if outputs else "",
+        "outputs": outputs,
+        "stop_reasons": [c.stop_reason for c in completions],
+        "num_tokens": [len(c.tokens) for c in completions],
+    }
+
+
 def check_prompts(rows: Sequence[SampleRow], context_length: int) -> None:
     for i, row in enumerate(rows):
         if len(row.prompt_tokens) >= context_length:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from backend.examples import Example
 from backend.lora import use_adapters
-from backend.loss_functions import LOSS_FUNCTIONS
+from backend.loss_functions import LOSS_FUNCTIONS, get_loss_function
 from backend.losses import head_target_logprobs
-from errors import RequestFailedError
+from errors import BadRequestError, RequestFailedError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,37 @@ class FwdBwdRequest:
     reduction: str = "mean"  # "mean": divide by the total weight (the seed API); "sum": Tinker's
     backward: bool = True  # False: forward only, no gradient (Tinker's forward)
     return_logprobs: bool = False  # per-example target logprobs in the result
+
+
+def check_request(request: FwdBwdRequest, vocab: int, context_length: int) -> None:
+    """What makes a request unrunnable on this model, as a BadRequestError naming the field."""
+    spec = get_loss_function(request.loss_fn)
+    if not request.examples:
+        raise BadRequestError("data: at least one example is needed")
+    for i, example in enumerate(request.examples):
+        keys = set(example.loss_inputs) - {"target_tokens"}
+        if keys != set(spec.inputs):
+            raise BadRequestError(
+                f"data[{i}].loss_fn_inputs: {request.loss_fn} takes target_tokens and {list(spec.inputs)}, "
+                f"got {sorted(example.loss_inputs)}"
+            )
+        if example.target_tokens.dim() == 2 and request.loss_fn != "cross_entropy":
+            raise BadRequestError(f"data[{i}].loss_fn_inputs.target_tokens: (T, K) targets are for cross_entropy only")
+        if example.length == 0:
+            raise BadRequestError(f"data[{i}]: the model input is empty")
+        if example.length > context_length:
+            raise BadRequestError(
+                f"data[{i}]: the sequence has {example.length + 1} tokens, longer than the model's "
+                f"context window of {context_length}"
+            )
+        for key, tokens in (("model_input", example.input_tokens), ("target_tokens", example.target_tokens)):
+            if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+                raise BadRequestError(f"data[{i}].{key}: token ids must lie in [0, {vocab})")
+        for key, value in example.loss_inputs.items():
+            if key != "target_tokens" and not bool(torch.isfinite(value).all()):
+                raise BadRequestError(f"data[{i}].loss_fn_inputs.{key}: values must be finite")
+    if request.reduction == "mean" and sum(float(ex.weights.sum()) for ex in request.examples) == 0:
+        raise BadRequestError("data: every weight is zero, so there is no loss to average")
 
 
 def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, requests: Sequence[FwdBwdRequest]) -> list:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import tinker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,3 +109,24 @@ def server(start_server) -> ServerProcess:
 def client(server) -> TinkerClient:
     with TinkerClient(server.url) as c:
         yield c
+
+
+# The official tinker SDK against the shared server (tests/test_tinker_*.py).
+@pytest.fixture(scope="module")
+def service(server, monkeypatch_module):
+    """A tinker.ServiceClient on the shared server."""
+    monkeypatch_module.setenv("TINKER_TELEMETRY", "0")
+    client = tinker.ServiceClient(base_url=server.url, api_key="tml-test-key")
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def training(service):
+    return service.create_lora_training_client(base_model="builtin-tiny", rank=8, seed=1).result()

@@ -6,9 +6,7 @@ Each test drives the SDK as its users do (ServiceClient -> TrainingClient / Samp
 
 from __future__ import annotations
 
-import io
 import math
-import tarfile
 
 import pytest
 import requests
@@ -21,25 +19,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}],
     [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def service(server, monkeypatch_module):
-    monkeypatch_module.setenv("TINKER_TELEMETRY", "0")
-    client = tinker.ServiceClient(base_url=server.url, api_key="tml-test-key")
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
-def training(service):
-    return service.create_lora_training_client(base_model="builtin-tiny", rank=8, seed=1).result()
 
 
 def sft_datum(tokenizer, conversation) -> types.Datum:
@@ -213,52 +192,6 @@ def test_forward_backward_custom(training):
     assert math.isfinite(result.metrics["loss:sum"]) and "custom:mean" in result.metrics
 
 
-def test_rest_client_runs_checkpoints_and_peft_download(server, training, backend):
-    rest = tinker.RestClient(base_url=server.url, api_key="tml-test-key")
-    path = training.save_state("for-download").result().path
-    run_id = path.removeprefix("tinker://").split("/")[0]
-    run = rest.get_training_run(run_id).result()
-    assert run.lora_rank == 8 and run.is_lora
-    assert any(r.training_run_id == run_id for r in rest.list_training_runs().result().training_runs)
-    listed = rest.list_checkpoints(run_id).result().checkpoints
-    assert "weights/for-download" in [c.checkpoint_id for c in listed]
-    info = rest.get_weights_info_by_tinker_path(path).result()
-    assert info.lora_rank == 8 and info.train_unembed and info.train_attn and info.train_mlp
-
-    archive = requests.get(f"{server.url}/api/v1/training_runs/{run_id}/checkpoints/weights/for-download/archive")
-    assert archive.status_code == 200
-    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
-        names = set(tar.getnames())
-        assert names == {"adapter_config.json", "adapter_model.safetensors"}
-        folder = backend.data_dir / "downloaded"
-        tar.extractall(folder, filter="data")
-    _check_peft_reproduces(training, folder, backend)
-
-    rest.delete_checkpoint_from_tinker_path(path).result()
-    assert "weights/for-download" not in [c.checkpoint_id for c in rest.list_checkpoints(run_id).result().checkpoints]
-
-
-def _check_peft_reproduces(training, folder, backend) -> None:
-    """The downloaded adapter, loaded with peft onto a fresh copy of the base model, gives
-    the logprobs the server gives."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = training.get_tokenizer()
-    ids = tokenizer.encode("Blue sky, green grass.", add_special_tokens=False)
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(ids[:-1]),
-        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
-    )
-    served = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
-    base = AutoModelForCausalLM.from_pretrained(backend.loaded.path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(folder)).eval()
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0]
-    local = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    torch.testing.assert_close(local, served, atol=1e-4, rtol=0)
-
-
 def test_one_engine_under_both_apis(server, service, training):
     # An adapter made with the seed API samples through the SDK ...
     created = requests.post(f"{server.url}/add_lora", json={"rank": 4, "alpha": 8.0}).json()
@@ -325,24 +258,6 @@ def test_chunked_forward_backward_equals_one_request(start_server, training, mon
     after = [c.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data for c in clients]
     assert after[0] == pytest.approx(after[1], abs=1e-5)
     service.close("success").result()
-
-
-def test_external_weights_download_with_signed_urls(server, training, backend):
-    """The SDK's download flow: export, ask for signed URLs, fetch each file without a key."""
-    rest = tinker.RestClient(base_url=server.url, api_key="tml-test-key")
-    path = training.save_weights_external("export-1").result().path
-    assert path.endswith("/external_weights/export-1")
-    urls = rest.get_external_weights_urls(path).result().urls
-    assert set(urls) == {"adapter_config.json", "adapter_model.safetensors"}
-    folder = backend.data_dir / "external"
-    folder.mkdir(exist_ok=True)
-    for name, url in urls.items():
-        response = requests.get(url)
-        assert response.status_code == 200
-        (folder / name).write_bytes(response.content)
-    _check_peft_reproduces(training, folder, backend)
-    forged = urls["adapter_config.json"].replace("signature=", "signature=0")
-    assert requests.get(forged).status_code == 404
 
 
 def test_retrieve_future_answers_try_again_while_pending(server):
