@@ -40,6 +40,9 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     # of after the seconds torch and transformers take to import.
     import api_state
     import auth
+    import dashboard
+    import logs
+    import metrics
     import openapi
     import tinker_api
     from api import Services, bp, install_idempotency
@@ -93,7 +96,9 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         download_secret=secrets.token_bytes(32),
         database=database,
     )
+    logs.install(app)
     auth.install(app, auth.KeyRing.from_config(config))
+    metrics.install(app)
     install_idempotency(app)
     if config.autosave_every_steps:
         backend.after_step = api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps)
@@ -101,6 +106,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     app.register_blueprint(api_state.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(tinker_api.bp)
+    app.register_blueprint(dashboard.bp)
     _register_error_handlers(app)
     return app
 
@@ -129,7 +135,9 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         log.error("%s", exc.message)
         sys.exit(2)
-    logging.basicConfig(level=config.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
+    import logs
+
+    logs.configure(config.log_level)
     try:
         app = create_app(config)
     except ConfigurationError as exc:

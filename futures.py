@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +64,9 @@ class FutureStore:
         self._finished: deque[Future] = deque()  # in finishing order, for eviction
         self.unfinished: dict[str | None, int] = {}  # owner -> futures not finished yet
         self.unfinished_total = 0
+        # Called with each future as it finishes, under the pool's lock: keep them quick
+        # (metrics, the dashboard's recent-requests list).
+        self.on_finish: list[Callable[[Future], None]] = []
 
     def add(self, future: Future) -> None:
         self._evict_expired()
@@ -95,6 +100,11 @@ class FutureStore:
         self._finished.append(future)
         if self.database is not None:
             self.database.future_finished(future)
+        for listener in self.on_finish:
+            try:
+                listener(future)
+            except Exception:  # an observer's bug must not lose the result
+                logging.getLogger("thinker.futures").exception("on_finish listener failed")
         future.done.set()
 
     def _evict_expired(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ class Adapter:
     tokens_trained: int = 0
     user_metadata: dict[str, str] = field(default_factory=dict)
     last_loss: float | None = None
+    # (time, step, loss) of each training forward-backward, newest last: the dashboard's loss curve
+    loss_history: deque = field(default_factory=lambda: deque(maxlen=2000))
 
     def describe(self) -> dict:
         return {

@@ -229,6 +229,7 @@ class HFBackend:
                 adapter = self.adapters.get(request.adapter_id)
                 adapter.tokens_trained += result["num_tokens"]
                 adapter.last_loss = result["loss"]
+                adapter.loss_history.append((time.time(), adapter.step, result["loss"]))
         return results
 
     def _plain_head_for(self, requests: Sequence[FwdBwdRequest]) -> torch.Tensor | None:
