@@ -25,9 +25,10 @@ from futures import current_owner
 log = logging.getLogger("thinker.auth")
 
 OPEN_OWNER = "local"
-# Paths anyone may call: health and metrics, and the signed (self-authenticating) downloads.
-PUBLIC_PATHS = ("/healthz", "/metrics", "/api/v1/healthz", "/openapi.json")
-PUBLIC_PREFIXES = ("/api/v1/files/",)
+# Paths anyone may call: health and metrics, the dashboard's page and assets (its data needs
+# a key), and the signed (self-authenticating) downloads.
+PUBLIC_PATHS = ("/", "/healthz", "/metrics", "/api/v1/healthz", "/openapi.json")
+PUBLIC_PREFIXES = ("/api/v1/files/", "/dashboard/assets/")
 
 
 def _digest(key: str) -> bytes:

@@ -157,6 +157,16 @@ class WorkerPool:
                 "fused_jobs": self.fused_jobs,
             }
 
+    def pending_by_owner(self) -> dict[str | None, int]:
+        """Unfinished futures (queued or running) per owner."""
+        with self._cond:
+            return {owner: n for owner, n in self._store.unfinished.items() if n}
+
+    def on_finish(self, listener: Callable[[Future], None]) -> None:
+        """Call ``listener(future)`` as each future finishes (under the pool's lock: keep it quick)."""
+        with self._cond:
+            self._store.on_finish.append(listener)
+
     def shutdown(self, wait: bool = True, drain_s: float = 0.0) -> None:
         """Stop taking jobs; fail queued ones; let running ones finish. ``drain_s``: also
         wait up to this long for running jobs that finish later (sampling in the decode loop)."""
