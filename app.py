@@ -91,13 +91,13 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         config=config,
         backend=backend,
         pool=pool,
-        checkpoints=CheckpointStore(config.thinker_data_dir),
+        checkpoints=CheckpointStore(config.thinker_data_dir, database),
         tinker=tinker_api.TinkerState(pool),
         download_secret=secrets.token_bytes(32),
         database=database,
     )
     logs.install(app)
-    auth.install(app, auth.KeyRing.from_config(config))
+    auth.install(app, auth.KeyRing.from_config(config, database))
     metrics.install(app)
     install_idempotency(app)
     if config.autosave_every_steps:

@@ -3,22 +3,24 @@
 With keys configured (``THINKER_API_KEYS`` and/or ``THINKER_API_KEYS_FILE``), every request
 but the public ones must carry a valid key, as ``X-API-Key`` (what the Tinker SDK sends) or
 ``Authorization: Bearer <key>``; anything else is a 401. Keys are kept only as SHA-256
-digests and compared in constant time. A key's owner id is derived from its digest, so it
-is stable across restarts and reveals nothing about the key. Every adapter, future,
-checkpoint and sampling session records its owner; another owner is answered as if it did
-not exist (404). Without keys the server runs in open single-user mode: one owner, "local".
+digests, in the SQLite database (keys.py makes and revokes keys while the server runs).
+A key's owner id is derived from its digest, so it is stable across restarts and reveals
+nothing about the key. Every adapter, future, checkpoint and sampling session records its
+owner; another owner is answered as if it did not exist (404). Without keys the server
+runs in open single-user mode: one owner, "local".
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
+import time
 from pathlib import Path
 
 from flask import Flask, g, request
 
 from config import Config
+from database import Database
 from errors import AuthenticationError, ConfigurationError, NotFoundError
 from futures import current_owner
 
@@ -31,42 +33,73 @@ PUBLIC_PATHS = ("/", "/healthz", "/metrics", "/api/v1/healthz", "/openapi.json")
 PUBLIC_PREFIXES = ("/api/v1/files/", "/dashboard/assets/")
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def owner_id(key_digest: str) -> str:
+    """The owner id of a key: derived from its digest, so stable across restarts and
+    revealing nothing about the key."""
+    return "user-" + hashlib.sha256(b"owner:" + bytes.fromhex(key_digest)).hexdigest()[:16]
+
+
+def config_keys(config: Config) -> list[str]:
+    """The keys named by THINKER_API_KEYS and THINKER_API_KEYS_FILE."""
+    keys = [k.strip() for k in (config.thinker_api_keys or "").split(",") if k.strip()]
+    if config.thinker_api_keys_file:
+        try:
+            lines = Path(config.thinker_api_keys_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigurationError(f"THINKER_API_KEYS_FILE cannot be read: {exc}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    check_keys(keys)
+    return keys
+
+
+def check_keys(keys: list[str]) -> None:
+    if any(len(k) < 8 for k in keys):
+        raise ConfigurationError("API keys must be at least 8 characters long")
 
 
 class KeyRing:
-    def __init__(self, keys: list[str]) -> None:
-        self._digests = [_digest(key) for key in keys]
+    """The API keys, as SHA-256 digests in the ``api_keys`` table: those from the config
+    (re-synced at each start, so a key removed from THINKER_API_KEYS stops working) and
+    those made with ``python keys.py create`` (kept until revoked)."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        # Fixed at start: a first key made while the server runs open takes effect at the
+        # next start, rather than locking "local" out of its own adapters mid-run.
+        self.enabled = self.count() > 0
 
     @classmethod
-    def from_config(cls, config: Config) -> KeyRing:
-        keys = [k.strip() for k in (config.thinker_api_keys or "").split(",") if k.strip()]
-        if config.thinker_api_keys_file:
-            try:
-                lines = Path(config.thinker_api_keys_file).read_text().splitlines()
-            except OSError as exc:
-                raise ConfigurationError(f"THINKER_API_KEYS_FILE cannot be read: {exc}") from None
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        short = [k for k in keys if len(k) < 8]
-        if short:
-            raise ConfigurationError("API keys must be at least 8 characters long")
-        return cls(keys)
+    def from_config(cls, config: Config, database: Database) -> KeyRing:
+        sync_config_keys(database, config_keys(config))
+        return cls(database)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
+    def count(self) -> int:
+        return self.db.query("SELECT COUNT(*) FROM api_keys")[0][0]
 
     def owner_of(self, key: str | None) -> str | None:
-        """The owner id of a valid key, else None. Every stored digest is compared, so the
-        time taken says nothing about which (or whether a) key matched."""
+        """The owner id of a valid key, else None. Looked up by its SHA-256 digest: the
+        lookup's timing depends only on the digest, which says nothing about the key."""
         if key is None:
             return None
-        digest, found = _digest(key), None
-        for stored in self._digests:
-            if hmac.compare_digest(digest, stored):
-                found = stored
-        return None if found is None else "user-" + hashlib.sha256(b"owner:" + found).hexdigest()[:16]
+        rows = self.db.query("SELECT owner FROM api_keys WHERE digest = ?", (digest(key),))
+        return rows[0][0] if rows else None
+
+
+def sync_config_keys(database: Database, keys: list[str]) -> None:
+    digests = {digest(k) for k in keys}
+    for (stored,) in database.query("SELECT digest FROM api_keys WHERE source = 'config'"):
+        if stored not in digests:
+            database.execute("DELETE FROM api_keys WHERE digest = ?", (stored,))
+    for d in digests:
+        database.execute(
+            "INSERT OR IGNORE INTO api_keys (digest, owner, label, source, created_at) "
+            "VALUES (?, ?, NULL, 'config', ?)",
+            (d, owner_id(d), time.time()),
+        )
 
 
 def presented_key() -> str | None:
@@ -80,7 +113,7 @@ def presented_key() -> str | None:
 def install(app: Flask, keys: KeyRing) -> None:
     """Authenticate every request before its route runs, and tag what it creates."""
     if keys.enabled:
-        log.info("API keys: on (%d keys); every request needs X-API-Key or Authorization: Bearer", len(keys._digests))
+        log.info("API keys: on (%d keys); every request needs X-API-Key or Authorization: Bearer", keys.count())
     else:
         log.warning("API keys: none configured: OPEN single-user mode, anyone who can reach the port can use it")
 

@@ -1,11 +1,12 @@
 """Checkpoints on disk: where they live, what they are, and their ``tinker://`` names.
 
 A checkpoint is a folder ``<data_dir>/checkpoints/<run_id>/<kind>/<name>/`` holding a PEFT
-adapter (``adapter_config.json`` + ``adapter_model.safetensors``), for training states
-also ``optimizer.pt``, and ``checkpoint.json`` (what the listing endpoints report). It is
-named ``tinker://<run_id>/<kind>/<name>``, as the Tinker SDK expects. Kinds:
-``weights`` (save_state: weights + optimizer), ``sampler_weights`` (weights for sampling),
-``external_weights`` (an export for download).
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and, for training states,
+``optimizer.pt``; its metadata (what the listing endpoints report, its owner and TTL) is a
+row in the SQLite database, written once the files are complete: a folder without a row
+is a save that a crash interrupted, and is never listed. It is named
+``tinker://<run_id>/<kind>/<name>``, as the Tinker SDK expects. Kinds: ``weights`` (save_state: weights + optimizer),
+``sampler_weights`` (weights for sampling), ``external_weights`` (an export for download).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from database import Database
 from errors import BadRequestError, NotFoundError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
@@ -65,7 +67,7 @@ def check_name(value: str, field_name: str) -> str:
 
 @dataclass
 class CheckpointInfo:
-    """What ``checkpoint.json`` holds."""
+    """A checkpoint's metadata (a row of the ``checkpoints`` table)."""
 
     tinker_path: str
     run_id: str
@@ -107,42 +109,44 @@ def _iso(timestamp: float) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, database: Database) -> None:
         self.root = Path(data_dir).resolve() / "checkpoints"
+        self.db = database
         self._lock = threading.Lock()
         self._expired_at = 0.0
+        self._import_legacy()
 
     def folder(self, path: TinkerPath) -> Path:
         return self.root / path.run_id / path.kind / path.name
 
     def exists(self, path: TinkerPath) -> bool:
-        return (self.folder(path) / "checkpoint.json").exists()
+        return bool(self.db.query("SELECT 1 FROM checkpoints WHERE tinker_path = ?", (str(path),)))
 
     def write_info(self, info: CheckpointInfo) -> None:
+        """Record a checkpoint whose files are complete (this is what makes it exist)."""
         folder = self.folder(TinkerPath.parse(info.tinker_path))
-        info.size_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.name != "checkpoint.json")
-        tmp = folder / "checkpoint.json.tmp"
-        tmp.write_text(json.dumps(asdict(info), indent=1))
-        tmp.replace(folder / "checkpoint.json")  # atomic: a listed checkpoint is complete
+        info.size_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints (tinker_path, run_id, owner, created_at, expires_at, info) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (info.tinker_path, info.run_id, info.owner, info.created_at, info.expires_at, json.dumps(asdict(info))),
+        )
 
     def get(self, path: TinkerPath) -> CheckpointInfo:
         self._expire()
-        try:
-            return CheckpointInfo(**json.loads((self.folder(path) / "checkpoint.json").read_text()))
-        except FileNotFoundError:
-            raise NotFoundError(not_found(path)) from None
+        rows = self.db.query("SELECT info FROM checkpoints WHERE tinker_path = ?", (str(path),))
+        if not rows:
+            raise NotFoundError(not_found(path))
+        return CheckpointInfo(**json.loads(rows[0][0]))
 
     def list(self, run_id: str | None = None) -> list[CheckpointInfo]:
         """Every checkpoint (of one run), oldest first."""
         self._expire()
-        pattern = f"{run_id}/*/*/checkpoint.json" if run_id else "*/*/*/checkpoint.json"
-        found = []
-        for meta in self.root.glob(pattern) if self.root.exists() else []:
-            try:
-                found.append(CheckpointInfo(**json.loads(meta.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue  # being written or deleted right now
-        return sorted(found, key=lambda c: c.created_at)
+        if run_id is None:
+            rows = self.db.query("SELECT info FROM checkpoints ORDER BY created_at")
+        else:
+            rows = self.db.query("SELECT info FROM checkpoints WHERE run_id = ? ORDER BY created_at", (run_id,))
+        return [CheckpointInfo(**json.loads(info)) for (info,) in rows]
 
     def update(self, path: TinkerPath, **changes) -> CheckpointInfo:
         with self._lock:
@@ -153,10 +157,11 @@ class CheckpointStore:
         return info
 
     def delete(self, path: TinkerPath) -> None:
-        folder = self.folder(path)
-        if not self.exists(path):
+        # The row first: a crash in between leaves files no listing shows, never a listed
+        # checkpoint without files.
+        if not self.db.execute("DELETE FROM checkpoints WHERE tinker_path = ?", (str(path),)):
             raise NotFoundError(not_found(path))
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.folder(path), ignore_errors=True)
 
     def archive(self, path: TinkerPath) -> bytes:
         """The checkpoint's PEFT adapter as a .tar.gz (adapter_config.json, adapter_model.safetensors)."""
@@ -168,15 +173,21 @@ class CheckpointStore:
         return buffer.getvalue()
 
     def _expire(self) -> None:
-        """Delete checkpoints whose TTL ran out (a scan of every checkpoint: once a minute at most)."""
+        """Delete checkpoints whose TTL ran out (checked once a minute at most)."""
         now = time.time()
-        if not self.root.exists() or now - self._expired_at < 60:
+        if now - self._expired_at < 60:
             return
         self._expired_at = now
-        for meta in self.root.glob("*/*/*/checkpoint.json"):
+        for (tinker_path,) in self.db.query("SELECT tinker_path FROM checkpoints WHERE expires_at < ?", (now,)):
+            self.delete(TinkerPath.parse(tinker_path))
+
+    def _import_legacy(self) -> None:
+        """Checkpoints saved by versions that kept their metadata in ``checkpoint.json``."""
+        for meta in self.root.glob("*/*/*/checkpoint.json") if self.root.exists() else []:
             try:
-                expires = json.loads(meta.read_text()).get("expires_at")
-            except (OSError, ValueError):
+                info = CheckpointInfo(**json.loads(meta.read_text()))
+            except (OSError, ValueError, TypeError):
                 continue
-            if expires and expires < now:
-                shutil.rmtree(meta.parent, ignore_errors=True)
+            if not self.exists(TinkerPath.parse(info.tinker_path)):
+                self.write_info(info)
+            meta.unlink(missing_ok=True)

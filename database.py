@@ -1,4 +1,6 @@
-"""Durable server state in SQLite (WAL): futures and idempotency keys.
+"""Durable server state in SQLite (WAL): futures, idempotency keys, API keys, the adapter
+registry, checkpoint metadata and the Tinker API's sessions. The tables are declared here;
+the modules that own each kind of state run their own queries through ``execute``/``query``.
 
 Every future is written when it is submitted and again when it finishes, so that after a
 crash (kill -9) and restart: a request that was queued or running answers a clear failure
@@ -30,6 +32,32 @@ CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL, key TEXT NOT NULL, response TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (owner, key)
 );
+-- auth.py: SHA-256 digests only; source "config" (THINKER_API_KEYS[_FILE]) or "cli" (keys.py)
+CREATE TABLE IF NOT EXISTS api_keys (
+    digest TEXT PRIMARY KEY, owner TEXT NOT NULL, label TEXT, source TEXT NOT NULL, created_at REAL NOT NULL
+);
+-- checkpoints.py: one row per complete checkpoint; its files are under checkpoints/
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tinker_path TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT, created_at REAL NOT NULL,
+    expires_at REAL, info TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run_id);
+-- registry.py: every trainable adapter ever created and not deleted; state "live" or "lost"
+CREATE TABLE IF NOT EXISTS adapters (
+    model_id TEXT PRIMARY KEY, owner TEXT, config TEXT NOT NULL, state TEXT NOT NULL,
+    step INTEGER NOT NULL, tokens_trained INTEGER NOT NULL, last_loss REAL, created_at REAL NOT NULL
+);
+-- tinker_api/sessions.py: client sessions, sampling sessions and each model's next seq_id
+CREATE TABLE IF NOT EXISTS tinker_sessions (
+    id TEXT PRIMARY KEY, owner TEXT, tags TEXT NOT NULL, user_metadata TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tinker_samplers (
+    id TEXT PRIMARY KEY, session_id TEXT, owner TEXT, base_model TEXT NOT NULL, adapter_id TEXT, model_path TEXT
+);
+CREATE TABLE IF NOT EXISTS tinker_requests (
+    scope TEXT NOT NULL, seq_id INTEGER NOT NULL, future_id TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (scope, seq_id)
+);
 """
 
 
@@ -53,6 +81,15 @@ class Database:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
+    def execute(self, sql: str, params: tuple = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        with self._lock:
+            return self._db.execute(sql, params).rowcount
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
     def recover(self) -> int:
         """Fail every future that was queued or running when the server stopped."""
         with self._lock:
@@ -68,6 +105,7 @@ class Database:
         with self._lock:
             self._db.execute("DELETE FROM futures WHERE finished_at IS NOT NULL AND finished_at < ?", (horizon,))
             self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (horizon,))
+            self._db.execute("DELETE FROM tinker_requests WHERE created_at < ?", (horizon,))
 
     def future_added(self, future: Future) -> None:
         with self._lock:

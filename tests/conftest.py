@@ -48,6 +48,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.env = env  # what it was started with (THINKER_DATA_DIR, ...)
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **env}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

@@ -7,13 +7,17 @@ answer 404, worded as for things that do not exist.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import requests
 import tinker
 from tinker import types
 
+import keys as keys_cli
 from auth import KeyRing
 from config import Config
+from database import Database
 from errors import ConfigurationError
 
 ALICE, BOB = "tml-alice-0001", "tml-bob-000002"
@@ -151,12 +155,27 @@ def test_tinker_resources_are_private(keyed, alice_sdk):
 def test_keys_file_and_short_keys(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# team\ntml-carol-0003\n\n")
-    ring = KeyRing.from_config(Config(thinker_api_keys=ALICE, thinker_api_keys_file=str(keys)))
+    config = Config(thinker_api_keys=ALICE, thinker_api_keys_file=str(keys))
+    ring = KeyRing.from_config(config, Database(tmp_path / "a.db"))
+    assert ring.enabled and ring.count() == 2
     assert ring.owner_of("tml-carol-0003") and ring.owner_of(ALICE) and ring.owner_of(BOB) is None
     assert ring.owner_of(ALICE) != ring.owner_of("tml-carol-0003")
-    assert ring.owner_of(ALICE) == KeyRing([ALICE]).owner_of(ALICE)  # stable across restarts
+    other = KeyRing.from_config(Config(thinker_api_keys=ALICE), Database(tmp_path / "b.db"))
+    assert ring.owner_of(ALICE) == other.owner_of(ALICE)  # the same owner on any server, after any restart
     with pytest.raises(ConfigurationError, match="at least 8"):
-        KeyRing.from_config(Config(thinker_api_keys="short"))
+        KeyRing.from_config(Config(thinker_api_keys="short"), Database(tmp_path / "c.db"))
+
+
+def test_keys_live_in_the_database_digested(tmp_path):
+    db = Database(tmp_path / "thinker.db")
+    ring = KeyRing.from_config(Config(thinker_api_keys=f"{ALICE},{BOB}"), db)
+    stored = [row[0] for row in db.query("SELECT digest FROM api_keys")]
+    assert len(stored) == 2 and ALICE not in stored and BOB not in stored  # digests only
+    # Removing a key from the config revokes it at the next start; a keys.py key stays.
+    made = keys_cli.create(db, "carol")
+    ring = KeyRing.from_config(Config(thinker_api_keys=ALICE), db)
+    assert ring.owner_of(ALICE) and ring.owner_of(BOB) is None and ring.owner_of(made)
+    assert keys_cli.revoke(db, "carol") == 1 and ring.owner_of(made) is None  # at once, no restart
 
 
 def test_open_mode_says_so_at_start(server, keyed):
@@ -173,3 +192,11 @@ def test_python_client_sends_its_key(keyed):
         assert client.sample(model_id=model_id, prompts=["hi"], max_tokens=2)["num_tokens"]
     with TinkerClient(keyed.url) as anonymous, pytest.raises(AuthenticationError):
         anonymous.add_lora(base_model="base", rank=4, alpha=8)
+
+
+def test_a_key_made_with_keys_py_works_at_once(keyed):
+    db = Database(Path(keyed.env["THINKER_DATA_DIR"]) / "thinker.db")  # the live server's database
+    dave = keys_cli.create(db, "dave")
+    assert call(keyed, "GET", "/adapters", dave).status_code == 200
+    keys_cli.revoke(db, "dave")
+    assert call(keyed, "GET", "/adapters", dave).status_code == 401
