@@ -49,6 +49,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     from backend import load_backend
     from checkpoints import CheckpointStore
     from database import Database
+    from registry import AdapterRecords
     from worker_pool import BatchLimits, WorkerPool
 
     if backend is None:
@@ -92,7 +93,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         backend=backend,
         pool=pool,
         checkpoints=CheckpointStore(config.thinker_data_dir, database),
-        tinker=tinker_api.TinkerState(pool),
+        tinker=tinker_api.TinkerState(pool, database),
         download_secret=secrets.token_bytes(32),
         database=database,
     )
@@ -100,8 +101,13 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     auth.install(app, auth.KeyRing.from_config(config, database))
     metrics.install(app)
     install_idempotency(app)
+    records = AdapterRecords(database, app.extensions["thinker"].checkpoints)
+    restored, lost = records.recover(backend, restore=config.autosave_every_steps > 0)
+    if restored or lost:
+        log.warning("after the restart: %d adapters restored from their newest checkpoint, %d lost", restored, lost)
+    records.attach(backend)
     if config.autosave_every_steps:
-        backend.after_step = api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps)
+        backend.after_step_hooks.append(api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps))
     app.register_blueprint(bp)
     app.register_blueprint(api_state.bp)
     app.register_blueprint(openapi.bp)

@@ -105,7 +105,12 @@ class Database:
         with self._lock:
             self._db.execute("DELETE FROM futures WHERE finished_at IS NOT NULL AND finished_at < ?", (horizon,))
             self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (horizon,))
-            self._db.execute("DELETE FROM tinker_requests WHERE created_at < ?", (horizon,))
+            # (each scope's newest row stays: a model's numbering goes on from it after a restart)
+            self._db.execute(
+                "DELETE FROM tinker_requests WHERE created_at < ? AND seq_id < "
+                "(SELECT MAX(seq_id) FROM tinker_requests AS newest WHERE newest.scope = tinker_requests.scope)",
+                (horizon,),
+            )
 
     def future_added(self, future: Future) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +67,10 @@ class AdapterRegistry:
         self._prefix = id_prefix
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
+        # Observers (the durable registry, registry.py): told of each adapter made or removed
+        self.on_created: Callable[[Adapter], None] | None = None
+        self.on_removed: Callable[[Adapter], None] | None = None
+        self.missing_message: Callable[[str], str] = not_found  # why an id is not here
 
     def create(
         self,
@@ -110,12 +114,14 @@ class AdapterRegistry:
         )
         with self._lock:
             self._adapters[adapter_id] = adapter
+        if self.on_created is not None:
+            self.on_created(adapter)
         return adapter
 
     def get(self, adapter_id: str) -> Adapter:
         adapter = self._adapters.get(adapter_id)
         if adapter is None:
-            raise NotFoundError(not_found(adapter_id))
+            raise NotFoundError(self.missing_message(adapter_id))
         return adapter
 
     def __contains__(self, adapter_id: object) -> bool:
@@ -125,9 +131,11 @@ class AdapterRegistry:
         with self._lock:
             adapter = self._adapters.pop(adapter_id, None)
         if adapter is None:
-            raise NotFoundError(f"model_id {adapter_id!r} is not an adapter on this server")
+            raise NotFoundError(not_found(adapter_id))
         for name in adapter.layer_names:
             self._layers[name].remove_adapter(adapter_id)
+        if self.on_removed is not None:
+            self.on_removed(adapter)
 
     def pin(self, adapter_id: str) -> None:
         with self._lock:

@@ -76,7 +76,8 @@ class HFBackend:
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {int(t) for t in eos if t is not None}
         self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
-        self.after_step = None  # called with the adapter after each optimizer step
+        # called with the adapter after each optimizer step, in its turn (autosave, registry)
+        self.after_step_hooks: list = []
         head = loaded.model.get_output_embeddings()
         self.plain_head = type(loaded.model).__name__ in PLAIN_HEAD_MODELS and getattr(head, "bias", None) is None
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
@@ -152,6 +153,14 @@ class HFBackend:
     ) -> dict:
         layers = self.loaded.lora_layers
         adapter = adapter_state.create_from(self.adapters, layers, folder, adapter_id, optimizer, trainable, owner)
+        return adapter.describe()
+
+    @on_compute_thread
+    def restore_adapter(self, folder: Path, adapter_id: str, owner: str | None, step: int) -> dict:
+        """Bring an adapter back after a restart, under its own id, from a training checkpoint."""
+        layers = self.loaded.lora_layers
+        adapter = adapter_state.create_from(self.adapters, layers, folder, adapter_id, True, True, owner)
+        adapter.step = step
         return adapter.describe()
 
     @on_compute_thread
@@ -262,8 +271,8 @@ class HFBackend:
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.step += 1
         adapter.last_used_at = time.time()
-        if self.after_step is not None:
-            self.after_step(adapter)  # e.g. a periodic checkpoint, still in this adapter's turn
+        for hook in self.after_step_hooks:
+            hook(adapter)
         return {
             "model_id": adapter_id,
             "step": adapter.step,

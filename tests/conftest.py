@@ -45,7 +45,7 @@ def backend(cache_dir, tmp_path_factory) -> HFBackend:
 
 class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+        self.port = int(env.get("PORT") or free_port())  # PORT: restart where clients already point
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = env  # what it was started with (THINKER_DATA_DIR, ...)

@@ -4,8 +4,14 @@ idempotency keys survive; requests that were queued or running say the server re
 from __future__ import annotations
 
 import signal
+import time
 
+import pytest
 import requests
+import tinker
+from tinker import types
+
+from tinker_api.sessions import GAP_TIMEOUT_S
 
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]
 
@@ -53,6 +59,10 @@ def test_kill_9_and_restart(start_server, tmp_path):
     assert wait(server, trained["request_id"]) == finished  # a finished result outlives the crash
     replay = post(server, "/fwdbwd", {"model_id": model_id, "data": CHAT}, **{"Idempotency-Key": "step-1"})
     assert replay == trained  # the same answer, and nothing ran (the adapter is gone anyway)
+    # Without autosave the adapter itself is lost; asking for it says so and where to go on from.
+    lost = requests.post(f"{server.url}/fwdbwd", json={"model_id": model_id, "data": CHAT}, timeout=30)
+    assert lost.status_code == 404
+    assert "lost when the server restarted" in lost.json()["error"] and path in lost.json()["error"]
 
     listed = requests.get(f"{server.url}/checkpoints", timeout=30).json()["checkpoints"]
     assert path in [c["tinker_path"] for c in listed]
@@ -60,6 +70,30 @@ def test_kill_9_and_restart(start_server, tmp_path):
     after = post(server, "/api/v1/sample", {**greedy, "model_id": restored})["outputs"]
     assert after == before
     assert "were queued or running when the server last stopped" in server.log()
+
+
+def kill_and_restart(server, start_server):
+    """kill -9, then start again on the same data folder and port."""
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    return start_server(**{**server.env, "PORT": str(server.port)})
+
+
+def test_autosaved_adapters_come_back_under_their_own_ids(start_server, tmp_path):
+    server = start_server(THINKER_DATA_DIR=str(tmp_path / "data"), AUTOSAVE_EVERY_STEPS="2")
+    model_id = run(server, "/add_lora", {"rank": 4, "alpha": 8.0, "seed": 3})["model_id"]
+    for _ in range(4):
+        run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})
+        run(server, "/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}})
+    probe = {"model_id": model_id, "data": CHAT}
+    before = run(server, "/fwdbwd", probe)  # (its gradients die with the process: never stepped)
+
+    server = kill_and_restart(server, start_server)
+    assert "1 adapters restored from their newest checkpoint, 0 lost" in server.log()
+    adapters = requests.get(f"{server.url}/adapters", timeout=30).json()["adapters"]
+    assert [(a["model_id"], a["step"]) for a in adapters] == [(model_id, 4)]
+    assert abs(run(server, "/fwdbwd", probe)["loss"] - before["loss"]) < 1e-6  # the same weights
+    assert run(server, "/optim_step", {"model_id": model_id})["step"] == 5  # training goes on
 
 
 def test_autosave_every_steps(start_server, tmp_path):
@@ -70,3 +104,35 @@ def test_autosave_every_steps(start_server, tmp_path):
         run(server, "/optim_step", {"model_id": model_id})
     names = [c["checkpoint_id"] for c in requests.get(f"{server.url}/checkpoints", timeout=30).json()["checkpoints"]]
     assert names == ["weights/autosave-000004", "weights/autosave-000006", "weights/autosave-000008"]
+
+
+def test_the_tinker_sdk_goes_on_after_a_restart(start_server, tmp_path, monkeypatch):
+    """The same SDK objects keep working across kill -9: the session and the checkpoint's
+    sampler are still known, and the model's seq_id numbering goes on where it stopped
+    (a server that forgot it would hold the next request GAP_TIMEOUT_S for a missing seq_id)."""
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    server = start_server(THINKER_DATA_DIR=str(tmp_path / "data"), AUTOSAVE_EVERY_STEPS="1")
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-test-key")
+    training = service.create_lora_training_client(base_model="builtin-tiny", rank=8, seed=1).result()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([72, 105, 33, 10]),
+        loss_fn_inputs={"target_tokens": [105, 33, 10, 72], "weights": [1.0, 1.0, 1.0, 1.0]},
+    )
+    for _ in range(2):
+        training.forward_backward([datum], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = training.save_weights_for_sampler("before").result().path
+    sampler = service.create_sampling_client(model_path=path).result()
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+    prompt = types.ModelInput.from_ints([72, 105])
+    before = sampler.sample(prompt, 1, greedy).result().sequences[0].tokens
+    loss_before = training.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+
+    server = kill_and_restart(server, start_server)
+    started = time.monotonic()
+    assert training.forward([datum], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss_before)
+    assert time.monotonic() - started < GAP_TIMEOUT_S / 2  # no wait for seq_ids from before the restart
+    training.forward_backward([datum], "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == before
+    service.close("success").result()

@@ -135,8 +135,7 @@ def asample():
         sampler = _resolve(req.base_model, req.model_path, "stateless")
     if sampler.released:
         raise BadRequestError(
-            f"sampler {sampler.id} served a snapshot that newer snapshots replaced; save weights with "
-            "save_weights_for_sampler(name) to keep them"
+            f"sampler {sampler.id}: {sampler.released}; save weights with save_weights_for_sampler(name) to keep them"
         )
     for name in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
         if getattr(req, name):

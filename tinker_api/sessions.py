@@ -6,10 +6,16 @@ of order (the chunks of one forward_backward go concurrently, the first one last
 resends a request with the same ``seq_id`` when a POST looked lost. ``Sequencer`` hands
 out a future id at once, runs a model's requests strictly in ``seq_id`` order, and
 answers a resent ``seq_id`` with the id it gave the first time.
+
+All of it is written through to SQLite (database.py), so a restart changes nothing for a
+client: its session and sampling sessions are still there, a model's numbering goes on
+where it stopped, and a request resent after the restart gets the future id it got
+before (whose future then says it finished, or that the restart cut it off).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -18,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from database import Database
 from futures import Future
 from worker_pool import WorkerPool
 
@@ -50,16 +57,18 @@ class Sampler:
     adapter_id: str | None  # None: the base model
     model_path: str | None = None  # tinker:// path it was created from, if any
     owner: str | None = None
-    released: bool = False  # its snapshot weights were freed (newer snapshots replaced them)
+    released: str | None = None  # why its weights are gone (an in-memory snapshot freed or lost)
 
 
 class Sequencer:
     """One model's requests, released to the worker pool in seq_id order."""
 
-    def __init__(self, pool: WorkerPool, model_id: str) -> None:
+    def __init__(self, pool: WorkerPool, model_id: str, database: Database) -> None:
         self.pool = pool
         self.model_id = model_id
-        self.next_seq = 1
+        self.db = database
+        last = database.query("SELECT MAX(seq_id) FROM tinker_requests WHERE scope = ?", (model_id,))[0][0]
+        self.next_seq = (last or 0) + 1  # after a restart: where the numbering had got to
         self._held: dict[int, tuple[Future, Callable[[Future], None], float]] = {}
         self._ids: OrderedDict[int, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -73,10 +82,11 @@ class Sequencer:
             start(future)
             return future.id
         with self._lock:
-            if seq_id in self._ids:
-                return self._ids[seq_id]  # a resend: the same request
+            if (known := self._ids.get(seq_id) or _remembered(self.db, self.model_id, seq_id)) is not None:
+                return known  # a resend: the same request (perhaps from before a restart)
             future = self.pool.reserve(self.model_id, kind)
             self._remember(seq_id, future.id)
+            _remember(self.db, self.model_id, seq_id, future.id)
             if seq_id < self.next_seq:  # late, after we gave up waiting for it: run it now
                 ready = [(future, start)]
             else:
@@ -119,9 +129,22 @@ class Sequencer:
             start(future)
 
 
+def _remembered(db: Database, scope: str, seq_id: int) -> str | None:
+    rows = db.query("SELECT future_id FROM tinker_requests WHERE scope = ? AND seq_id = ?", (scope, seq_id))
+    return rows[0][0] if rows else None
+
+
+def _remember(db: Database, scope: str, seq_id: int, future_id: str) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO tinker_requests (scope, seq_id, future_id, created_at) VALUES (?, ?, ?, ?)",
+        (scope, seq_id, future_id, time.time()),
+    )
+
+
 class TinkerState:
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, database: Database) -> None:
         self.pool = pool
+        self.db = database
         self._lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -129,11 +152,39 @@ class TinkerState:
         self.creations: dict[tuple[str, int], str] = {}  # (session, model_seq_id) -> future id
         self._sample_ids: dict[str, OrderedDict[int, str]] = {}  # sampler -> seq_id -> future id
         self.snapshots: dict[str, list[str]] = {}  # training run -> its in-memory sampler snapshots, oldest first
+        self._load()
+
+    def _load(self) -> None:
+        """What the last run left in the database."""
+        for sid, who, tags, metadata, created in self.db.query(
+            "SELECT id, owner, tags, user_metadata, created_at FROM tinker_sessions"
+        ):
+            self.sessions[sid] = Session(sid, json.loads(tags), json.loads(metadata), who, created)
+        for sid, session_id, who, base_model, adapter_id, model_path in self.db.query(
+            "SELECT id, session_id, owner, base_model, adapter_id, model_path FROM tinker_samplers"
+        ):
+            sampler = Sampler(sid, base_model, adapter_id, model_path, who)
+            if adapter_id == sid:  # an in-memory snapshot: gone with the process
+                sampler.released = "its in-memory snapshot did not survive the server restart"
+            self.samplers[sid] = sampler
+            if session_id in self.sessions:
+                self.sessions[session_id].samplers.append(sid)
+        for (model_id,) in self.db.query("SELECT model_id FROM adapters WHERE model_id LIKE '%:train:%'"):
+            if (session := self.sessions.get(model_id.split(":train:", 1)[0])) is not None:
+                session.models.append(model_id)
+        for scope, seq_id, future_id in self.db.query(
+            "SELECT scope, seq_id, future_id FROM tinker_requests WHERE scope LIKE 'create:%'"
+        ):
+            self.creations[(scope.removeprefix("create:"), seq_id)] = future_id
 
     def new_session(self, tags: list[str], user_metadata: dict[str, str], owner: str | None) -> Session:
         session = Session(f"sess-{secrets.token_hex(6)}", tags, user_metadata, owner)
         with self._lock:
             self.sessions[session.id] = session
+        self.db.execute(
+            "INSERT INTO tinker_sessions (id, owner, tags, user_metadata, created_at) VALUES (?, ?, ?, ?, ?)",
+            (session.id, owner, json.dumps(tags), json.dumps(user_metadata), session.created_at),
+        )
         return session
 
     def session(self, session_id: str) -> Session | None:
@@ -142,7 +193,7 @@ class TinkerState:
     def sequencer(self, model_id: str) -> Sequencer:
         with self._lock:
             if model_id not in self._sequencers:
-                self._sequencers[model_id] = Sequencer(self.pool, model_id)
+                self._sequencers[model_id] = Sequencer(self.pool, model_id, self.db)
             return self._sequencers[model_id]
 
     def once(self, key: tuple[str, int], create: Callable[[], str]) -> str:
@@ -150,14 +201,17 @@ class TinkerState:
         with self._lock:
             if key not in self.creations:
                 self.creations[key] = create()
+                _remember(self.db, f"create:{key[0]}", key[1], self.creations[key])
             return self.creations[key]
 
     def sample_once(self, sampler_id: str, seq_id: int, create: Callable[[], str]) -> str:
         """The future id for a sample request, created once per (sampler, seq_id)."""
+        scope = f"sample:{sampler_id}"
         with self._lock:
             ids = self._sample_ids.setdefault(sampler_id, OrderedDict())
             if seq_id not in ids:
-                ids[seq_id] = create()
+                ids[seq_id] = _remembered(self.db, scope, seq_id) or create()
+                _remember(self.db, scope, seq_id, ids[seq_id])
                 while len(ids) > _REMEMBERED_IDS:
                     ids.popitem(last=False)
             return ids[seq_id]
@@ -167,6 +221,11 @@ class TinkerState:
             self.samplers[sampler.id] = sampler
             if session_id in self.sessions:
                 self.sessions[session_id].samplers.append(sampler.id)
+        self.db.execute(
+            "INSERT OR REPLACE INTO tinker_samplers (id, session_id, owner, base_model, adapter_id, model_path) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (sampler.id, session_id, sampler.owner, sampler.base_model, sampler.adapter_id, sampler.model_path),
+        )
         return sampler
 
     def add_model(self, session_id: str, model_id: str) -> None:

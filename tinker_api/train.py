@@ -165,7 +165,7 @@ def _release_old_snapshots(s, model_id: str, newest: str) -> None:
     for old in snapshots[: max(0, len(snapshots) - SNAPSHOTS_KEPT)]:
         if s.backend.adapters.idle(old, 0.0):
             snapshots.remove(old)
-            s.tinker.samplers[old].released = True
+            s.tinker.samplers[old].released = "newer snapshots replaced its in-memory snapshot"
             s.backend.remove_adapter(old)
 
 
