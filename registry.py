@@ -30,8 +30,8 @@ class AdapterRecords:
 
     def attach(self, backend) -> None:
         """Record the backend's trainable adapters from now on."""
-        backend.adapters.on_created = self.created
-        backend.adapters.on_removed = self.removed
+        backend.adapters.created_hooks.append(self.created)
+        backend.adapters.removed_hooks.append(self.removed)
         backend.adapters.missing_message = self.missing_message
         backend.after_step_hooks.append(self.stepped)
 

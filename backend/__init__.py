@@ -17,7 +17,8 @@ def load_backend(config, data_dir=None) -> HFBackend:
 
     compute = ComputeThread() if pick_device(config.device).type == "cpu" else InlineRunner()
     loaded = compute.run(load_base_model, config)
-    return HFBackend(loaded, data_dir if data_dir is not None else config.thinker_data_dir, compute=compute)
+    data_dir = data_dir if data_dir is not None else config.thinker_data_dir
+    return HFBackend(loaded, data_dir, compute=compute, max_resident_adapters=config.max_resident_adapters)
 
 
 __all__ = [

@@ -67,9 +67,9 @@ class AdapterRegistry:
         self._prefix = id_prefix
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
-        # Observers (the durable registry, registry.py): told of each adapter made or removed
-        self.on_created: Callable[[Adapter], None] | None = None
-        self.on_removed: Callable[[Adapter], None] | None = None
+        # Observers (the durable registry, residency): told of each adapter made or removed
+        self.created_hooks: list[Callable[[Adapter], None]] = []
+        self.removed_hooks: list[Callable[[Adapter], None]] = []
         self.missing_message: Callable[[str], str] = not_found  # why an id is not here
 
     def create(
@@ -114,8 +114,8 @@ class AdapterRegistry:
         )
         with self._lock:
             self._adapters[adapter_id] = adapter
-        if self.on_created is not None:
-            self.on_created(adapter)
+        for hook in self.created_hooks:
+            hook(adapter)
         return adapter
 
     def get(self, adapter_id: str) -> Adapter:
@@ -123,6 +123,9 @@ class AdapterRegistry:
         if adapter is None:
             raise NotFoundError(self.missing_message(adapter_id))
         return adapter
+
+    def find(self, adapter_id: str) -> Adapter | None:
+        return self._adapters.get(adapter_id)
 
     def __contains__(self, adapter_id: object) -> bool:
         return adapter_id in self._adapters
@@ -134,8 +137,8 @@ class AdapterRegistry:
             raise NotFoundError(not_found(adapter_id))
         for name in adapter.layer_names:
             self._layers[name].remove_adapter(adapter_id)
-        if self.on_removed is not None:
-            self.on_removed(adapter)
+        for hook in self.removed_hooks:
+            hook(adapter)
 
     def pin(self, adapter_id: str) -> None:
         with self._lock:

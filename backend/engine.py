@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from backend import adapter_state
+from backend import adapter_state, failures
 from backend.adapters import AdapterRegistry
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.examples import Example, render_conversation, render_prompt
 from backend.losses import PLAIN_HEAD_MODELS
 from backend.model_loading import LoadedModel
+from backend.residency import Residency
 from backend.sampling import SampleRow, SamplingParams, generate, prompt_logprobs, sample_response
 from backend.sampling_engine import SamplingEngine
-from backend.training import FwdBwdRequest, check_request, fused_pass
+from backend.training import FwdBwdRequest, check_request, describe_size, fused_pass
 from errors import BadRequestError, RequestFailedError, ThinkerError
 from storage import save_peft_adapter
 
@@ -59,9 +60,10 @@ class AdamParams:
 class HFBackend:
     name = "HF"
 
-    def __init__(self, loaded: LoadedModel, data_dir: str | Path, compute=None) -> None:
+    def __init__(self, loaded: LoadedModel, data_dir: str | Path, compute=None, max_resident_adapters: int = 128):
         """``compute``: where model work runs (a ComputeThread, best the one that loaded the
-        model; see load_backend). Default: a new compute thread on CPU, inline on GPU."""
+        model; see load_backend). Default: a new compute thread on CPU, inline on GPU.
+        ``max_resident_adapters``: adapters on the accelerator at once (see residency.py)."""
         self.loaded = loaded
         if compute is None:
             compute = ComputeThread() if loaded.device.type == "cpu" else InlineRunner()
@@ -71,6 +73,7 @@ class HFBackend:
         self.device = loaded.device
         self.data_dir = Path(data_dir)
         self.adapters = AdapterRegistry(loaded.lora_layers)
+        self.residency = Residency(self.adapters, loaded.device, max_resident_adapters)
         eos = {loaded.tokenizer.eos_token_id}
         generation_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
@@ -139,12 +142,14 @@ class HFBackend:
     def save_state(self, adapter_id: str, folder: Path, optimizer: bool) -> None:
         """Write the adapter (and its optimizer state) to ``folder`` in PEFT format."""
         adapter = self.adapters.get(adapter_id)
-        adapter_state.save_state(adapter, self.loaded.lora_layers, self.loaded.path, folder, optimizer)
+        with self.residency.using([adapter_id]):
+            adapter_state.save_state(adapter, self.loaded.lora_layers, self.loaded.path, folder, optimizer)
 
     @on_compute_thread
     def load_state(self, adapter_id: str, folder: Path, optimizer: bool) -> dict:
         adapter = self._trainable(adapter_id)
-        adapter_state.load_into(adapter, self.loaded.lora_layers, folder, optimizer)
+        with self.residency.using([adapter_id]):
+            adapter_state.load_into(adapter, self.loaded.lora_layers, folder, optimizer)
         return adapter.describe()
 
     @on_compute_thread
@@ -167,7 +172,8 @@ class HFBackend:
     def snapshot(self, adapter_id: str, snapshot_id: str) -> dict:
         """A frozen copy of the adapter's current weights, for sampling."""
         source = self.adapters.get(adapter_id)
-        return adapter_state.snapshot(self.adapters, self.loaded.lora_layers, source, snapshot_id).describe()
+        with self.residency.using([adapter_id]):
+            return adapter_state.snapshot(self.adapters, self.loaded.lora_layers, source, snapshot_id).describe()
 
     def _trainable(self, adapter_id: str):
         adapter = self.adapters.get(adapter_id)
@@ -205,7 +211,7 @@ class HFBackend:
                 results = self._fused_pass([requests[r] for r in runnable])
             except Exception as exc:  # noqa: BLE001
                 if len(runnable) == 1:
-                    results = [exc]
+                    results = [failures.explain(exc, describe_size(requests[runnable[0]]))]
                 else:
                     results = [self.forward_backward([requests[r]])[0] for r in runnable]
             for r, result in zip(runnable, results, strict=True):
@@ -219,6 +225,10 @@ class HFBackend:
         return outcome
 
     def _fused_pass(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
+        with self.residency.using(q.adapter_id for q in requests):
+            return self._fused_pass_resident(requests)
+
+    def _fused_pass_resident(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
         trained = {q.adapter_id for q in requests if q.backward and q.adapter_id}
         params = [p for adapter_id in trained for p in self.adapters.get(adapter_id).params]
         before = [None if p.grad is None else p.grad.clone() for p in params]
@@ -252,6 +262,10 @@ class HFBackend:
 
     @on_compute_thread
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
+        with self.residency.using([adapter_id]):
+            return self._optim_step(adapter_id, adam)
+
+    def _optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
         adapter = self._trainable(adapter_id)
         grads = [p.grad for p in adapter.params if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one foreach pass
@@ -307,13 +321,15 @@ class HFBackend:
         if len(tokens) > self.loaded.context_length:
             limit = self.loaded.context_length
             raise BadRequestError(f"prompt: {len(tokens)} tokens, over the context window of {limit}")
-        return prompt_logprobs(self.model, adapter_id, tokens, topk, self.device)
+        with self.residency.using([adapter_id]):
+            return prompt_logprobs(self.model, adapter_id, tokens, topk, self.device)
 
     @on_compute_thread
     def complete(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> list:
         """Generate for ``prompts`` as one batch of its own (no sharing with other requests)."""
         rows = self.sample_rows(adapter_id, prompts, params)
-        return generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
+        with self.residency.using([adapter_id]):
+            return generate(self.model, self.tokenizer, rows, self.eos_ids, self.loaded.context_length, self.device)
 
     def complete_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
         """Join the shared decode loop; the future's result is the completions, in order."""
@@ -349,13 +365,15 @@ class HFBackend:
             max_rows,
             window_s,
             run=self.compute.run,
+            hold=self.residency.using,
         )
 
     @on_compute_thread
     def save_adapter(self, adapter_id: str) -> dict:
         adapter = self.adapters.get(adapter_id)
         folder = self.data_dir.resolve() / "adapters" / adapter_id / f"step_{adapter.step:06d}"
-        save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
+        with self.residency.using([adapter_id]):
+            save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
         return {"model_id": adapter_id, "step": adapter.step, "path": str(folder)}
 
     def close(self) -> None:
@@ -372,6 +390,9 @@ class HFBackend:
             "context_length": self.loaded.context_length,
             "target_modules": self.loaded.target_modules,
             "adapters": len(self.adapters),
+            "adapters_resident": self.residency.resident,  # on the accelerator; the rest wait in CPU memory
+            "adapter_offloads": self.residency.offloads,
+            "adapter_reloads": self.residency.reloads,
         }
         if self.loaded.fallback_reason:
             info["fallback_reason"] = self.loaded.fallback_reason

@@ -7,6 +7,7 @@ parameters and seed, and its future completes as soon as its own rows are done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend import failures
 from backend.decode import DecodeBatch, LiveRow
 from backend.sampling import Completion, SampleRow, check_prompts
 
@@ -42,10 +44,13 @@ class SamplingEngine:
         max_rows: int = 64,
         window_s: float = 0.005,
         run=None,
+        hold=None,
     ) -> None:
         """``run(fn, *args)`` executes model work where the backend wants it (its compute
-        thread on CPU); by default, on this engine's own thread."""
+        thread on CPU); by default, on this engine's own thread. ``hold(adapter_ids)``: a
+        context that keeps those adapters on the accelerator (residency.py) for a step."""
         self._run = run or (lambda fn, *args: fn(*args))
+        self._hold = hold or (lambda _ids: contextlib.nullcontext())
         self.context_length = context_length
         self.max_rows = max_rows
         self.window_s = window_s  # when idle, wait this long for company before starting
@@ -102,8 +107,16 @@ class SamplingEngine:
                 self._fail_everything(exc, admitted)
 
     def _admit_and_step(self, admitted: list[_Request]) -> None:
-        self._batch.admit([row for req in admitted for row in self._live_rows(req)])
-        self._batch.step()
+        adapters = {live.row.adapter_id for live in self._batch.rows}
+        adapters.update(row.adapter_id for req in admitted for row in req.rows)
+        with self._hold(adapters):
+            try:
+                self._batch.admit([row for req in admitted for row in self._live_rows(req)])
+            except Exception as exc:  # noqa: BLE001 - the newcomers' prefill: the batch is untouched
+                log.warning("prefill of %d new sampling requests failed: %s", len(admitted), exc)
+                rows = sum(len(req.rows) for req in admitted)
+                self._fail_requests(admitted, failures.explain(exc, f"the prefill of {rows} prompts"))
+            self._batch.step()
 
     def _take_admissible(self) -> list[_Request]:
         taken, rows = [], len(self._batch)
@@ -128,6 +141,12 @@ class SamplingEngine:
             self._batch.make_row(row, self.context_length, on_done=lambda live, i=i: done(live, i))
             for i, row in enumerate(request.rows)
         ]
+
+    def _fail_requests(self, requests: Sequence[_Request], error: BaseException) -> None:
+        for request in requests:
+            self._in_flight.pop(id(request), None)
+            if not request.future.done():
+                request.future.set_exception(error)
 
     def _fail_everything(self, error: BaseException, admitted: Sequence[_Request] = ()) -> None:
         self._batch.clear()

@@ -33,6 +33,12 @@ class FwdBwdRequest:
     return_logprobs: bool = False  # per-example target logprobs in the result
 
 
+def describe_size(request: FwdBwdRequest) -> str:
+    """The request's size, in words (for errors)."""
+    longest = max((len(e.input_tokens) for e in request.examples), default=0)
+    return f"a forward-backward of {len(request.examples)} sequences (the longest {longest} tokens)"
+
+
 def check_request(request: FwdBwdRequest, vocab: int, context_length: int) -> None:
     """What makes a request unrunnable on this model, as a BadRequestError naming the field."""
     spec = get_loss_function(request.loss_fn)
