@@ -143,7 +143,7 @@ def main() -> None:
         sys.exit(2)
     import logs
 
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     try:
         app = create_app(config)
     except ConfigurationError as exc:

@@ -55,6 +55,9 @@ class Config:
     max_sample_tokens: int = 2048
     max_sequence_tokens: int = 8192  # tokens in one training sequence (and the model's context window)
     max_adapters_per_user: int = 1000  # trainable adapters one key may hold
+    # adapters kept on the accelerator at once; the least recently used idle ones beyond
+    # wait in CPU memory (backend/residency.py)
+    max_resident_adapters: int = 128
     max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies: 413
     # Unfinished requests (queued or running) one key, and everyone, may have: beyond, 429.
     max_pending_per_user: int = 1000
@@ -71,6 +74,8 @@ class Config:
     # (the Tinker SDK keeps one long-poll open per pending future).
     http_threads: int = 128
     log_level: str = "INFO"
+    # Log line format: "text" ([time] LEVEL message key=value ...) or "json" (one object per line).
+    log_format: str = "text"
     # API keys, comma-separated (THINKER_API_KEYS=tml-alice,tml-bob), and/or a file with one
     # key per line. None of either: open single-user mode (no key needed).
     thinker_api_keys: str | None = None
@@ -97,12 +102,20 @@ class Config:
             raise ConfigurationError(f"PORT must be in 1..65535, got {self.port}")
         if self.max_batch_tokens < 1 or self.max_batch_sequences < 1 or self.batch_window_ms < 0:
             raise ConfigurationError("MAX_BATCH_TOKENS and MAX_BATCH_SEQUENCES must be >= 1, BATCH_WINDOW_MS >= 0")
-        limits = ("max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user")
+        limits = (
+            "max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user",
+            "max_resident_adapters",
+        )
         for name in (*limits, "max_pending"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.max_lora_rank < 1:
             raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            levels = "DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            raise ConfigurationError(f"LOG_LEVEL must be {levels}, got {self.log_level!r}")
+        if self.log_format.lower() not in ("text", "json"):
+            raise ConfigurationError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
 
 
 def _parse(name: str, raw: str, type_: object) -> object:

@@ -21,6 +21,7 @@ _ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]+$"}
 _BINARY = {"type": "string", "format": "binary"}
 _OPERATIONS = [
     ("get", "/healthz", None, ("200",), _JSON),
+    ("get", "/metrics", None, ("200",), ("text/plain",)),
     ("get", "/adapters", None, ("200",), _JSON),
     ("post", "/add_lora", schemas.AddLoraBody, ("200",), _JSON),
     ("post", "/fwdbwd", schemas.FwdBwdBody, ("200",), _JSON),
@@ -33,6 +34,9 @@ _OPERATIONS = [
     ("get", "/checkpoints", None, ("200",), _JSON),
     ("post", "/delete_lora", schemas.ModelIdBody, ("200",), _JSON),
     ("get", "/openapi.json", None, ("200",), _JSON),
+    ("get", "/", None, ("200",), ("text/html",)),
+    ("get", "/dashboard/state", None, ("200",), _JSON),
+    ("get", "/dashboard/assets/{name}", None, ("200",), ("text/javascript", "text/css", "image/svg+xml")),
     ("post", "/api/v1/client/config", None, ("200",), _JSON),
     ("post", "/api/v1/client/dynamic_config", None, ("200",), _JSON),
     ("post", "/api/v1/create_session", tinker.CreateSessionBody, ("200",), _JSON),

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import logs
 from errors import RateLimitError, ThinkerError
 from futures import RUNNING, Future, FutureStore, new_future
 
@@ -94,6 +95,7 @@ class WorkerPool:
         self._closed = False
         self.passes = 0  # runs of a fused group (one per pass)
         self.fused_jobs = 0  # jobs run in those passes
+        self.pass_listeners: list[Callable] = []  # listener(group, batch) after each fused pass (must not raise)
         self._threads = [
             threading.Thread(target=self._work, name=f"thinker-worker-{i}", daemon=True) for i in range(num_workers)
         ]
@@ -219,6 +221,7 @@ class WorkerPool:
                 f"you have {mine} unfinished requests (the limit is {self.max_pending_per_user}); "
                 "wait for some results, then retry"
             )
+        logs.remember_request(future)  # its job's log records then name the request that sent it
         store.add(future)
 
     def _work(self) -> None:
@@ -348,7 +351,7 @@ class WorkerPool:
 
     def _run_plain(self, key: str, job: _Job) -> None:
         try:
-            result = job.fn()
+            result = logs.run_as([job.future], job.fn)  # its log records name its request, adapter, future
         except BaseException as exc:  # noqa: BLE001 - a job's failure must never stop a worker
             result = exc
         if isinstance(result, concurrent.futures.Future):
@@ -360,7 +363,7 @@ class WorkerPool:
         group = batch[0][1].group
         started = time.monotonic()
         try:
-            results = self.runners[group]([job.payload for _, job in batch])
+            results = logs.run_as([j.future for _, j in batch], self.runners[group], [j.payload for _, j in batch])
         except BaseException as exc:  # noqa: BLE001
             results = [exc] * len(batch)
         with self._cond:
@@ -369,6 +372,8 @@ class WorkerPool:
             self.fused_jobs += len(batch)
             self._passing.discard(group)
             self._cond.notify_all()
+        for listener in self.pass_listeners:
+            listener(group, batch)
         self._complete([(key, job, result) for (key, job), result in zip(batch, results, strict=True)])
 
     def _complete(self, outcomes: list[tuple[str, _Job, Any]]) -> None:
@@ -378,7 +383,7 @@ class WorkerPool:
                 trace = "".join(traceback.format_exception(outcome))
                 log.error("job %s (%s on %s) failed:\n%s", job.future.id, job.future.kind, key, trace)
         with self._cond:
-            for key, job, outcome in outcomes:
+            for _key, job, outcome in outcomes:
                 if isinstance(outcome, ThinkerError):
                     self._store.finish(job.future, error=outcome.message, error_type=type(outcome).__name__)
                 elif isinstance(outcome, BaseException):
@@ -386,8 +391,6 @@ class WorkerPool:
                     self._store.finish(job.future, error=error, error_type="RequestFailedError")
                 else:
                     self._store.finish(job.future, result=outcome)
-                if job.future.error:
-                    log.info("future %s (%s on %s) failed: %s", job.future.id, job.future.kind, key, job.future.error)
             for key in dict.fromkeys(key for key, _, _ in outcomes):
                 self._running.discard(key)
                 if self._queues.get(key):

@@ -12,6 +12,7 @@ so jobs run on the worker threads themselves.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -44,7 +45,8 @@ class ComputeThread:
         if threading.current_thread() is self._thread:
             return fn(*args)  # already there (a computation calling another)
         done: Future = Future()
-        self._queue.put((fn, args, done))
+        # In the caller's context: log records made there keep its request and adapter ids.
+        self._queue.put((contextvars.copy_context().run, (fn, *args), done))
         return done.result()
 
     def close(self) -> None:

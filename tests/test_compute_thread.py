@@ -44,3 +44,18 @@ def test_errors_reach_the_caller_and_the_thread_survives():
 def test_backend_on_cpu_uses_a_compute_thread(backend):
     assert isinstance(backend.compute, ComputeThread)
     assert InlineRunner().run(lambda a, b: a + b, 1, 2) == 3
+
+
+def test_runs_in_the_callers_context():
+    """Context variables (the log records' request and adapter ids) reach the compute thread."""
+    from contextvars import ContextVar
+
+    from backend.compute_thread import ComputeThread
+
+    tag: ContextVar[str | None] = ContextVar("tag", default=None)
+    compute = ComputeThread(name="test-context")
+    try:
+        tag.set("request-1")
+        assert compute.run(tag.get) == "request-1"
+    finally:
+        compute.close()

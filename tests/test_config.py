@@ -23,8 +23,20 @@ def test_environment_overrides():
 
 @pytest.mark.parametrize(
     ("env", "name"),
-    [({"PORT": "http"}, "PORT"), ({"MAX_WORKERS": "0"}, "MAX_WORKERS"), ({"USE_MEGATRON": "maybe"}, "USE_MEGATRON")],
+    [
+        ({"PORT": "http"}, "PORT"),
+        ({"MAX_WORKERS": "0"}, "MAX_WORKERS"),
+        ({"USE_MEGATRON": "maybe"}, "USE_MEGATRON"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"MAX_RESIDENT_ADAPTERS": "0"}, "MAX_RESIDENT_ADAPTERS"),
+    ],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigurationError, match=name):
         Config.from_env(env)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, "text"), ("json", "json"), ("JSON", "JSON"), ("text", "text")])
+def test_log_format(raw, expected):
+    assert Config.from_env({} if raw is None else {"LOG_FORMAT": raw}).log_format == expected
