@@ -12,7 +12,9 @@ op and 8 concurrent clients against the same work sent one client after another.
     python bench.py --quick    # N in 1,8, one repetition: a few minutes on a 2-core CPU
     python bench.py --device cuda --peak-tflops 989   # on a GPU, with model FLOPs utilisation
 
-Writes bench_results/bench.md (tables) and bench_results/bench.png (plot).
+In a terminal a live bar shows which model, N and phase is running. Prints the results as
+markdown and as tables, and writes bench_results/bench.md (tables) and bench_results/bench.png
+(plot).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import time
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, load_backend
 from backend.examples import Example
 from backend.random_models import ensure_random_model
-from bench_http import http_benchmarks
+from bench_http import http_benchmarks, http_table
 from config import Config
+from progress import make_console, make_table, step_progress
 from worker_pool import BatchLimits, WorkerPool
 
 MODELS = ("builtin-tiny", "smollm2-135m")
@@ -165,6 +169,44 @@ def peak_tflops(args) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+TRAIN_SAMPLE_HEADERS = [
+    "N",
+    "sequential tok/s",
+    "threads tok/s",
+    "fused tok/s",
+    "one adapter, same batch tok/s",
+    "fused / sequential",
+    "fused / one adapter",
+    "sample one-by-one tok/s",
+    "sample fused tok/s",
+    "sample speedup",
+]
+
+
+def headers(rows: list[dict]) -> list[str]:
+    return TRAIN_SAMPLE_HEADERS + (["MFU fused"] if rows[0].get("mfu") is not None else [])
+
+
+def row_cells(r: dict) -> list[str]:
+    """One N's figures, formatted as both the markdown and the rich table show them."""
+    t, s = r["train"], r["sample"]
+    cells = [
+        str(r["n"]),
+        f"{t['sequential']:.0f}",
+        f"{t['threads']:.0f}",
+        f"{t['fused']:.0f}",
+        f"{t['one_adapter']:.0f}",
+        f"{t['fused'] / t['sequential']:.2f}x",
+        f"{t['fused'] / t['one_adapter']:.2f}",
+        f"{s['one_by_one']:.1f}",
+        f"{s['fused']:.1f}",
+        f"{s['fused'] / s['one_by_one']:.2f}x",
+    ]
+    if r.get("mfu") is not None:
+        cells.append(f"{r['mfu']:.1%}")
+    return cells
+
+
 def markdown(results: dict, http: dict, args) -> str:
     lines = [
         f"Training: {args.batch} x {args.seq_len} tokens per user, rank {args.rank}; "
@@ -172,31 +214,9 @@ def markdown(results: dict, http: dict, args) -> str:
         "",
     ]
     for model, rows in results.items():
-        lines += [
-            f"### {model}",
-            "",
-            "| N | sequential tok/s | threads tok/s | fused tok/s | one adapter, same batch tok/s "
-            "| fused / sequential | fused / one adapter | sample one-by-one tok/s | sample fused tok/s "
-            "| sample speedup |" + (" MFU fused |" if rows[0].get("mfu") is not None else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rows[0].get("mfu") is not None else ""),
-        ]
-        for r in rows:
-            t, s = r["train"], r["sample"]
-            cells = [
-                r["n"],
-                f"{t['sequential']:.0f}",
-                f"{t['threads']:.0f}",
-                f"{t['fused']:.0f}",
-                f"{t['one_adapter']:.0f}",
-                f"{t['fused'] / t['sequential']:.2f}x",
-                f"{t['fused'] / t['one_adapter']:.2f}",
-                f"{s['one_by_one']:.1f}",
-                f"{s['fused']:.1f}",
-                f"{s['fused'] / s['one_by_one']:.2f}x",
-            ]
-            if r.get("mfu") is not None:
-                cells.append(f"{r['mfu']:.1%}")
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        cols = headers(rows)
+        lines += [f"### {model}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
         lines.append("")
     if http:
         lines += [
@@ -212,6 +232,30 @@ def markdown(results: dict, http: dict, args) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+# The markdown headers, shortened and broken onto two lines so the terminal table stays narrow.
+RICH_HEADERS = [
+    "N",
+    "seq\ntok/s",
+    "threads\ntok/s",
+    "fused\ntok/s",
+    "1 adapter\ntok/s",
+    "fused/\nseq",
+    "fused/\n1 adapter",
+    "sample\n1-by-1",
+    "sample\nfused",
+    "sample\nspeedup",
+    "MFU\nfused",
+]
+
+
+def rich_table(model: str, rows: list[dict]) -> Table:
+    """The markdown table of one model, for the terminal."""
+    cols = headers(rows)
+    title = f"{model}: tokens/s, N users on distinct adapters"
+    cells = [row_cells(r) for r in rows]
+    return make_table(title, RICH_HEADERS[: len(cols)], cells, justify="r" * len(cols), compact=True)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -261,44 +305,61 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
+    console = make_console()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device or 'auto'}")
 
     results: dict[str, list[dict]] = {}
     http: dict = {}
     models = args.models.split(",")
     http_model = "smollm2-135m" if "smollm2-135m" in models else models[-1]
-    for model in models:
-        log(f"loading {model}...")
-        backend = load(model, args.cache_dir, args.device)
-        peak = peak_tflops(args) if backend.device.type == "cuda" else None
-        results[model] = []
-        for n in users:
-            log(f"{model} N={n}: training (sequential, threads, fused, one adapter)...")
-            train = train_modes(backend, n, args, rng)
-            log(f"{model} N={n}: sampling (one by one, fused)...")
-            sample = sample_modes(backend, n, args, rng)
-            mfu = train["fused"] * trained_flops_per_token(backend) / (peak * 1e12) if peak else None
-            results[model].append({"n": n, "train": train, "sample": sample, "mfu": mfu})
-            log(
-                "  train tok/s: "
-                + ", ".join(f"{k} {v:.0f}" for k, v in train.items())
-                + f" | fused/sequential {train['fused'] / train['sequential']:.2f}x"
-                + f", fused/one-adapter {train['fused'] / train['one_adapter']:.2f}"
-            )
-            log(
-                f"  sample tok/s: one-by-one {sample['one_by_one']:.1f}, fused {sample['fused']:.1f}"
-                + f" ({sample['fused'] / sample['one_by_one']:.2f}x)"
-            )
-        if model == http_model and not args.no_http:
-            log(f"HTTP: round trips and {args.http_clients} concurrent clients on {model}...")
-            http = http_benchmarks(backend, model, args, log)
-        backend.close()
-        del backend
+    phases = 2 * len(models) * len(users) + (0 if args.no_http else 1)
+    with step_progress(console, loss=False) as progress:
+        task = progress.add_task("bench", total=phases)
+        for model in models:
+            log(f"loading {model}...")
+            progress.update(task, description=f"{model}: loading")
+            backend = load(model, args.cache_dir, args.device)
+            peak = peak_tflops(args) if backend.device.type == "cuda" else None
+            results[model] = []
+            for n in users:
+                log(f"{model} N={n}: training (sequential, threads, fused, one adapter)...")
+                progress.update(task, description=f"{model} N={n}: training")
+                train = train_modes(backend, n, args, rng)
+                progress.advance(task)
+                log(f"{model} N={n}: sampling (one by one, fused)...")
+                progress.update(task, description=f"{model} N={n}: sampling")
+                sample = sample_modes(backend, n, args, rng)
+                progress.advance(task)
+                mfu = train["fused"] * trained_flops_per_token(backend) / (peak * 1e12) if peak else None
+                results[model].append({"n": n, "train": train, "sample": sample, "mfu": mfu})
+                log(
+                    "  train tok/s: "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in train.items())
+                    + f" | fused/sequential {train['fused'] / train['sequential']:.2f}x"
+                    + f", fused/one-adapter {train['fused'] / train['one_adapter']:.2f}"
+                )
+                log(
+                    f"  sample tok/s: one-by-one {sample['one_by_one']:.1f}, fused {sample['fused']:.1f}"
+                    + f" ({sample['fused'] / sample['one_by_one']:.2f}x)"
+                )
+            if model == http_model and not args.no_http:
+                log(f"HTTP: round trips and {args.http_clients} concurrent clients on {model}...")
+                progress.update(task, description=f"{model}: HTTP")
+                http = http_benchmarks(backend, model, args, log)
+                progress.advance(task)
+            backend.close()
+            del backend
 
     table = markdown(results, http, args)
     (out / "bench.md").write_text(table + "\n")
     plot(results, out / "bench.png")
     print("\n" + table)
+    for model, rows in results.items():
+        console.print()
+        console.print(rich_table(model, rows))
+    if http:
+        console.print()
+        console.print(http_table(http))
     log(f"wrote {out / 'bench.md'} and {out / 'bench.png'}")
 
 

@@ -14,9 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+from rich.table import Table
+
 from app import create_app
 from client_example import TinkerClient
 from config import Config
+from progress import make_table
 
 
 def _free_port() -> int:
@@ -51,6 +54,30 @@ def http_benchmarks(backend, model: str, args, log) -> dict:
     finally:
         server.close()
         app.extensions["thinker"].pool.shutdown(wait=False)
+
+
+def http_table(http: dict) -> Table:
+    """The HTTP results (see ``http_benchmarks``) for the terminal."""
+    rows = [
+        [
+            "POST /retrieve_future round trip",
+            "",
+            "",
+            f"{http['rtt_p50_ms']:.2f} ms, {http['rtt_p95_ms']:.2f} ms",
+        ],
+        ["GET /healthz round trip", "", "", f"{http['healthz_p50_ms']:.2f} ms"],
+    ]
+    for phase, name in (("train", "training"), ("sample", "sampling")):
+        rows.append(
+            [
+                f"{name}, {http['clients']} clients ({http['model']})",
+                f"{http[f'{phase}_sequential_s']:.1f}s",
+                f"{http[f'{phase}_concurrent_s']:.1f}s",
+                f"{http[f'{phase}_speedup']:.2f}x",
+            ]
+        )
+    headers = ["Measure", "One after another", "Concurrent", "Speedup / p50, p95"]
+    return make_table("Over loopback HTTP", headers, rows, justify="lrrr", compact=True)
 
 
 def _round_trips(url: str, calls: int = 300) -> dict:

@@ -5,7 +5,8 @@ round trips cheap), mapping error responses back to the classes in ``errors.py``
 on futures by long-polling ``/retrieve_future`` so a result is seen the moment it exists.
 
 Run ``python client_example.py [--url URL]`` against a running server (``python app.py``) to
-call each endpoint in turn and print what comes back.
+call each endpoint in turn and print what comes back; it ends with a table of the calls made,
+what each found and how long it took.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from errors import (
     ThinkerError,
     error_from_response,
 )
+from progress import Sections, make_console
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 
@@ -261,17 +263,20 @@ class TinkerClient:
 # ---------------------------------------------------------------------- walkthrough
 
 
-def walkthrough(client: TinkerClient) -> None:
+def walkthrough(client: TinkerClient, sections: Sections) -> None:
     """Call each endpoint once, printing the request and what came back."""
-    print("\n1. GET /healthz")
-    print(f"   {client.healthz()}")
+    sections.start("GET /healthz")
+    health = client.healthz()
+    print(f"   {health}")
+    sections.note(f"{health.get('base_model')} on {health.get('device')}")
 
-    print("\n2. POST /add_lora (rank=8, alpha=16)")
+    sections.start("POST /add_lora (rank=8, alpha=16)", call="POST /add_lora")
     request_id = client.add_lora(base_model="base", rank=8, alpha=16, seed=0)
     print(f"   request_id: {request_id}")
     result = client.wait_for_result(request_id)
     model_id = result["model_id"]
     print(f"   result: {result}")
+    sections.note(model_id)
 
     conversation = [
         [
@@ -280,65 +285,91 @@ def walkthrough(client: TinkerClient) -> None:
         ]
     ]
 
-    print(f"\n3. POST /fwdbwd (model_id={model_id})")
+    sections.start(f"POST /fwdbwd (model_id={model_id})", call="POST /fwdbwd")
     fwd_id = client.fwdbwd(model_id=model_id, data=conversation)
     print(f"   request_id: {fwd_id}")
     # One immediate, non-blocking look: usually still pending, since the job was just queued.
     print(f"   retrieve_future right away: {client.retrieve_future(fwd_id)}")
-    print(f"   wait_for_result: {client.wait_for_result(fwd_id)}")
+    fwd = client.wait_for_result(fwd_id)
+    print(f"   wait_for_result: {fwd}")
+    sections.note(f"loss {fwd['loss']:.4f}, {fwd.get('num_tokens')} tokens", loss=fwd["loss"])
 
-    print("\n4. POST /optim_step (learning_rate=1e-3)")
+    sections.start("POST /optim_step (learning_rate=1e-3)", call="POST /optim_step")
     step_id = client.optim_step(model_id, {"learning_rate": 1e-3})
     print(f"   request_id: {step_id}")
+    sections.note(f"queued as {step_id}")
 
-    print("\n5. POST /retrieve_future (long-poll, timeout=30)")
-    print(f"   {client.retrieve_future(step_id, timeout=30)}")
+    sections.start("POST /retrieve_future (long-poll, timeout=30)", call="POST /retrieve_future (long-poll)")
+    polled = client.retrieve_future(step_id, timeout=30)
+    print(f"   {polled}")
+    sections.note(f"{polled.get('status')}: step {polled.get('result', {}).get('step')}")
 
-    print("\n6. train_step: fwdbwd + optim_step together")
-    print(f"   {client.train_step(model_id, conversation, learning_rate=1e-3)}")
+    sections.start("train_step: fwdbwd + optim_step together", call="train_step")
+    trained = client.train_step(model_id, conversation, learning_rate=1e-3)
+    print(f"   {trained}")
+    sections.note(f"loss {trained['loss']:.4f}, step {trained['step']}", loss=trained["loss"])
 
-    print("\n7. POST /api/v1/sample (adapter, then base model)")
+    sections.start("POST /api/v1/sample (adapter, then base model)", call="POST /api/v1/sample")
     for target in (model_id, "base"):
         response = client.sample(target, ["Hello!"], max_tokens=30, temperature=0.7, seed=0)
         print(f"   {target}: {response['generated_text']!r}")
+    sections.note("2 samples")
 
-    print("\n8. POST /save_lora")
+    sections.start("POST /save_lora")
     saved = client.wait_for_result(client.save_lora(model_id))
     print(f"   saved to: {saved['path']}")
+    sections.note("saved " + "/".join(saved["path"].replace("\\", "/").split("/")[-2:]))
 
-    print("\n9. Intentional bad request: add_lora(rank=-1)")
+    sections.start("Intentional bad request: add_lora(rank=-1)", call="POST /add_lora (rank=-1)")
     try:
         client.add_lora(rank=-1)
         print("   ✗ the server accepted rank=-1")
+        sections.note("accepted rank=-1", ok=False)
     except BadRequestError as e:
         print(f"   ✓ raised {type(e).__name__}: {e}")
+        sections.note(f"raised {type(e).__name__}")
 
-    print("\n10. Unknown request id: retrieve_future('future_doesnotexist')")
+    sections.start(
+        "Unknown request id: retrieve_future('future_doesnotexist')", call="POST /retrieve_future (unknown id)"
+    )
     try:
         client.retrieve_future("future_doesnotexist")
         print("   ✗ the server knew this id")
+        sections.note("the server knew this id", ok=False)
     except NotFoundError as e:
         print(f"   ✓ raised {type(e).__name__}: {e}")
+        sections.note(f"raised {type(e).__name__}")
+
+
+WALKTHROUGH_SECTIONS = 10
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Call each thinker endpoint in turn and print the results.")
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     args = parser.parse_args()
+    console = make_console()
 
     client = TinkerClient(args.url)
     print("=" * 70)
     print(f"TinkerClient walkthrough against {client.base_url}")
     print("=" * 70)
-    try:
-        walkthrough(client)
-    except (ThinkerError, ConnectionError, TimeoutError) as e:
-        print(f"\n✗ {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
-    print("\n✓ Walkthrough complete")
-    return 0
+    error = None
+    with Sections(console, WALKTHROUGH_SECTIONS) as sections:
+        try:
+            walkthrough(client, sections)
+        except (ThinkerError, ConnectionError, TimeoutError) as e:
+            error = f"{type(e).__name__}: {e}"
+            sections.fail(error)
+        finally:
+            client.close()
+    if error:
+        print(f"\n✗ {error}", file=sys.stderr)
+    else:
+        print("\n✓ Walkthrough complete")
+    print()
+    console.print(sections.table())
+    return 1 if error else 0
 
 
 if __name__ == "__main__":

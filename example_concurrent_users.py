@@ -2,8 +2,9 @@
 
 Same flow as example_simple_concurrent.py (Alice, Bob and Carol each create an adapter, train
 it and sample from it, all at once), but every line carries a millisecond timestamp and the
-user's colour, so the interleaving of their requests on the server is easy to see. Ends with
-each user's loss per step.
+user's colour, so the interleaving of their requests on the server is easy to see. In a terminal
+a live bar per user shows steps done and the latest loss. Ends with each user's loss per step
+and a summary table (steps, first -> last loss, tokens, time, throughput per user).
 
     python example_concurrent_users.py [--steps 3] [--url http://localhost:8000]
 
@@ -18,11 +19,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from client_example import TinkerClient, default_base_url
 from errors import ThinkerError
+from progress import UserProgress, UserRun, make_console, summary_table
 
 LEARNING_RATE = 5e-3
 RANK = 8
@@ -52,21 +53,9 @@ def log(name: str, color: str, message: str) -> None:
         print(line, flush=True)
 
 
-@dataclass
-class UserRun:
-    """One user's progress: the adapter, loss per step, the sample, and any error."""
-
-    name: str
-    model_id: str | None = None
-    losses: list[float] = field(default_factory=list)
-    sample: str | None = None
-    elapsed: float = 0.0
-    error: str | None = None
-
-
-def run_user(name: str, color: str, reply: str, base_url: str, steps: int) -> UserRun:
+def run_user(name: str, color: str, reply: str, base_url: str, steps: int, bars: UserProgress) -> UserRun:
     """Create, train and sample from one user's adapter; failures land in ``run.error``."""
-    run = UserRun(name)
+    run = UserRun(name, steps)
     client = TinkerClient(base_url)
     start = time.perf_counter()
     try:
@@ -77,13 +66,15 @@ def run_user(name: str, color: str, reply: str, base_url: str, steps: int) -> Us
         data = [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": reply}]]
         for step in range(1, steps + 1):
             log(name, color, f"Step {step}: Starting forward-backward pass...")
+            step_start = time.perf_counter()
             fwd = client.wait_for_result(client.fwdbwd(run.model_id, data))
-            run.losses.append(fwd["loss"])
             tokens = fwd.get("num_tokens", "?")
             log(name, color, f"Step {step}: Loss = {fwd['loss']:.4f} ({tokens} tokens)")
             log(name, color, f"Step {step}: Applying optimizer step (lr={LEARNING_RATE})...")
             step_id = client.optim_step(run.model_id, learning_rate=LEARNING_RATE)
             opt = client.wait_for_result(step_id)
+            run.record_step(fwd, step_start, time.perf_counter())
+            bars.step(name, fwd["loss"])
             log(name, color, f"Step {step}: ✓ Optimizer step {opt.get('step', step)} done")
 
         log(name, color, "Generating sample from trained adapter...")
@@ -93,6 +84,7 @@ def run_user(name: str, color: str, reply: str, base_url: str, steps: int) -> Us
     # Whatever goes wrong is this user's result to report; the other users carry on.
     except Exception as e:  # noqa: BLE001
         run.error = f"{type(e).__name__}: {e}"
+        bars.fail(name)
         log(name, color, f"✗ Failed: {run.error}")
     finally:
         client.close()
@@ -121,6 +113,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    console = make_console()
 
     print("=" * 80)
     print("Example: Multiple Concurrent Users Training LoRA Adapters")
@@ -137,8 +130,11 @@ def main() -> int:
     print()
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(USERS)) as pool:
-        futures = [pool.submit(run_user, name, color, reply, args.url, args.steps) for name, color, reply in USERS]
+    names = [name for name, _, _ in USERS]
+    with UserProgress(console, names, args.steps) as bars, ThreadPoolExecutor(max_workers=len(USERS)) as pool:
+        futures = [
+            pool.submit(run_user, name, color, reply, args.url, args.steps, bars) for name, color, reply in USERS
+        ]
         runs = [f.result() for f in futures]
     elapsed = time.perf_counter() - start
 
@@ -160,6 +156,8 @@ def main() -> int:
         f"✓ Total time: {elapsed:.2f} seconds "
         f"(sum of per-user times: {sequential:.2f}s, speedup {sequential / elapsed:.2f}x)"
     )
+    print()
+    console.print(summary_table(runs, elapsed))
     return 1 if failed else 0
 
 

@@ -3,6 +3,8 @@
 Alice, Bob and Carol each run in a thread with their own TinkerClient: create a LoRA adapter,
 train it for a few steps on a one-line conversation of their own, then sample from it. Because
 every user has a separate adapter, the server can run their jobs side by side on one base model.
+In a terminal a live bar per user shows steps done and the latest loss; the run ends with a
+summary table (steps, first -> last loss, tokens, time, throughput per user).
 
     python example_simple_concurrent.py [--url http://localhost:8000]
 """
@@ -14,10 +16,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from client_example import TinkerClient, default_base_url
 from errors import ThinkerError
+from progress import UserProgress, UserRun, make_console, summary_table
 
 USERS = ("Alice", "Bob", "Carol")
 NUM_STEPS = 3
@@ -32,25 +34,16 @@ def say(user: str, message: str) -> None:
         print(f"[{user}] {message}", flush=True)
 
 
-@dataclass
-class UserOutcome:
-    """What one user's run produced; ``error`` is set when it failed."""
-
-    name: str
-    model_id: str | None = None
-    sample: str | None = None
-    error: str | None = None
-
-
-def run_user(name: str, base_url: str) -> UserOutcome:
+def run_user(name: str, base_url: str, bars: UserProgress) -> UserRun:
     """Create an adapter, train it, sample from it; never raises (failures land in ``error``)."""
-    outcome = UserOutcome(name)
+    run = UserRun(name, NUM_STEPS)
     client = TinkerClient(base_url)
+    start = time.perf_counter()
     say(name, "Starting...")
     try:
         say(name, "Creating LoRA adapter...")
-        outcome.model_id = client.create_lora(base_model="base", rank=8, alpha=16)
-        say(name, f"✓ Created adapter: {outcome.model_id}")
+        run.model_id = client.create_lora(base_model="base", rank=8, alpha=16)
+        say(name, f"✓ Created adapter: {run.model_id}")
 
         data = [
             [
@@ -59,26 +52,34 @@ def run_user(name: str, base_url: str) -> UserOutcome:
             ]
         ]
         for step in range(1, NUM_STEPS + 1):
-            result = client.train_step(outcome.model_id, data, learning_rate=LEARNING_RATE)
-            say(name, f"Step {step}/{NUM_STEPS}: loss = {result['loss']:.4f}")
+            step_start = time.perf_counter()
+            # Wait for the gradients before stepping: a failed fwdbwd must not be followed by a step.
+            fwd = client.wait_for_result(client.fwdbwd(run.model_id, data))
+            client.wait_for_result(client.optim_step(run.model_id, learning_rate=LEARNING_RATE))
+            run.record_step(fwd, step_start, time.perf_counter())
+            bars.step(name, fwd["loss"])
+            say(name, f"Step {step}/{NUM_STEPS}: loss = {fwd['loss']:.4f}")
 
         say(name, "Sampling from adapter...")
-        response = client.sample(outcome.model_id, ["Hello!"], max_tokens=20, temperature=0.7)
-        outcome.sample = response["generated_text"]
-        say(name, f"✓ Sample: {outcome.sample!r}")
+        response = client.sample(run.model_id, ["Hello!"], max_tokens=20, temperature=0.7)
+        run.sample = response["generated_text"]
+        say(name, f"✓ Sample: {run.sample!r}")
     # Whatever goes wrong is this user's result to report; the other users carry on.
     except Exception as e:  # noqa: BLE001
-        outcome.error = f"{type(e).__name__}: {e}"
-        say(name, f"✗ Failed: {outcome.error}")
+        run.error = f"{type(e).__name__}: {e}"
+        bars.fail(name)
+        say(name, f"✗ Failed: {run.error}")
     finally:
         client.close()
-    return outcome
+        run.elapsed = time.perf_counter() - start
+    return run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     args = parser.parse_args()
+    console = make_console()
 
     print("=" * 70)
     print("Simple Concurrent Multi-User Example")
@@ -97,8 +98,8 @@ def main() -> int:
     print()
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(USERS)) as pool:
-        outcomes = list(pool.map(run_user, USERS, [args.url] * len(USERS)))
+    with UserProgress(console, USERS, NUM_STEPS) as bars, ThreadPoolExecutor(max_workers=len(USERS)) as pool:
+        runs = list(pool.map(run_user, USERS, [args.url] * len(USERS), [bars] * len(USERS)))
     elapsed = time.perf_counter() - start
 
     print()
@@ -106,14 +107,16 @@ def main() -> int:
     print("SUMMARY")
     print("=" * 70)
     print()
-    failed = [o for o in outcomes if o.error]
+    failed = [r for r in runs if r.error]
     if not failed:
         print(f"✓ All {len(USERS)} users completed training!")
     else:
         print(f"✗ {len(failed)} of {len(USERS)} users failed:")
-        for o in failed:
-            print(f"  ✗ {o.name}: {o.error}")
+        for r in failed:
+            print(f"  ✗ {r.name}: {r.error}")
     print(f"✓ Total time: {elapsed:.2f} seconds")
+    print()
+    console.print(summary_table(runs, elapsed))
     return 1 if failed else 0
 
 

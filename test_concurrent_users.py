@@ -3,7 +3,9 @@
 Each user (user_0 .. user_{N-1}) creates an adapter, trains it for a few steps
 (fwdbwd + optim_step) and samples from it, all at the same time. The script reports
 successes, failures, per-user times and the concurrency speedup (sum of per-user times
-over wall time). Exit status 1 if any user failed.
+over wall time), then a summary table (steps, first -> last loss, tokens, time, training
+throughput per user). In a terminal a live bar per user (one for all past 12 users) shows
+steps done and the latest loss. Exit status 1 if any user failed.
 
     python test_concurrent_users.py [N] [--steps 3] [--url http://localhost:8000]
 
@@ -17,10 +19,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from client_example import TinkerClient, default_base_url
 from errors import ThinkerError
+from progress import UserProgress, UserRun, make_console, summary_table
 
 LEARNING_RATE = 5e-3
 
@@ -33,21 +35,10 @@ def say(user_id: str, message: str) -> None:
         print(f"[User {user_id}] {message}", flush=True)
 
 
-@dataclass
-class UserResult:
-    """The outcome of one simulated user; ``error`` is None on success."""
-
-    user_id: str
-    elapsed: float = 0.0
-    model_id: str | None = None
-    final_loss: float | None = None
-    error: str | None = None
-
-
-def run_user(index: int, base_url: str, steps: int) -> UserResult:
+def run_user(index: int, base_url: str, steps: int, bars: UserProgress) -> UserRun:
     """Create -> train -> sample for one user; never raises (failures land in ``error``)."""
     user_id = f"user_{index}"
-    result = UserResult(user_id)
+    result = UserRun(user_id, steps)
     client = TinkerClient(base_url)
     start = time.perf_counter()
     try:
@@ -64,9 +55,13 @@ def run_user(index: int, base_url: str, steps: int) -> UserResult:
         ]
         for step in range(1, steps + 1):
             say(user_id, f"Training step {step}/{steps}...")
-            out = client.train_step(result.model_id, data, learning_rate=LEARNING_RATE)
-            result.final_loss = out["loss"]
-            say(user_id, f"Step {step}: loss = {out['loss']:.4f}")
+            step_start = time.perf_counter()
+            # Wait for the gradients before stepping: a failed fwdbwd must not be followed by a step.
+            fwd = client.wait_for_result(client.fwdbwd(result.model_id, data))
+            client.wait_for_result(client.optim_step(result.model_id, learning_rate=LEARNING_RATE))
+            result.record_step(fwd, step_start, time.perf_counter())
+            bars.step(user_id, fwd["loss"])
+            say(user_id, f"Step {step}: loss = {fwd['loss']:.4f}")
 
         say(user_id, "Testing inference...")
         response = client.sample(result.model_id, ["Who are you?"], max_tokens=20, temperature=0.7)
@@ -74,6 +69,7 @@ def run_user(index: int, base_url: str, steps: int) -> UserResult:
     # Whatever goes wrong is this user's result to report; the other users carry on.
     except Exception as e:  # noqa: BLE001
         result.error = f"{type(e).__name__}: {e}"
+        bars.fail(user_id)
         say(user_id, f"✗ Failed: {result.error}")
     finally:
         client.close()
@@ -83,7 +79,7 @@ def run_user(index: int, base_url: str, steps: int) -> UserResult:
     return result
 
 
-def print_summary(results: list[UserResult], wall: float) -> None:
+def print_summary(results: list[UserRun], wall: float) -> None:
     """The RESULTS SUMMARY block: counts, times, per-user details and speedup."""
     ok = [r for r in results if not r.error]
     print()
@@ -103,9 +99,9 @@ def print_summary(results: list[UserResult], wall: float) -> None:
     print("Per-user details:")
     for r in results:
         if r.error:
-            print(f"  ✗ {r.user_id}: {r.elapsed:.2f}s (error: {r.error})")
+            print(f"  ✗ {r.name}: {r.elapsed:.2f}s (error: {r.error})")
         else:
-            print(f"  ✓ {r.user_id}: {r.elapsed:.2f}s (model: {r.model_id})")
+            print(f"  ✓ {r.name}: {r.elapsed:.2f}s (model: {r.model_id})")
     if ok:
         # Had the successful users run one after another, they would have taken this long.
         sequential = sum(r.elapsed for r in ok)
@@ -126,6 +122,7 @@ def main() -> int:
         parser.error("N must be at least 1")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    console = make_console()
 
     print("=" * 80)
     print(f"Testing {args.num_users} concurrent users with different LoRA adapters")
@@ -142,12 +139,15 @@ def main() -> int:
     print()
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.num_users) as pool:
-        futures = [pool.submit(run_user, i, args.url, args.steps) for i in range(args.num_users)]
+    names = [f"user_{i}" for i in range(args.num_users)]
+    with UserProgress(console, names, args.steps) as bars, ThreadPoolExecutor(max_workers=args.num_users) as pool:
+        futures = [pool.submit(run_user, i, args.url, args.steps, bars) for i in range(args.num_users)]
         results = [f.result() for f in futures]
     wall = time.perf_counter() - start
 
     print_summary(results, wall)
+    print()
+    console.print(summary_table(results, wall))
     return 0 if all(r.error is None for r in results) else 1
 
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.conftest import ROOT
 
+# A frame of a live progress bar: "3/3 loss 7.7722 0:00:01".
+PROGRESS_FRAME = re.compile(r"\d+/\d+ loss (-|\d+\.\d{4})")
+
 
 def run_script(server, *args: str, via_env: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("COLUMNS", None)  # the scripts' own width for a log (120 columns)
     argv = [sys.executable, *args]
     if via_env:
         env["BASE_URL"] = server.url
@@ -22,26 +29,85 @@ def run_script(server, *args: str, via_env: bool = False) -> subprocess.Complete
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def table_rows(out: str, title: str) -> dict[str, list[str]]:
+    """The rows of the rich table titled ``title`` in ``out``, keyed by their first cell."""
+    assert title in out, f"no table {title!r} in:\n{out}"
+    rows: dict[str, list[str]] = {}
+    for line in out[out.rindex(title) :].splitlines()[1:]:
+        if line.startswith("└"):
+            return rows
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip().strip("│").split("│")]
+            assert cells[0], f"a cell wrapped onto a second line: {line!r}"
+            rows[cells[0]] = cells
+    raise AssertionError(f"table {title!r} never ends:\n{out}")
+
+
+def assert_plain_log(out: str) -> None:
+    """Off a terminal: no escape codes and no progress frames, just lines and tables."""
+    assert "\x1b" not in out and "\r" not in out
+    assert not PROGRESS_FRAME.search(out), PROGRESS_FRAME.search(out).group()
+
+
+def assert_user_row(row: list[str], steps: int, losses: list[float], model_id: str) -> None:
+    """User | Steps | Loss first → last | Tokens | Time | Train tok/s | Adapter"""
+    _, done, loss, tokens, elapsed, rate, adapter = row
+    assert done == f"{steps}/{steps}"
+    assert len(losses) == steps
+    assert loss == f"{losses[0]:.4f} → {losses[-1]:.4f}"
+    assert int(tokens) > 0 and int(rate) > 0
+    assert re.fullmatch(r"\d+\.\d\ds", elapsed)
+    assert adapter == f"✓ {model_id}"
+
+
 def test_client_walkthrough(server):
     result = run_script(server, "client_example.py")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "raised BadRequestError" in result.stdout and "raised NotFoundError" in result.stdout
+    out = result.stdout
+    assert "raised BadRequestError" in out and "raised NotFoundError" in out
+    assert_plain_log(out)
+    rows = table_rows(out, "Walkthrough summary")
+    assert list(rows) == [str(i) for i in range(1, 11)]
+    assert all(row[2].startswith("✓") and re.fullmatch(r"\d+ ms", row[3]) for row in rows.values()), rows
+    model_id = re.search(r"'model_id': '(base_lora_[0-9a-f]+)'", out).group(1)
+    assert rows["2"][1:3] == ["POST /add_lora", f"✓ {model_id}"]
+    fwd_loss = float(re.search(r"wait_for_result: \{'loss': ([0-9.]+)", out).group(1))
+    assert rows["3"][2].startswith(f"✓ loss {fwd_loss:.4f}, ")
+    assert rows["9"][2] == "✓ raised BadRequestError" and rows["10"][2] == "✓ raised NotFoundError"
 
 
 def test_simple_concurrent_example(server):
     result = run_script(server, "example_simple_concurrent.py", via_env=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "SUMMARY" in out and "✓ All 3 users completed training!" in out
+    assert re.search(r"✓ Total time: \d+\.\d+ seconds", out)
+    assert_plain_log(out)
+    rows = table_rows(out, "Per-user summary")
+    assert list(rows) == ["Alice", "Bob", "Carol", "all"]
     for name in ("Alice", "Bob", "Carol"):
-        assert re.search(rf"\[{name}\] ✓ Created adapter: base_lora_[0-9a-f]+", result.stdout)
-    assert "SUMMARY" in result.stdout and "✓ All 3 users completed training!" in result.stdout
-    assert re.search(r"✓ Total time: \d+\.\d+ seconds", result.stdout)
+        model_id = re.search(rf"\[{name}\] ✓ Created adapter: (base_lora_[0-9a-f]+)", out).group(1)
+        losses = [float(x) for x in re.findall(rf"\[{name}\] Step \d/3: loss = ([0-9.]+)", out)]
+        assert_user_row(rows[name], 3, losses, model_id)
+    assert rows["all"][1] == "9/9" and rows["all"][-1] == "3/3 ok"
+    assert int(rows["all"][3]) == sum(int(rows[n][3]) for n in ("Alice", "Bob", "Carol"))
 
 
 def test_concurrent_users_example(server):
     result = run_script(server, "example_concurrent_users.py", "--steps", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\[\d\d:\d\d:\d\d\.\d{3}\] Alice: ", result.stdout)
-    assert "Step 2" in result.stdout and "\x1b[" not in result.stdout  # NO_COLOR honoured
+    out = result.stdout
+    assert re.search(r"\[\d\d:\d\d:\d\d\.\d{3}\] Alice: ", out)
+    assert "Step 2" in out
+    assert_plain_log(out)  # NO_COLOR and no terminal: no colour codes either
+    rows = table_rows(out, "Per-user summary")
+    assert list(rows) == ["Alice", "Bob", "Carol", "all"]
+    for name in ("Alice", "Bob", "Carol"):
+        model_id = re.search(rf"{name}: ✓ Adapter created: (base_lora_[0-9a-f]+)", out).group(1)
+        steps = re.findall(rf"{name}: Step \d: Loss = ([0-9.]+) \((\d+) tokens\)", out)
+        assert_user_row(rows[name], 2, [float(loss) for loss, _ in steps], model_id)
+        assert int(rows[name][3]) == sum(int(tokens) for _, tokens in steps)
+    assert rows["all"][1] == "6/6" and rows["all"][-1] == "3/3 ok"
 
 
 @pytest.mark.parametrize("users", ["3"])
@@ -51,9 +117,83 @@ def test_load_test_script(server, users):
     out = result.stdout
     assert "RESULTS SUMMARY" in out and f"Total users: {users}" in out
     assert f"Successful: {users}" in out and "Failed: 0" in out
-    assert len(re.findall(r"✓ user_\d+: \d+\.\d+s \(model: base_lora_[0-9a-f]+\)", out)) == int(users)
+    details = re.findall(r"✓ (user_\d+): (\d+\.\d+s) \(model: (base_lora_[0-9a-f]+)\)", out)
+    assert len(details) == int(users)
     assert re.search(r"Concurrency speedup: \d+\.\d+x", out)
     assert re.search(r"\(Estimated sequential time: \d+\.\d+s vs actual: \d+\.\d+s\)", out)
+    assert_plain_log(out)
+    rows = table_rows(out, "Per-user summary")
+    assert list(rows) == [f"user_{i}" for i in range(int(users))] + ["all"]
+    for user, elapsed, model_id in details:
+        losses = [float(x) for x in re.findall(rf"\[User {user}\] Step \d: loss = ([0-9.]+)", out)]
+        assert_user_row(rows[user], 2, losses, model_id)
+        assert rows[user][4] == elapsed  # the same time as in "Per-user details"
+    assert rows["all"][1] == f"{2 * int(users)}/{2 * int(users)}" and rows["all"][-1] == f"{users}/{users} ok"
+
+
+def run_in_terminal(server, *args: str, timeout: float = 120.0) -> tuple[int, str]:
+    """Run a script with a pseudo-terminal as its stdout; return (exit status, output)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    for name in ("NO_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE", "FORCE_COLOR"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--url", server.url], cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the script exited and the terminal closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return proc.wait(timeout=10), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_progress_bars_in_a_terminal(server):
+    status, out = run_in_terminal(server, "example_simple_concurrent.py")
+    assert status == 0, out
+    assert "\x1b[" in out  # a terminal gets colour and cursor movement...
+    assert PROGRESS_FRAME.search(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out))  # ...and the live bars
+    assert "✓ All 3 users completed training!" in out and "Per-user summary" in out
+
+
+def test_bench_tables_agree():
+    import bench
+
+    rows = [
+        {
+            "n": n,
+            "train": {"sequential": 100.0 * n, "threads": 90.0 * n, "fused": 150.0 * n, "one_adapter": 160.0 * n},
+            "sample": {"one_by_one": 10.0, "fused": 10.0 * n},
+            "mfu": None,
+        }
+        for n in (1, 8)
+    ]
+    args = type("Args", (), {"batch": 1, "seq_len": 128, "rank": 8, "new_tokens": 32, "reps": 1})
+    md = [line for line in bench.markdown({"m": rows}, {}, args).splitlines() if re.match(r"\| \d", line)]
+    assert md[1] == "| 8 | 800 | 720 | 1200 | 1280 | 1.50x | 0.94 | 10.0 | 80.0 | 8.00x |"
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    Console(width=80, file=buffer).print(bench.rich_table("m", rows))
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80  # fits a narrow terminal unwrapped
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    assert [line.split() for line in lines[rule + 1 :]] == [row.strip("| ").split(" | ") for row in md]
 
 
 def test_scripts_fail_clearly_without_a_server():
