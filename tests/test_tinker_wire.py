@@ -14,6 +14,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
+from database import Database
 from errors import BadRequestError
 from tinker_api import sessions, wire
 from worker_pool import WorkerPool
@@ -85,9 +86,10 @@ def test_outputs_decode_with_the_sdk():
     assert sample.topk_prompt_logprobs == [None, [(3, -0.5), (4, -1.5)], [(9, -0.25)]]
 
 
-def test_sequencer_runs_in_seq_order_and_answers_resends_with_the_same_id(monkeypatch):
+def test_sequencer_runs_in_seq_order_and_answers_resends_with_the_same_id(tmp_path):
     pool = WorkerPool(1)
-    seq = sessions.Sequencer(pool, "m")
+    db = Database(tmp_path / "thinker.db")
+    seq = sessions.Sequencer(pool, "m", db)
     started: list[int] = []
 
     def start(n):
@@ -99,13 +101,17 @@ def test_sequencer_runs_in_seq_order_and_answers_resends_with_the_same_id(monkey
     assert started == [1, 2, 3]
     assert seq.admit(2, "t", start(99)) == ids[2]  # a resend is the same request
     assert [pool.get(ids[n]).wait(5) and pool.get(ids[n]).result for n in (1, 2, 3)] == [1, 2, 3]
+    # A new Sequencer on the same database (after a restart) goes on at seq_id 4 and still
+    # knows the ids it gave.
+    again = sessions.Sequencer(pool, "m", db)
+    assert again.next_seq == 4 and again.admit(2, "t", start(99)) == ids[2]
     pool.shutdown()
 
 
-def test_sequencer_goes_on_after_a_gap(monkeypatch):
+def test_sequencer_goes_on_after_a_gap(monkeypatch, tmp_path):
     monkeypatch.setattr(sessions, "GAP_TIMEOUT_S", 0.2)
     pool = WorkerPool(1)
-    seq = sessions.Sequencer(pool, "m")
+    seq = sessions.Sequencer(pool, "m", Database(tmp_path / "thinker.db"))
     started: list[int] = []
     seq.admit(2, "t", lambda future: (started.append(2), pool.fail(future, BadRequestError("x"))))
     time.sleep(0.6)  # seq_id 1 never comes
