@@ -74,6 +74,9 @@ class ServerProcess:
 
     def stop(self) -> None:
         self.proc.terminate()
+        self.wait_stopped()
+
+    def wait_stopped(self) -> None:
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -96,8 +99,11 @@ def start_server(cache_dir, tmp_path_factory):
         return server
 
     yield start
+    for server in started:  # SIGTERM to all first: they drain at the same time
+        if server.proc.poll() is None:
+            server.proc.terminate()
     for server in started:
-        server.stop()
+        server.wait_stopped()
 
 
 @pytest.fixture(scope="session")
