@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from futures import COMPLETED, Future
@@ -154,6 +154,13 @@ class _StateCollector:
         yield _gauge("futures_unfinished", "Futures queued or running, all users", sum(pending.values()))
         yield _gauge("users_with_unfinished", "Users with at least one unfinished future", len(pending))
         yield _gauge("adapters_loaded", "Adapters in memory (trainable and frozen)", len(backend.adapters))
+        residency = backend.residency
+        yield _gauge("adapters_resident", "Adapters on the accelerator (MAX_RESIDENT_ADAPTERS)", residency.resident)
+        offloads = CounterMetricFamily(f"{NAMESPACE}_adapter_moves", "Adapters moved out to CPU memory or back in",
+                                       labels=["direction"])
+        offloads.add_metric(["out"], residency.offloads)
+        offloads.add_metric(["in"], residency.reloads)
+        yield offloads
         if backend.sampler is not None:
             sampler = backend.sampler.stats()
             yield _gauge("sampling_rows", "Rows in the shared decode batch", sampler["sampling_rows"])

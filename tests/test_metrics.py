@@ -94,7 +94,7 @@ def test_training_and_sampling_move_the_counters(keyed, client):
     assert delta(before, after, "thinker_fused_batch_tokens_sum", group="fwdbwd") >= trained  # padded
     assert delta(before, after, "thinker_fused_batch_requests_sum", group="optim_step") == 2
 
-    assert value(after, "thinker_adapters_loaded") == 2
+    assert value(after, "thinker_adapters_loaded") == 2 and value(after, "thinker_adapters_resident") == 2
     assert value(after, "thinker_queue_depth") == 0 and value(after, "thinker_jobs_running") == 0
     assert value(after, "thinker_futures_unfinished") == 0
 
@@ -127,14 +127,18 @@ def test_state_gauges_and_accelerator_memory(monkeypatch):
         def pending_by_owner(self) -> dict:
             return {"user-a": 4, "user-b": 1}
 
-    backend = SimpleNamespace(adapters=[1, 2, 3], sampler=None, device=torch.device("cuda:0"))
+    residency = SimpleNamespace(resident=2, offloads=5, reloads=4)
+    backend = SimpleNamespace(adapters=[1, 2, 3], sampler=None, device=torch.device("cuda:0"), residency=residency)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1000)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2048)
     collected = list(metrics._StateCollector(SimpleNamespace(pool=Pool(), backend=backend)).collect())
     found = {s.name: (s.value, s.labels) for family in collected for s in family.samples}
     assert found["thinker_queue_depth"][0] == 3 and found["thinker_jobs_running"][0] == 2
     assert found["thinker_futures_unfinished"][0] == 5 and found["thinker_users_with_unfinished"][0] == 2
-    assert found["thinker_adapters_loaded"][0] == 3
+    assert found["thinker_adapters_loaded"][0] == 3 and found["thinker_adapters_resident"][0] == 2
+    moves = {s.labels["direction"]: s.value for family in collected for s in family.samples
+             if s.name == "thinker_adapter_moves_total"}
+    assert moves == {"out": 5, "in": 4}
     assert found["thinker_accelerator_memory_allocated_bytes"] == (1000, {"device": "cuda:0"})
     assert found["thinker_accelerator_memory_reserved_bytes"] == (2048, {"device": "cuda:0"})
     assert metrics.sampled_tokens({"num_tokens": [3, 4]}) == 7
