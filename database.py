@@ -25,7 +25,8 @@ RESTARTED = "the server restarted before this request finished; send it again"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS futures (
     id TEXT PRIMARY KEY, owner TEXT, kind TEXT, key TEXT, status TEXT, render TEXT,
-    result TEXT, error TEXT, error_type TEXT, submitted_at REAL, finished_at REAL
+    result TEXT, error TEXT, error_type TEXT, submitted_at REAL, finished_at REAL,
+    request TEXT  -- {"endpoint": "POST /fwdbwd", "request_id": ...}: what asked for it
 );
 CREATE INDEX IF NOT EXISTS futures_finished ON futures (finished_at);
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -79,6 +80,9 @@ class Database:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(futures)")}
+        if "request" not in columns:  # a database from before the column
+            self._db.execute("ALTER TABLE futures ADD COLUMN request TEXT")
         self._lock = threading.Lock()
 
     def execute(self, sql: str, params: tuple = ()) -> int:
@@ -115,8 +119,10 @@ class Database:
     def future_added(self, future: Future) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO futures (id, owner, kind, key, status, submitted_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (future.id, future.owner, future.kind, future.key, future.status, future.submitted_at),
+                "INSERT OR REPLACE INTO futures (id, owner, kind, key, status, submitted_at, request) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (future.id, future.owner, future.kind, future.key, future.status, future.submitted_at,
+                 json.dumps({k: future.meta[k] for k in ("endpoint", "request_id") if k in future.meta})),
             )
 
     def future_finished(self, future: Future) -> None:
@@ -133,18 +139,19 @@ class Database:
         """A finished future from before a restart (its result as JSON left it)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT id, owner, kind, key, status, render, result, error, error_type, submitted_at, finished_at "
-                "FROM futures WHERE id = ? AND finished_at IS NOT NULL",
+                "SELECT id, owner, kind, key, status, render, result, error, error_type, submitted_at, finished_at, "
+                "request FROM futures WHERE id = ? AND finished_at IS NOT NULL",
                 (future_id,),
             ).fetchone()
         if row is None:
             return None
-        fid, owner, kind, key, status, render, result, error, error_type, submitted, finished = row
+        fid, owner, kind, key, status, render, result, error, error_type, submitted, finished, asked = row
         future = Future(id=fid, key=key, kind=kind, status=status, owner=owner, submitted_at=submitted)
         future.result = json.loads(result) if result is not None else None
         future.error, future.error_type, future.finished_at = error, error_type, finished
         if render:
             future.meta["render"] = render
+        future.meta.update(json.loads(asked or "{}"))
         future.done.set()
         return future
 

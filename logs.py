@@ -27,7 +27,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, has_request_context, request
 
 from futures import Future
 
@@ -175,6 +175,8 @@ def remember_request(future: Future) -> None:
     """Note the current request's id on a future being submitted (see job_context)."""
     if (rid := request_id.get()) is not None:
         future.meta.setdefault("request_id", rid)
+    if has_request_context():  # what was asked, kept with the future (database.py stores it)
+        future.meta.setdefault("endpoint", f"{request.method} {request.path}")
 
 
 def log_job(future: Future) -> None:

@@ -3,7 +3,9 @@ idempotency keys survive; requests that were queued or running say the server re
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -56,6 +58,12 @@ def test_kill_9_and_restart(start_server, tmp_path):
     for request_id in in_flight:
         answer = post(server, "/api/v1/retrieve_future", {"request_id": request_id})
         assert answer["category"] == "server" and "restarted before this request finished" in answer["error"]
+    # The futures table keeps what asked for each future, its status and its error.
+    with sqlite3.connect(f"{data}/thinker.db") as db:
+        status, error, asked = db.execute(
+            "SELECT status, error, request FROM futures WHERE id = ?", (in_flight[0],)
+        ).fetchone()
+    assert status == "failed" and "restarted" in error and json.loads(asked)["endpoint"] == "POST /api/v1/asample"
     assert wait(server, trained["request_id"]) == finished  # a finished result outlives the crash
     replay = post(server, "/fwdbwd", {"model_id": model_id, "data": CHAT}, **{"Idempotency-Key": "step-1"})
     assert replay == trained  # the same answer, and nothing ran (the adapter is gone anyway)
