@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -52,6 +52,7 @@ class Services:
     tinker: TinkerState  # sessions, samplers and request order of the Tinker API
     download_secret: bytes  # signs checkpoint download links
     database: Database  # futures and idempotency keys, durable across restarts
+    autosaver: Any = None  # api_state.Autosaver when AUTOSAVE_EVERY_STEPS is set
 
 
 def services() -> Services:

@@ -114,18 +114,38 @@ def delete_lora():
 AUTOSAVES_KEPT = 3
 
 
-def autosaver(s, every_steps: int):
+class Autosaver:
     """After every ``every_steps``-th optimizer step of a trainable adapter, checkpoint it
-    (weights + optimizer) as ``autosave-<step>``; the 3 newest autosaves of each are kept."""
+    (weights + optimizer) as ``autosave-<step>``; the 3 newest autosaves of each are kept.
+    ``flush()`` (at SIGTERM) saves every adapter that stepped since its last autosave, so a
+    planned restart loses nothing: the adapters come back at the step they had reached."""
 
-    def after_step(adapter) -> None:
-        if not adapter.trainable or adapter.step % every_steps:
-            return
-        path = write_checkpoint(s, adapter.id, "weights", f"autosave-{adapter.step:06d}", True, overwrite=True)
-        mine = s.checkpoints.list(adapter.id)
+    def __init__(self, s, every_steps: int) -> None:
+        self.s = s
+        self.every_steps = every_steps
+        self._saved_step: dict[str, int] = {}  # adapter id -> step of its newest autosave
+
+    def after_step(self, adapter) -> None:
+        if adapter.trainable and adapter.step % self.every_steps == 0:
+            self._save(adapter)
+
+    def flush(self) -> int:
+        """Autosave every trainable adapter not saved at its current step; how many."""
+        stale = [
+            a for a in self.s.backend.adapters.all()
+            if a.trainable and a.step > 0 and self._saved_step.get(a.id) != a.step
+        ]
+        for adapter in stale:
+            self._save(adapter)
+        return len(stale)
+
+    def _save(self, adapter) -> None:
+        path = write_checkpoint(
+            self.s, adapter.id, "weights", f"autosave-{adapter.step:06d}", True, overwrite=True
+        )
+        mine = self.s.checkpoints.list(adapter.id)
         autosaves = [c for c in mine if c.kind == "weights" and c.name.startswith("autosave-")]
         for old in autosaves[:-AUTOSAVES_KEPT]:
-            s.checkpoints.delete(TinkerPath.parse(old.tinker_path))
+            self.s.checkpoints.delete(TinkerPath.parse(old.tinker_path))
+        self._saved_step[adapter.id] = adapter.step
         log.info("autosaved %s at step %d: %s", adapter.id, adapter.step, path)
-
-    return after_step

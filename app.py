@@ -107,7 +107,9 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         log.warning("after the restart: %d adapters restored from their newest checkpoint, %d lost", restored, lost)
     records.attach(backend)
     if config.autosave_every_steps:
-        backend.after_step_hooks.append(api_state.autosaver(app.extensions["thinker"], config.autosave_every_steps))
+        services = app.extensions["thinker"]
+        services.autosaver = api_state.Autosaver(services, config.autosave_every_steps)
+        backend.after_step_hooks.append(services.autosaver.after_step)
     app.register_blueprint(bp)
     app.register_blueprint(api_state.bp)
     app.register_blueprint(openapi.bp)
@@ -156,11 +158,14 @@ def main() -> None:
 
     def drain() -> None:
         services.pool.shutdown(wait=True, drain_s=SHUTDOWN_DRAIN_S)
+        if services.autosaver is not None:  # nothing runs now: save what stepped since its autosave
+            log.info("autosaved %d adapters before exiting", services.autosaver.flush())
         time.sleep(1.0)  # let waiting long-polls send the answers they just got
         os.kill(os.getpid(), signal.SIGUSR1)  # -> exit() in the main thread: waitress stops, main() returns
 
     def stop(signum, _frame) -> None:
-        """SIGTERM: finish running jobs, fail queued ones (their futures say why), then exit.
+        """SIGTERM: finish running jobs, fail queued ones (their futures say why), autosave (if
+        on) what stepped since its last autosave, then exit.
         The HTTP loop keeps running meanwhile, so clients hear about their requests."""
         log.info("%s: finishing running jobs, failing queued ones, then exiting", signal.Signals(signum).name)
         threading.Thread(target=drain, name="thinker-drain", daemon=True).start()

@@ -104,6 +104,23 @@ def test_autosaved_adapters_come_back_under_their_own_ids(start_server, tmp_path
     assert run(server, "/optim_step", {"model_id": model_id})["step"] == 5  # training goes on
 
 
+def test_sigterm_autosaves_what_stepped_since_its_autosave(start_server, tmp_path):
+    """A planned restart (SIGTERM) with autosave on loses nothing, even between autosaves."""
+    server = start_server(THINKER_DATA_DIR=str(tmp_path / "data"), AUTOSAVE_EVERY_STEPS="5")
+    model_id = run(server, "/add_lora", {"rank": 4, "alpha": 8.0, "seed": 4})["model_id"]
+    for _ in range(3):  # no autosave yet (every 5)
+        run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})
+        run(server, "/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}})
+    before = run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})["loss"]
+    server.proc.terminate()
+    assert server.proc.wait(timeout=60) == 0 and "autosaved 1 adapters before exiting" in server.log()
+
+    server = start_server(**{**server.env, "PORT": str(server.port)})
+    adapters = requests.get(f"{server.url}/adapters", timeout=30).json()["adapters"]
+    assert [(a["model_id"], a["step"]) for a in adapters] == [(model_id, 3)]
+    assert abs(run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})["loss"] - before) < 1e-6
+
+
 def test_autosave_every_steps(start_server, tmp_path):
     server = start_server(THINKER_DATA_DIR=str(tmp_path / "auto"), AUTOSAVE_EVERY_STEPS="2")
     model_id = run(server, "/add_lora", {"rank": 4, "alpha": 8.0})["model_id"]
