@@ -3,7 +3,8 @@
 With keys configured (``THINKER_API_KEYS`` and/or ``THINKER_API_KEYS_FILE``), every request
 but the public ones must carry a valid key, as ``X-API-Key`` (what the Tinker SDK sends) or
 ``Authorization: Bearer <key>``; anything else is a 401. Keys are kept only as SHA-256
-digests, in the SQLite database (keys.py makes and revokes keys while the server runs).
+digests, in the SQLite database (keys.py makes and revokes keys while the server runs), and
+compared in constant time.
 A key's owner id is derived from its digest, so it is stable across restarts and reveals
 nothing about the key. Every adapter, future, checkpoint and sampling session records its
 owner; another owner is answered as if it did not exist (404). Without keys the server
@@ -13,7 +14,9 @@ runs in open single-user mode: one owner, "local".
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +71,9 @@ class KeyRing:
 
     def __init__(self, database: Database) -> None:
         self.db = database
+        self._digests: dict[bytes, str] = {}  # digest -> owner id
+        self._version: int | None = None
+        self._lock = threading.Lock()
         # Fixed at start: a first key made while the server runs open takes effect at the
         # next start, rather than locking "local" out of its own adapters mid-run.
         self.enabled = self.count() > 0
@@ -81,12 +87,26 @@ class KeyRing:
         return self.db.query("SELECT COUNT(*) FROM api_keys")[0][0]
 
     def owner_of(self, key: str | None) -> str | None:
-        """The owner id of a valid key, else None. Looked up by its SHA-256 digest: the
-        lookup's timing depends only on the digest, which says nothing about the key."""
+        """The owner id of a valid key, else None. Every stored digest is compared in constant
+        time, so the time taken says nothing about which (or whether a) key matched."""
         if key is None:
             return None
-        rows = self.db.query("SELECT owner FROM api_keys WHERE digest = ?", (digest(key),))
-        return rows[0][0] if rows else None
+        wanted, found = bytes.fromhex(digest(key)), None
+        for stored, owner in self._current().items():
+            if hmac.compare_digest(wanted, stored):
+                found = owner
+        return found
+
+    def _current(self) -> dict[bytes, str]:
+        """The stored digests, re-read when another connection (keys.py) changed the database:
+        SQLite's data_version says so at the cost of one pragma."""
+        version = self.db.query("PRAGMA data_version")[0][0]
+        with self._lock:
+            if version != self._version:
+                rows = self.db.query("SELECT digest, owner FROM api_keys")
+                self._digests = {bytes.fromhex(d): owner for d, owner in rows}
+                self._version = version
+            return self._digests
 
 
 def sync_config_keys(database: Database, keys: list[str]) -> None:

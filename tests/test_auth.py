@@ -172,10 +172,11 @@ def test_keys_live_in_the_database_digested(tmp_path):
     stored = [row[0] for row in db.query("SELECT digest FROM api_keys")]
     assert len(stored) == 2 and ALICE not in stored and BOB not in stored  # digests only
     # Removing a key from the config revokes it at the next start; a keys.py key stays.
-    made = keys_cli.create(db, "carol")
+    cli = Database(tmp_path / "thinker.db")  # keys.py: another process, another connection
+    made = keys_cli.create(cli, "carol")
     ring = KeyRing.from_config(Config(thinker_api_keys=ALICE), db)
     assert ring.owner_of(ALICE) and ring.owner_of(BOB) is None and ring.owner_of(made)
-    assert keys_cli.revoke(db, "carol") == 1 and ring.owner_of(made) is None  # at once, no restart
+    assert keys_cli.revoke(cli, "carol") == 1 and ring.owner_of(made) is None  # at once, no restart
 
 
 def test_open_mode_says_so_at_start(server, keyed):
