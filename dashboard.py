@@ -252,6 +252,8 @@ def state():
             "context_length": info["context_length"],
             "backend": s.backend.name,
             "uptime_s": round(now - activity.started_at, 1),
+            "adapters_loaded": info["adapters"],  # all users' (a count reveals no one's work)
+            "adapters_resident": info["adapters_resident"],  # of which on the accelerator
             **s.pool.stats(),  # workers, queued, running, batching, fused passes and jobs
             **sampler,
         },

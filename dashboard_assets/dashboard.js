@@ -291,7 +291,8 @@
         state.keys ? "yours / all users" : "requests not finished"),
       stat("Requests / s", fmtCount(tp.requests_per_s), `last ${tp.window_s} s`),
       stat("Tokens / s", fmtCount(tp.tokens_per_s), `trained, last ${tp.window_s} s`),
-      stat("Adapters", String(state.adapters_total), `${fmtCount(trained)} tokens trained (shown)`),
+      stat("Adapters", String(state.adapters_total),
+        `${fmtCount(trained)} tokens trained (shown) · ${s.adapters_resident} of ${s.adapters_loaded} resident`),
       stat("Fused passes", fmtCount(s.fused_passes), `${fmtCount(s.fused_jobs)} jobs fused`),
     );
   }

@@ -67,6 +67,7 @@ def test_state_shows_an_adapter_training(server, client: TinkerClient):
     assert answer["server"]["base_model"] == "builtin-tiny"
     assert answer["server"]["device"] == "cpu"
     assert answer["server"]["workers"] == 4
+    assert 1 <= answer["server"]["adapters_resident"] <= answer["server"]["adapters_loaded"]
     assert answer["adapters_total"] >= 1
     assert answer["adapters"][0]["model_id"] == model_id  # the most recently active first
     mine = adapter_in(answer, model_id)
