@@ -206,3 +206,16 @@ def test_scripts_fail_clearly_without_a_server():
     )
     assert result.returncode != 0
     assert "python app.py" in result.stdout + result.stderr
+
+
+def test_bench_adapters(cache_dir, tmp_path):
+    """bench_adapters.py on builtin-tiny: 40 adapters, 4 resident; the rest went out, and the
+    5 moved-back ones came in."""
+    result = subprocess.run(
+        [sys.executable, "bench_adapters.py", "--model", "builtin-tiny", "--adapters", "40", "--resident", "4",
+         "--device", "cpu", "--cache-dir", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "THINKER_CACHE_DIR": str(cache_dir)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "40 adapters of rank 8 on builtin-tiny" in result.stdout
+    assert re.search(r"adapters resident / offloads / reloads\s*│\s*4 / 41 / 5", result.stdout), result.stdout
