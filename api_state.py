@@ -123,7 +123,8 @@ class Autosaver:
     def __init__(self, s, every_steps: int) -> None:
         self.s = s
         self.every_steps = every_steps
-        self._saved_step: dict[str, int] = {}  # adapter id -> step of its newest autosave
+        # adapter id -> step of its newest autosave; adapters restored at start are saved as they are
+        self._saved_step = {a.id: a.step for a in s.backend.adapters.all() if a.trainable}
 
     def after_step(self, adapter) -> None:
         if adapter.trainable and adapter.step % self.every_steps == 0:

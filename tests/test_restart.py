@@ -119,6 +119,8 @@ def test_sigterm_autosaves_what_stepped_since_its_autosave(start_server, tmp_pat
     adapters = requests.get(f"{server.url}/adapters", timeout=30).json()["adapters"]
     assert [(a["model_id"], a["step"]) for a in adapters] == [(model_id, 3)]
     assert abs(run(server, "/fwdbwd", {"model_id": model_id, "data": CHAT})["loss"] - before) < 1e-6
+    server.proc.terminate()  # nothing stepped since the restore: nothing to save again
+    assert server.proc.wait(timeout=60) == 0 and "autosaved 0 adapters before exiting" in server.log()
 
 
 def test_autosave_every_steps(start_server, tmp_path):
