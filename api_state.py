@@ -36,6 +36,8 @@ def write_checkpoint(
         raise ConflictError(f"checkpoint {path} belongs to another owner")  # a run id reused after a restart
     if s.checkpoints.exists(path) and not overwrite:
         raise ConflictError(f"checkpoint {path} already exists; choose another name")
+    if s.checkpoints.exists(path):  # unlisted while rewritten: a crash now never lists a half-written one
+        s.checkpoints.delete(path)
     s.backend.save_state(model_id, s.checkpoints.folder(path), optimizer)
     s.checkpoints.write_info(
         CheckpointInfo(

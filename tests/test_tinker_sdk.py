@@ -141,6 +141,29 @@ def test_save_state_then_load_state_gives_identical_logprobs(service, training):
     assert again.loss_fn_outputs[0]["logprobs"].data == before.loss_fn_outputs[0]["logprobs"].data
 
 
+def test_sampler_weights_saved_again_under_one_name_serve_the_new_weights(service):
+    """RL loops often save to one name ("latest") every step: a sampler made after the second
+    save samples the second weights, not a cached copy of the first."""
+    training = service.create_lora_training_client(base_model="builtin-tiny", rank=4, seed=7).result()
+    ids = [72, 105, 33, 10, 72]
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
+    )
+
+    def sampler_logprobs() -> list[float]:
+        path = training.save_weights_for_sampler("latest").result().path
+        sampler = service.create_sampling_client(model_path=path).result()
+        return sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()[1:]
+
+    first = sampler_logprobs()
+    training.forward_backward([datum], "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    second = sampler_logprobs()
+    now = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+    assert second == pytest.approx(now, abs=1e-4) and second != pytest.approx(first, abs=1e-3)
+
+
 def test_sampler_weights_and_compute_logprobs_agree_with_forward(service, training):
     tokenizer = training.get_tokenizer()
     path = training.save_weights_for_sampler("for-sampling").result().path

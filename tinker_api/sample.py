@@ -55,7 +55,9 @@ def load_checkpoint(path: TinkerPath) -> str:
     """The frozen adapter serving a checkpoint, loaded if it is not in memory (again)."""
     s = services()
     info = owned_checkpoint(path)
-    adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}"
+    # The save's time is part of the id: a checkpoint saved again under the same name (an RL
+    # loop's "latest") is a new adapter, never the cached copy of the old weights.
+    adapter_id = f"checkpoint:{path.run_id}/{path.checkpoint_id}@{info.created_at:.6f}"
     try:
         folder = s.checkpoints.folder(path)
         s.backend.create_from_checkpoint(folder, adapter_id, optimizer=False, trainable=False, owner=info.owner)
@@ -150,7 +152,7 @@ def asample():
     if len(tokens) >= (window := s.backend.loaded.context_length):
         raise BadRequestError(f"prompt: {len(tokens)} tokens fill the context window of {window}")
     if sampler.model_path and sampler.adapter_id not in s.backend.adapters:
-        load_checkpoint(TinkerPath.parse(sampler.model_path))  # freed while idle: load it again
+        sampler.adapter_id = load_checkpoint(TinkerPath.parse(sampler.model_path))  # freed while idle: load again
     # A live adapter's samples keep their place in its queue (behind training sent before);
     # frozen weights and the base model need no order, so their requests run side by side.
     frozen = sampler.adapter_id is None or not s.backend.adapters.get(sampler.adapter_id).trainable
