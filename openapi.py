@@ -74,6 +74,22 @@ _OPERATIONS = [
     ("get", "/api/v1/sessions/{session_id}", None, ("200",), _JSON),
 ]
 
+# Optional query parameters, by path.
+_PAGE = {"limit": {"type": "integer", "minimum": 1, "maximum": 1000}, "offset": {"type": "integer", "minimum": 0}}
+_QUERY: dict[str, dict[str, dict]] = {
+    "/dashboard/state": {
+        "limit": {"type": "integer", "minimum": 1, "maximum": 200},  # adapters, most recently active first
+        "since": {"type": "number", "minimum": 0},  # only loss points newer than this (server time)
+    },
+    "/api/v1/training_runs": _PAGE,
+    "/api/v1/checkpoints": _PAGE,
+    "/api/v1/sessions": _PAGE,
+    "/api/v1/files/{run_id}/{kind}/{name}/{filename}": {
+        "expires": {"type": "integer"},  # the signed link's expiry and signature
+        "signature": {"type": "string"},
+    },
+}
+
 
 def document(config) -> dict:
     models = sorted({op[2] for op in _OPERATIONS if isinstance(op[2], type)}, key=lambda m: (m.__module__, m.__name__))
@@ -90,6 +106,8 @@ def document(config) -> dict:
             operation["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": _ID} for p in params
             ]
+        for name, schema in _QUERY.get(path, {}).items():
+            operation.setdefault("parameters", []).append({"name": name, "in": "query", "schema": schema})
         if body == "protobuf":
             operation["requestBody"] = {"required": True, "content": {_PROTOBUF: {"schema": _BINARY}}}
         elif body is not None:
