@@ -46,9 +46,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def load(model: str, cache_dir: str, device: str | None) -> HFBackend:
+def load(model: str, cache_dir: str, device: str | None, **settings) -> HFBackend:
+    """``model`` (builtin-tiny, or a real architecture with random weights) with the sampler
+    started; ``settings``: other Config fields."""
     path = model if model == "builtin-tiny" else str(ensure_random_model(model, cache_dir))
-    config = Config(base_model=path, thinker_cache_dir=cache_dir, device=device)
+    config = Config(base_model=path, thinker_cache_dir=cache_dir, device=device, **settings)
     backend = load_backend(config, Path(cache_dir) / "bench-data")
     backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
     return backend

@@ -18,10 +18,9 @@ import time
 import torch
 from rich.table import Table
 
-from backend import AdamParams, FwdBwdRequest, load_backend
+from backend import AdamParams, FwdBwdRequest
 from backend.examples import Example
-from backend.random_models import ensure_random_model
-from config import Config
+from bench import load
 from progress import make_console
 
 
@@ -40,10 +39,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="bench_results/models")
     args = parser.parse_args()
 
-    model = "builtin-tiny" if args.model == "builtin-tiny" else str(ensure_random_model(args.model, args.cache_dir))
-    config = Config(base_model=model, device=args.device, thinker_cache_dir=args.cache_dir,
-                    max_resident_adapters=args.resident)
-    backend = load_backend(config, data_dir=f"{args.cache_dir}/bench-data")
+    backend = load(args.model, args.cache_dir, args.device, max_resident_adapters=args.resident)
     before, started = rss_mb(), time.perf_counter()
     ids = [backend.add_lora(args.rank, 2.0 * args.rank, None, i)["model_id"] for i in range(args.adapters)]
     per_add_ms = 1000 * (time.perf_counter() - started) / args.adapters
