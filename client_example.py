@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import requests
 
@@ -39,9 +40,31 @@ LONG_POLL_SLICE_S = 30.0
 LONG_POLL_MARGIN_S = 10.0
 
 
+# A TLS handshake against a plain-HTTP server gets no answer at all: waitress waits for a
+# request line that never comes. The connect timeout (which covers the handshake) ends that.
+CONNECT_TIMEOUT_S = 10.0
+
+
 def default_base_url() -> str:
     """The server URL the scripts use unless ``--url`` is given: env ``BASE_URL`` or localhost."""
     return os.environ.get("BASE_URL") or DEFAULT_BASE_URL
+
+
+def check_url(url: str) -> str:
+    """``url`` without its trailing slash, or ValueError saying what is wrong with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"server URL {url!r} must start with http:// or https:// and name a host: {DEFAULT_BASE_URL}")
+    return url.rstrip("/")
+
+
+def url_or_exit(url: str) -> str:
+    """For the scripts' ``--url``: a bad URL ends the script with one line and exit status 2."""
+    try:
+        return check_url(url)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class TinkerClient:
@@ -54,7 +77,7 @@ class TinkerClient:
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0, api_key: str | None = None) -> None:
         """``api_key``: needed when the server has keys (default: $THINKER_API_KEY)."""
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_url(base_url)
         self.timeout = timeout  # HTTP timeout for ordinary (non long-poll) calls, in seconds
         self.session = requests.Session()
         api_key = api_key or os.environ.get("THINKER_API_KEY")
@@ -69,14 +92,19 @@ class TinkerClient:
         """Send one request; return (status, parsed JSON body) without judging the status."""
         url = f"{self.base_url}{path}"
         try:
-            resp = self.session.request(method, url, json=body, timeout=timeout or self.timeout)
+            limit = timeout or self.timeout
+            started = time.monotonic()
+            resp = self.session.request(method, url, json=body, timeout=(min(CONNECT_TIMEOUT_S, limit), limit))
+        except (requests.exceptions.SSLError, requests.Timeout) as e:
+            # A timeout before the read limit ran out happened while connecting (TLS handshake included).
+            if isinstance(e, requests.Timeout) and time.monotonic() - started >= limit:
+                raise TimeoutError(f"{method} {path} got no answer within {limit}s") from e
+            hint = " (is it a plain-HTTP server? try http://)" if self.base_url.startswith("https:") else ""
+            raise ConnectionError(f"no answer from {self.base_url} while connecting{hint}") from e
         except requests.ConnectionError as e:
             raise ConnectionError(
                 f"cannot connect: is the server running at {self.base_url}? start it with `python app.py`"
             ) from e
-        except requests.Timeout as e:
-            limit = timeout or self.timeout
-            raise TimeoutError(f"{method} {path} got no answer within {limit}s") from e
         try:
             data = resp.json()
         except ValueError:
@@ -350,7 +378,7 @@ def main() -> int:
     args = parser.parse_args()
     console = make_console()
 
-    client = TinkerClient(args.url)
+    client = TinkerClient(url_or_exit(args.url))
     print("=" * 70)
     print(f"TinkerClient walkthrough against {client.base_url}")
     print("=" * 70)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from errors import ConfigurationError
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUILTIN_TINY = "builtin-tiny"
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 
 
 def _default_cache_dir() -> str:
@@ -114,6 +116,8 @@ class Config:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             levels = "DEBUG, INFO, WARNING, ERROR or CRITICAL"
             raise ConfigurationError(f"LOG_LEVEL must be {levels}, got {self.log_level!r}")
+        if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigurationError(f"DEVICE={self.device!r} is not a device: use cpu, cuda, cuda:N or mps")
         if self.log_format.lower() not in ("text", "json"):
             raise ConfigurationError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
 

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from client_example import TinkerClient, default_base_url
+from client_example import TinkerClient, default_base_url, url_or_exit
 from errors import ThinkerError
 from progress import UserProgress, UserRun, make_console, summary_table
 
@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per user")
     args = parser.parse_args()
+    args.url = url_or_exit(args.url)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     console = make_console()

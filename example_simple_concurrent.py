@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from client_example import TinkerClient, default_base_url
+from client_example import TinkerClient, default_base_url, url_or_exit
 from errors import ThinkerError
 from progress import UserProgress, UserRun, make_console, summary_table
 
@@ -79,6 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     args = parser.parse_args()
+    args.url = url_or_exit(args.url)
     console = make_console()
 
     print("=" * 70)

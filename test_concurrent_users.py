@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from client_example import TinkerClient, default_base_url
+from client_example import TinkerClient, default_base_url, url_or_exit
 from errors import ThinkerError
 from progress import UserProgress, UserRun, make_console, summary_table
 
@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps per user (default 3)")
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     args = parser.parse_args()
+    args.url = url_or_exit(args.url)
     if args.num_users < 1:
         parser.error("N must be at least 1")
     if args.steps < 1:

@@ -19,7 +19,7 @@ from torch import nn
 
 from backend.builtin_tiny import ensure_builtin_tiny
 from backend.lora import MultiLoraLinear, short_name, wrap_linear_layers
-from config import BUILTIN_TINY, DEFAULT_BASE_MODEL, Config
+from config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
 from errors import ConfigurationError
 
 log = logging.getLogger("thinker.backend")
@@ -47,9 +47,26 @@ class LoadedModel:
 
 
 def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to load on: ``DEVICE`` checked against what this machine and torch build have."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.fullmatch(requested):  # (Config.validate says so first; tests build Configs directly)
+        raise ConfigurationError(f"DEVICE={requested!r} is not a device: use cpu, cuda, cuda:N or mps (or unset it)")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise ConfigurationError(
+                f"DEVICE={requested} but this torch build ({torch.__version__}) has no CUDA support; "
+                "install the CUDA build of torch (see README) or unset DEVICE"
+            )
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"DEVICE={requested} but no CUDA GPU is visible; unset DEVICE to use the CPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            visible = torch.cuda.device_count()
+            raise ConfigurationError(f"DEVICE={requested} but only {visible} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"DEVICE={requested} but MPS is not available on this machine")
+    return device
 
 
 def load_base_model(config: Config) -> LoadedModel:
@@ -58,8 +75,11 @@ def load_base_model(config: Config) -> LoadedModel:
     if config.base_model:
         name = config.base_model
         log.info("Loading base model from %s...", name)
+        local_only = _check_source(name)
         try:
-            return _load(name, device, config)
+            return _load(name, device, config, local_files_only=local_only)
+        except ConfigurationError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure here is fatal, with its reason
             raise ConfigurationError(f"BASE_MODEL={name!r} could not be loaded: {exc}") from exc
 
@@ -80,6 +100,43 @@ def load_base_model(config: Config) -> LoadedModel:
     loaded = _load(BUILTIN_TINY, device, config)
     loaded.fallback_reason = reason
     return loaded
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.sep in name and os.path.exists(name) or name.count("/") > 1
+
+
+def _check_source(name: str) -> bool:
+    """Refuse at once what cannot load (a missing folder, a hub id offline and not cached)
+    instead of after the hub client's minutes of retries. True: load from local files only."""
+    if name == BUILTIN_TINY:
+        return True
+    if _looks_like_path(name):
+        folder = os.path.expanduser(name)
+        if not os.path.isdir(folder):
+            raise ConfigurationError(f"BASE_MODEL={name!r}: folder not found")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigurationError(f"BASE_MODEL={name!r}: the folder has no config.json (not a model folder)")
+        return True
+    if _in_hub_cache(name):
+        return True
+    if not _hub_reachable():
+        raise ConfigurationError(
+            f"BASE_MODEL={name!r} is not in the local Hugging Face cache and the hub cannot be reached; "
+            "download it where the hub is reachable, or point BASE_MODEL at a local folder (or builtin-tiny)"
+        )
+    return False
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        raise ConfigurationError(
+            f"BASE_MODEL={name!r} is neither a local folder nor a Hugging Face hub id (org/name)"
+        ) from None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
