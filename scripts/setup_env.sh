@@ -9,7 +9,10 @@
 
 THINKER_VENV="${THINKER_VENV:-.venv}"
 TORCH_VERSION="$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' requirements.txt)"
-_pip() { python -m pip install --quiet --disable-pip-version-check "$@"; }
+_pip() {  # (this machine's pip configuration may warn about missing local mirrors: not ours to show)
+    python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location '.*' is ignored"
+    return "${PIPESTATUS[0]}"
+}
 
 if [ ! -x "$THINKER_VENV/bin/python" ]; then
     echo "setup: creating the virtual environment $THINKER_VENV" >&2
