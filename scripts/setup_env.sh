@@ -10,7 +10,8 @@
 THINKER_VENV="${THINKER_VENV:-.venv}"
 TORCH_VERSION="$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' requirements.txt)"
 _pip() {  # (this machine's pip configuration may warn about missing local mirrors: not ours to show)
-    python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location '.*' is ignored"
+    python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
     return "${PIPESTATUS[0]}"
 }
 
