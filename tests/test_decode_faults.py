@@ -1,4 +1,5 @@
-"""Failures in the shared decode loop fail only the request that caused them.
+"""Failures in the shared decode loop fail only the request that caused them, and frozen
+sampler snapshots hold their weights and nothing more.
 
 Failures are injected inside the model (in its last decoder layer, after the earlier
 layers have already grown the KV cache), for the batches that hold a chosen row: that
@@ -182,3 +183,65 @@ def test_a_prefill_failing_for_one_request_fails_only_that_request(backend, adap
         results = [f.result(timeout=120) for f in futures[:1] + futures[2:]]
     for completions, tokens in zip(results, expected, strict=True):
         assert [c.tokens for c in completions] == tokens
+
+
+# ---- frozen snapshots ---------------------------------------------------------------------
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def held_bytes(adapter) -> int:
+    """Memory an adapter keeps alive: its weights, their gradients, its optimizer's moments."""
+    grads = [p.grad for p in adapter.params if p.grad is not None]
+    moments = []
+    if adapter.optimizer is not None:
+        moments = [v for state in adapter.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return _bytes(adapter.params) + _bytes(grads) + _bytes(moments)
+
+
+def assert_frozen(adapter) -> None:
+    assert adapter.optimizer is None
+    for p in adapter.params:
+        assert not p.requires_grad and p.grad is None and p.grad_fn is None
+    assert held_bytes(adapter) == _bytes(adapter.params)
+
+
+def test_a_sampler_snapshot_holds_detached_weights_and_no_optimizer(backend, adapter_ids, tmp_path):
+    source = backend.adapters.get(adapter_ids[0])
+    backend.snapshot(source.id, "decode-faults-snapshot")
+    backend.save_state(source.id, tmp_path / "sampler", False)
+    backend.create_from_checkpoint(tmp_path / "sampler", "decode-faults-checkpoint", optimizer=False, trainable=False)
+    try:
+        for frozen_id in ("decode-faults-snapshot", "decode-faults-checkpoint"):
+            frozen = backend.adapters.get(frozen_id)
+            assert_frozen(frozen)
+            for mine, theirs in zip(frozen.params, source.params, strict=True):
+                assert torch.equal(mine, theirs)
+
+        # Fused with another adapter's training pass, a forward on the snapshot gets no gradient.
+        examples = backend.render_conversations(
+            [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi"}]]
+        )
+        outcomes = backend.forward_backward(
+            [
+                FwdBwdRequest("decode-faults-snapshot", examples, backward=False),
+                FwdBwdRequest(adapter_ids[1], examples),
+            ]
+        )
+        assert all(isinstance(o, dict) for o in outcomes)
+        assert_frozen(backend.adapters.get("decode-faults-snapshot"))
+        backend.adapters.get(adapter_ids[1]).optimizer.zero_grad(set_to_none=True)
+
+        # It samples like its source, and its checkpoint with optimizer state loads as a trainable copy.
+        row = SampleRow("decode-faults-snapshot", backend.render_prompts(["Hello!"])[0], GREEDY)
+        assert alone(backend, row) == alone(backend, SampleRow(source.id, row.prompt_tokens, GREEDY))
+        backend.save_state("decode-faults-snapshot", tmp_path / "full", True)
+        copy = backend.create_from_checkpoint(tmp_path / "full", None, optimizer=True, trainable=True)
+        trainable = backend.adapters.get(copy["model_id"])
+        assert trainable.optimizer is not None and all(p.requires_grad for p in trainable.params)
+        backend.remove_adapter(copy["model_id"])
+    finally:
+        backend.remove_adapter("decode-faults-snapshot")
+        backend.remove_adapter("decode-faults-checkpoint")
