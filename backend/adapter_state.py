@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from backend.adapters import Adapter, AdapterRegistry
+from backend.adapters import Adapter, AdapterRegistry, new_optimizer
 from backend.lora import MultiLoraLinear, short_name
 from errors import BadRequestError
 from storage import load_optimizer_state, read_peft_adapter, save_optimizer, save_peft_adapter
@@ -16,7 +16,8 @@ from storage import load_optimizer_state, read_peft_adapter, save_optimizer, sav
 def save_state(adapter: Adapter, layers: dict[str, MultiLoraLinear], base_path: str, folder: Path, optimizer: bool):
     save_peft_adapter(adapter, layers, base_path, folder)
     if optimizer:
-        save_optimizer(adapter.optimizer, folder)
+        # A frozen adapter has no optimizer: its checkpoint gets fresh moments, as a new one would.
+        save_optimizer(adapter.optimizer or new_optimizer(adapter.params), folder)
 
 
 def checkpoint_config(folder: Path) -> tuple[int, float, list[str]]:
@@ -44,6 +45,8 @@ def load_into(adapter: Adapter, layers: dict[str, MultiLoraLinear], folder: Path
             layers[name].lora_B[adapter.id].copy_(tensors[name]["B"])
     for p in adapter.params:
         p.grad = None
+    if adapter.optimizer is None:  # frozen sampler weights: there are no moments to load
+        return
     if optimizer:
         if not (folder / "optimizer.pt").exists():
             raise BadRequestError("path: this checkpoint holds no optimizer state (it was saved for sampling)")

@@ -4,11 +4,17 @@ Rows are left-padded so every row's next token sits in the last column. New rows
 prefilled as a group and merged into the running batch (caches left-padded to a common
 length, padding masked out); finished rows are dropped from the cache at once, so they
 stop costing compute, and columns that are padding for every remaining row are trimmed.
+
+A decode step that fails (out of memory as the cache grows, say) is retried on halves of
+the batch, recursively, so the rows that can go on do; a row that fails even alone is
+the culprit, and only it is failed (``on_fail``). The other rows' tokens are exactly those
+of an undisturbed step: each row's computation does not depend on its batch company.
 """
 
 from __future__ import annotations
 
 import secrets
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +33,10 @@ class LiveRow:
     budget: int  # most tokens it may still produce: max_tokens, within the context window
     generator: torch.Generator
     on_done: Callable[[LiveRow], None] = field(default=lambda live: None)
+    # Called instead of on_done when a decode step fails for this row even alone.
+    on_fail: Callable[[LiveRow, BaseException], None] = field(default=lambda live, exc: None)
+    # True once nobody wants this row any more (its request failed): dropped at the next step.
+    abandoned: Callable[[], bool] = field(default=lambda: False)
     completion: Completion = field(default_factory=Completion)
     text_final: bool = False  # text already cut at a stop string
 
@@ -52,12 +62,16 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def make_row(self, row: SampleRow, context_length: int, on_done=None) -> LiveRow:
+    def make_row(self, row: SampleRow, context_length: int, on_done=None, on_fail=None, abandoned=None) -> LiveRow:
         seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
         budget = min(row.params.max_tokens, context_length - len(row.prompt_tokens))
         live = LiveRow(row, budget, torch.Generator(device=self.device).manual_seed(seed))
         if on_done is not None:
             live.on_done = on_done
+        if on_fail is not None:
+            live.on_fail = on_fail
+        if abandoned is not None:
+            live.abandoned = abandoned
         return live
 
     @torch.no_grad()
@@ -94,16 +108,36 @@ class DecodeBatch:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Feed every row its next token and choose the one after."""
+        """Feed every row its next token and choose the one after. Rows whose forward
+        fails even alone are dropped and told so (``on_fail``); the others go on."""
+        self.discard([j for j, live in enumerate(self.rows) if live.abandoned()])
         if not self.rows:
             return
-        self.mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.rows), 1)], dim=1)
+        length = self.mask_BL.shape[1]
+        mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.rows), 1)], dim=1)
         ids_B1 = torch.tensor(self.next_tokens, device=self.device).unsqueeze(1)
-        logits_BV = self._forward(self.rows, ids_B1, self.mask_BL, self.cache)
+        try:
+            logits_BV = self._forward(self.rows, ids_B1, mask_BL, self.cache)
+            self.mask_BL = mask_BL
+        except Exception as exc:  # noqa: BLE001 - retried on parts of the batch; the culprit fails alone
+            _drop_frames(exc)
+            for layer in self.cache.layers:  # layers the failed pass already grew go back to ``length``
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+            logits_BV = self._step_in_parts(ids_B1, mask_BL, exc)
+            if logits_BV is None:
+                return
         keep, tokens = self._advance(self.rows, logits_BV)
         if len(keep) < len(self.rows):
             self._select(keep)
         self.next_tokens = tokens
+
+    def discard(self, positions: Sequence[int]) -> None:
+        """Drop the rows at these batch positions, unfinished (their caller gave up on them)."""
+        gone = set(positions)
+        if gone:
+            keep = [j for j in range(len(self.rows)) if j not in gone]
+            self._select(keep)
+            self.next_tokens = [self.next_tokens[j] for j in keep]
 
     def clear(self) -> None:
         """Drop every row (after an error in a forward pass)."""
@@ -112,9 +146,69 @@ class DecodeBatch:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
+    def _step_in_parts(self, ids_B1, mask_BL, error: Exception) -> torch.Tensor | None:
+        """After a failed step over the whole batch (cache back at its old length): run
+        it on halves, recursively; rows that fail alone leave the batch via on_fail.
+        Returns the survivors' logits (B', V), the batch reduced to them; None if none."""
+        self._weight_cache = {}  # the parts route other row sets: no stacked weights kept for them
+        done: list[tuple[int, int, object, torch.Tensor]] = []  # (start, stop, part's cache, logits)
+        failed: list[tuple[int, Exception]] = []
+        self._run_parts(0, len(self.rows), ids_B1, mask_BL, error, done, failed)
+        ok = [j for start, stop, _, _ in done for j in range(start, stop)]
+        culprits = [(self.rows[j], exc) for j, exc in failed]
+        self.rows = [self.rows[j] for j in ok]
+        self.next_tokens = [self.next_tokens[j] for j in ok]
+        if ok:
+            # The parts' grown caches, stacked back in batch order; the old cache goes with them.
+            for i, layer in enumerate(self.cache.layers):
+                grown = [part.layers[i] for _, _, part, _ in done]
+                layer.keys, layer.values = torch.cat([g.keys for g in grown]), torch.cat([g.values for g in grown])
+                for g in grown:  # freed layer by layer, so the peak stays near one extra layer
+                    g.keys = g.values = None
+            self.mask_BL = mask_BL[torch.tensor(ok, device=self.device)]
+            logits_BV = torch.cat([logits for _, _, _, logits in done])
+        else:
+            self.cache = self.mask_BL = None
+            logits_BV = None
+        for live, exc in culprits:
+            live.on_fail(live, exc)
+        return logits_BV
+
+    def _run_parts(self, start: int, stop: int, ids_B1, mask_BL, error: Exception, done: list, failed: list) -> None:
+        """Rows [start, stop) failed together with ``error``: try each half on its own."""
+        if stop - start == 1:
+            failed.append((start, error))
+            return
+        middle = (start + stop) // 2
+        for a, b in ((start, middle), (middle, stop)):
+            part = self._part_cache(a, b)
+            try:
+                logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], mask_BL[a:b], part, keep_weights=False)
+            except Exception as exc:  # noqa: BLE001
+                _drop_frames(exc)
+                del part
+                self._run_parts(a, b, ids_B1, mask_BL, exc, done, failed)
+                continue
+            done.append((a, b, part, logits_BV))
+
+    def _part_cache(self, start: int, stop: int):
+        """A cache of rows [start, stop) that shares this batch's memory: a forward grows
+        it into new tensors and leaves this batch's cache as it was."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        part = DynamicCache()
+        for layer in self.cache.layers:
+            view = DynamicLayer()
+            view.lazy_initialization(layer.keys, layer.values)
+            view.keys, view.values = layer.keys[start:stop], layer.values[start:stop]  # (b, heads, L, head_dim)
+            part.layers.append(view)
+        return part
+
+    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache, keep_weights: bool = True) -> torch.Tensor:
         adapters = tuple(sorted({r.row.adapter_id for r in rows if r.row.adapter_id}))
-        routing = Routing.build([r.row.adapter_id for r in rows], self.device, adapters, self._weight_cache)
+        weight_cache = self._weight_cache if keep_weights else None
+        routing = Routing.build([r.row.adapter_id for r in rows], self.device, adapters, weight_cache)
         positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1]:]
         with use_adapters(routing):
             if not self._plain_head:
@@ -201,3 +295,9 @@ class DecodeBatch:
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_old, 0)), F.pad(theirs.keys, (0, 0, pad_new, 0))])
             mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_old, 0)), F.pad(theirs.values, (0, 0, pad_new, 0))])
         self.mask_BL = torch.cat([F.pad(self.mask_BL, (pad_old, 0)), F.pad(mask_BL, (pad_new, 0))])
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Free the tensors a failed forward's frames still hold (its activations), keeping
+    the traceback's text: the retry needs that memory."""
+    traceback.clear_frames(exc.__traceback__)

@@ -108,7 +108,7 @@ def _move(adapter: Adapter, device: torch.device, pin: bool = False) -> None:
         p.data = moved(p.data)
         if p.grad is not None:
             p.grad = moved(p.grad)
-    for state in adapter.optimizer.state.values():
+    for state in adapter.optimizer.state.values() if adapter.optimizer is not None else ():
         for key, value in state.items():
             if torch.is_tensor(value):
                 state[key] = moved(value)

@@ -110,13 +110,26 @@ class SamplingEngine:
         adapters = {live.row.adapter_id for live in self._batch.rows}
         adapters.update(row.adapter_id for req in admitted for row in req.rows)
         with self._hold(adapters):
-            try:
-                self._batch.admit([row for req in admitted for row in self._live_rows(req)])
-            except Exception as exc:  # noqa: BLE001 - the newcomers' prefill: the batch is untouched
-                log.warning("prefill of %d new sampling requests failed: %s", len(admitted), exc)
-                rows = sum(len(req.rows) for req in admitted)
-                self._fail_requests(admitted, failures.explain(exc, f"the prefill of {rows} prompts"))
+            self._admit(admitted)
             self._batch.step()
+
+    def _admit(self, requests: Sequence[_Request]) -> None:
+        """Prefill ``requests`` together; if that fails, each on its own, so only the one
+        that cannot be prefilled (too big for memory, say) fails."""
+        try:
+            self._batch.admit([row for req in requests for row in self._live_rows(req)])
+            return
+        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill: the batch is untouched
+            if len(requests) == 1:
+                log.warning("prefill of a sampling request failed: %s", exc)
+                rows = len(requests[0].rows)
+                self._fail_requests(requests, failures.explain(exc, f"the prefill of {rows} prompts"))
+                return
+        # Retried out of the except block: the failed pass's activations are free by now.
+        for request in requests:
+            if not request.future.done():  # (all its rows may have finished in the prefill)
+                request.completions, request.remaining = [None] * len(request.rows), len(request.rows)
+                self._admit([request])
 
     def _take_admissible(self) -> list[_Request]:
         taken, rows = [], len(self._batch)
@@ -131,14 +144,26 @@ class SamplingEngine:
 
     def _live_rows(self, request: _Request) -> list[LiveRow]:
         def done(live: LiveRow, index: int) -> None:
+            if request.future.done():
+                return  # another of its rows failed: the request already has its answer
             request.completions[index] = live.completion
             request.remaining -= 1
             if request.remaining == 0:
                 self._in_flight.pop(id(request), None)
                 request.future.set_result(request.completions)
 
+        def fail(live: LiveRow, exc: BaseException) -> None:
+            log.warning("a decode step failed for one of %d samples; failing that request: %s", len(request.rows), exc)
+            self._fail_requests([request], failures.explain(exc, _describe(live, request)))
+
         return [
-            self._batch.make_row(row, self.context_length, on_done=lambda live, i=i: done(live, i))
+            self._batch.make_row(
+                row,
+                self.context_length,
+                on_done=lambda live, i=i: done(live, i),
+                on_fail=fail,
+                abandoned=request.future.done,  # its other rows stop decoding once it has failed
+            )
             for i, row in enumerate(request.rows)
         ]
 
@@ -158,3 +183,12 @@ class SamplingEngine:
             if not request.future.done():
                 request.future.set_exception(error)
         self._in_flight.clear()
+
+
+def _describe(live: LiveRow, request: _Request) -> str:
+    """The size of the sample a decode step failed on, in terms its sender controls."""
+    prompt, generated = len(live.row.prompt_tokens), len(live.completion.tokens)
+    return (
+        f"a decode step of one of {len(request.rows)} samples, at {prompt + generated} tokens of context "
+        f"({prompt} prompt + {generated} generated; max_tokens {live.row.params.max_tokens})"
+    )
