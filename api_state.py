@@ -16,8 +16,9 @@ from flask import Blueprint
 
 from api import body, check_adapter_quota, owned_checkpoint, owned_model, services
 from auth import owner
-from checkpoints import CheckpointInfo, TinkerPath, check_name
+from checkpoints import CheckpointInfo, TinkerPath
 from errors import BadRequestError, ConflictError
+from paths import check_name
 from schemas import LoadStateBody, ModelIdBody, SaveStateBody
 
 bp = Blueprint("state", __name__)

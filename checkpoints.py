@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import tarfile
 import threading
@@ -24,9 +23,9 @@ from pathlib import Path
 
 from database import Database
 from errors import BadRequestError, NotFoundError
+from paths import check_name, path_under
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
-_SAFE = re.compile(r"^[A-Za-z0-9._:@+=-]{1,200}$")  # run ids and names: no "/" and no ".."
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,14 @@ class TinkerPath:
     run_id: str
     kind: str
     name: str
+
+    def __post_init__(self) -> None:
+        # However it is made (parsed from a caller's path, or from a model id in a save), a
+        # TinkerPath holds plain names only: its parts become folder names (see paths.py).
+        check_name(self.run_id, "run id")
+        if self.kind not in KINDS:
+            raise BadRequestError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        check_name(self.name, "checkpoint name")
 
     @classmethod
     def parse(cls, path: str, field_name: str = "path") -> TinkerPath:
@@ -55,14 +62,6 @@ class TinkerPath:
 
     def __str__(self) -> str:
         return f"tinker://{self.run_id}/{self.kind}/{self.name}"
-
-
-def check_name(value: str, field_name: str) -> str:
-    if not isinstance(value, str) or not _SAFE.match(value) or value in {".", ".."}:
-        raise BadRequestError(
-            f"{field_name}: {value!r} must be 1-200 characters of letters, digits and . _ : @ + = -"
-        )
-    return value
 
 
 @dataclass
@@ -117,7 +116,7 @@ class CheckpointStore:
         self._import_legacy()
 
     def folder(self, path: TinkerPath) -> Path:
-        return self.root / path.run_id / path.kind / path.name
+        return path_under(self.root, path.run_id, path.kind, path.name, field_name="path")
 
     def exists(self, path: TinkerPath) -> bool:
         return bool(self.db.query("SELECT 1 FROM checkpoints WHERE tinker_path = ?", (str(path),)))

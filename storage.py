@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from backend.adapters import Adapter
 from backend.lora import MultiLoraLinear
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")
+_PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight")  # fullmatch
 
 
 def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base_model_path: str, folder: Path) -> Path:
@@ -48,7 +48,7 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = json.loads((folder / "adapter_config.json").read_text())
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
-        match = _PEFT_KEY.match(key)
+        match = _PEFT_KEY.fullmatch(key)
         if match is None:
             raise ValueError(f"unexpected tensor {key!r} in {folder}")
         tensors.setdefault(match["module"], {})[match["matrix"]] = value

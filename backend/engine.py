@@ -30,6 +30,7 @@ from backend.sampling import SampleRow, SamplingParams, generate, prompt_logprob
 from backend.sampling_engine import SamplingEngine
 from backend.training import FwdBwdRequest, check_request, describe_size, fused_pass
 from errors import BadRequestError, RequestFailedError, ThinkerError
+from paths import path_under
 from storage import save_peft_adapter
 
 BASE_ALIAS = "base"
@@ -371,7 +372,8 @@ class HFBackend:
     @on_compute_thread
     def save_adapter(self, adapter_id: str) -> dict:
         adapter = self.adapters.get(adapter_id)
-        folder = self.data_dir.resolve() / "adapters" / adapter_id / f"step_{adapter.step:06d}"
+        step = f"step_{adapter.step:06d}"
+        folder = path_under(self.data_dir / "adapters", adapter_id, step, field_name="model_id")
         with self.residency.using([adapter_id]):
             save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
         return {"model_id": adapter_id, "step": adapter.step, "path": str(folder)}

@@ -88,8 +88,11 @@ def live_adapter(model_id: str):
 
 
 def owned_session(session_id: str):
-    """The caller's session, or None if the server does not know it (it restarted since)."""
-    session = services().tinker.session(session_id)
-    if session is not None:
-        check_owner(session.owner, f"session {session_id!r} does not exist")
+    """The caller's session; a missing one or another's is a 404. Sessions are durable, and
+    their ids name the models and samplers made in them (and so folders on disk): an id the
+    caller merely typed, even another tenant's public one, must never get that far."""
+    session, missing = services().tinker.session(session_id), f"session {session_id!r} does not exist"
+    if session is None:
+        raise NotFoundError(missing)
+    check_owner(session.owner, missing)
     return session

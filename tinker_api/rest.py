@@ -126,12 +126,12 @@ def checkpoint_operation(run_id: str, rest: str):
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
     if action == ("GET", "external_weights_urls"):
-        s.checkpoints.get(path)
+        info = s.checkpoints.get(path)
         expires = int(time.time()) + URL_LIFETIME_S
         urls = {
             name: url_for(
                 "tinker.download_file", run_id=path.run_id, kind=path.kind, name=path.name, filename=name,
-                expires=expires, signature=_sign(path, name, expires), _external=True,
+                expires=expires, signature=_sign(path, info, name, expires), _external=True,
             )
             for name in _FILES
         }
@@ -139,24 +139,32 @@ def checkpoint_operation(run_id: str, rest: str):
     raise NotFoundError(f"no such checkpoint operation: {request.method} {rest!r}")
 
 
-def _sign(path: TinkerPath, filename: str, expires: int) -> str:
-    message = f"{path}|{filename}|{expires}".encode()
+def _sign(path: TinkerPath, info: CheckpointInfo, filename: str, expires: int) -> str:
+    # The save's time is signed too: a link stops working once its checkpoint is saved
+    # again under the same name, rather than handing out weights its holder never saw.
+    message = f"{path}|{info.created_at:.6f}|{filename}|{expires}".encode()
     return hmac.new(services().download_secret, message, hashlib.sha256).hexdigest()
 
 
 @bp.get("/files/<run_id>/<kind>/<name>/<filename>")
 def download_file(run_id: str, kind: str, name: str, filename: str):
     """One file of a checkpoint, for whoever holds a URL signed by external_weights_urls."""
+    invalid = "this download link is invalid or expired"
     path = TinkerPath.parse(f"tinker://{run_id}/{kind}/{name}")
     try:
         expires = int(request.args.get("expires", "0"))
     except ValueError:
         expires = 0
-    signature = request.args.get("signature", "")
-    valid = filename in _FILES and expires >= time.time()
-    if not valid or not hmac.compare_digest(signature, _sign(path, filename, expires)):
-        raise NotFoundError("this download link is invalid or expired")
-    services().checkpoints.get(path)
+    if filename not in _FILES or expires < time.time():
+        raise NotFoundError(invalid)
+    try:
+        info = services().checkpoints.get(path)
+    except NotFoundError:
+        raise NotFoundError(invalid) from None  # (the same answer: an unsigned caller learns nothing)
+    # Bytes, not str: compare_digest refuses non-ASCII strings with a TypeError (a 500).
+    signature = request.args.get("signature", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(signature, _sign(path, info, filename, expires).encode()):
+        raise NotFoundError(invalid)
     return send_file(services().checkpoints.folder(path) / filename, as_attachment=True, download_name=filename)
 
 
@@ -171,8 +179,6 @@ def list_sessions():
 @bp.get("/sessions/<session_id>")
 def get_session(session_id: str):
     session = owned_session(session_id)
-    if session is None:
-        raise NotFoundError(f"session {session_id!r} does not exist")
     return {
         "training_run_ids": list(session.models),
         "sampler_ids": list(session.samplers),

@@ -11,7 +11,7 @@ from api import check_adapter_quota
 from auth import check_owner, owner
 from backend.lora import short_name
 from checkpoints import TinkerPath
-from errors import BadRequestError, NotFoundError
+from errors import BadRequestError
 from futures import COMPLETED, FAILED
 from tinker_api import wire
 from tinker_api.common import (
@@ -70,18 +70,13 @@ def create_session():
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
-    session = owned_session(body(SessionIdBody).session_id)
-    if session is None:
-        raise NotFoundError("session_id is unknown (the server may have restarted)")
-    session.last_heartbeat = time.time()
+    owned_session(body(SessionIdBody).session_id).last_heartbeat = time.time()
     return {}
 
 
 @bp.post("/sessions/<path:session_id>/finish")
 def finish_session(session_id: str):
-    session = owned_session(session_id)
-    if session is not None:
-        session.finished = True
+    owned_session(session_id).finished = True
     return {}
 
 
