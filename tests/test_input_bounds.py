@@ -205,7 +205,7 @@ OVER_WINDOW = [
     ("/api/v1/sample", {"prompts": ["x" * 450], "sampling_params": {"max_tokens": 100}}, ["max_tokens", "512"]),
     ("/api/v1/asample", tinker_sample(450, sampling_params={"max_tokens": 100}), ["max_tokens", "512"]),
     ("/api/v1/asample", tinker_sample(600, sampling_params={"max_tokens": 1}, prompt_logprobs=True), ["512"]),
-    ("/api/v1/asample", tinker_sample(8, sampling_params={"stop": list(range(1000))}), ["stop"]),
+    ("/api/v1/asample", tinker_sample(8, sampling_params={"stop": [1] * 1000}), ["stop"]),
     ("/api/v1/asample", tinker_sample(8, num_samples=10_000), ["num_samples", "limit"]),
     ("/api/v1/asample", tinker_sample(8, topk_prompt_logprobs=10**6), ["topk_prompt_logprobs"]),
 ]
