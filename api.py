@@ -119,11 +119,32 @@ def check_adapter_quota() -> None:
         raise BadRequestError(f"adapters: you hold {held}, the limit per user (MAX_ADAPTERS_PER_USER) is {limit}")
 
 
+def check_sequence_length(length: int, field: str) -> None:
+    """400 for a training sequence (model input + its last target, ``length`` tokens) over
+    MAX_SEQUENCE_TOKENS or the model's context window: refused here, not failed in a job."""
+    s = services()
+    limit, window = s.config.max_sequence_tokens, s.backend.loaded.context_length
+    if length > limit:
+        raise BadRequestError(f"{field}: {length} tokens, over this server's limit of {limit} per sequence")
+    if length - 1 > window:  # the model reads all but the last token
+        raise BadRequestError(
+            f"{field}: the sequence has {length} tokens, longer than the model's context window of {window}"
+        )
+
+
 def check_sequence_lengths(lengths, field: str = "data") -> None:
-    limit = services().config.max_sequence_tokens
     for i, length in enumerate(lengths):
-        if length > limit:
-            raise BadRequestError(f"{field}[{i}]: {length} tokens, over this server's limit of {limit} per sequence")
+        check_sequence_length(length, f"{field}[{i}]")
+
+
+def check_sampling_length(prompt_tokens: int, max_tokens: int, field: str) -> None:
+    """400 when a prompt and the tokens asked for do not fit in the model's context window."""
+    window = services().backend.loaded.context_length
+    if prompt_tokens + max_tokens > window:
+        raise BadRequestError(
+            f"{field}: {prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's "
+            f"context window of {window}"
+        )
 
 
 @bp.get("/healthz")
@@ -164,8 +185,8 @@ def fwdbwd():
     if req.loss_fn not in CHAT_LOSS_FUNCTIONS:
         raise BadRequestError(f"loss_fn: {req.loss_fn!r} is not supported here; allowed: {list(CHAT_LOSS_FUNCTIONS)}")
     _check_limit("data", len(req.data), s.config.max_examples_per_request)
-    examples = s.backend.render_conversations([[m.model_dump() for m in conv] for conv in req.data])
-    check_sequence_lengths(ex.length + 1 for ex in examples)
+    conversations = [[m.model_dump() for m in conv] for conv in req.data]
+    examples = s.backend.render_conversations(conversations, check_length=check_sequence_length)
     job = FwdBwdRequest(adapter_id, examples, req.loss_fn)
     longest = max(ex.length for ex in examples)
     future = s.pool.submit_fusable(adapter_id, "fwdbwd", "fwdbwd", job, rows=len(examples), length=longest)
@@ -215,6 +236,8 @@ def sample():
     stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
     params = SamplingParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, stop)
     prompts = s.backend.render_prompts(req.prompts)
+    for i, prompt in enumerate(prompts):
+        check_sampling_length(len(prompt), p.max_tokens, f"prompts[{i}]")
     # Base-model sampling touches no adapter state, so it need not queue behind anyone.
     # With batching, the job joins the shared decode loop and its adapter stays busy
     # until its rows are done; without, it samples as a batch of its own.

@@ -19,7 +19,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from config import Config
-from errors import ConfigurationError, RateLimitError, ServerError, ThinkerError
+from errors import ConfigurationError, RateLimitError, ServerError, ThinkerError, clip_message
 
 log = logging.getLogger("thinker")
 
@@ -128,7 +128,7 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         kind = _HTTP_ERROR_TYPES.get(exc.code or 500, "BadRequestError" if (exc.code or 500) < 500 else "ServerError")
-        return jsonify({"error": exc.description, "type": kind}), exc.code
+        return jsonify({"error": clip_message(str(exc.description)), "type": kind}), exc.code
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

@@ -61,6 +61,11 @@ class Config:
     # wait in CPU memory (backend/residency.py)
     max_resident_adapters: int = 128
     max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies: 413
+    # What a forward_backward may declare, checked on its tensors' headers before any is built
+    # (a sparse tensor of a few bytes can declare gigabytes): K, the targets per position of
+    # top-K (T, K) target_tokens, and the dense values it expands to, examples x longest x K.
+    max_target_k: int = 64
+    max_request_elements: int = 8 * 1024 * 1024
     # Unfinished requests (queued or running) one key, and everyone, may have: beyond, 429.
     max_pending_per_user: int = 1000
     max_pending: int = 10000
@@ -106,7 +111,7 @@ class Config:
             raise ConfigurationError("MAX_BATCH_TOKENS and MAX_BATCH_SEQUENCES must be >= 1, BATCH_WINDOW_MS >= 0")
         limits = (
             "max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user",
-            "max_resident_adapters",
+            "max_resident_adapters", "max_target_k", "max_request_elements",
         )
         for name in (*limits, "max_pending"):
             if getattr(self, name) < 1:

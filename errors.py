@@ -8,6 +8,27 @@ whichever side raised.
 
 from __future__ import annotations
 
+import re
+
+# Errors quote what the client sent (ids, keys, names); a quote is cut to this, so a 10 MB
+# key is never echoed back. No word of a message of ours is this long.
+MAX_QUOTE_CHARS = 200
+MAX_MESSAGE_CHARS = 2000  # a whole error message, whatever it quotes
+_LONG_WORD = re.compile(rf"\S{{{MAX_QUOTE_CHARS + 1},}}")
+
+
+def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def clip_message(message: str) -> str:
+    """An error message with every over-long word (a quoted client value) clipped, and cut
+    to MAX_MESSAGE_CHARS in all: what every ThinkerError carries."""
+    return clip(_LONG_WORD.sub(lambda word: clip(word.group()), message), MAX_MESSAGE_CHARS)
+
 
 class ThinkerError(Exception):
     """Base of every error thinker raises on purpose."""
@@ -15,6 +36,7 @@ class ThinkerError(Exception):
     status_code: int = 500
 
     def __init__(self, message: str) -> None:
+        message = clip_message(message)
         super().__init__(message)
         self.message = message
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from errors import BadRequestError
+from errors import BadRequestError, clip
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -95,6 +95,7 @@ def parse_body(schema: type[_Body], body: object) -> _Body:
     except ValidationError as exc:
         problems = []
         for err in exc.errors()[:5]:
-            where = ".".join(str(part) for part in err["loc"]) or "body"
-            problems.append(f"{where}: {err['msg']}")
+            # Quotes are clipped: a location can be a client's (huge) unknown key.
+            where = ".".join(clip(str(part), 100) for part in err["loc"]) or "body"
+            problems.append(f"{where}: {clip(err['msg'])}")
         raise BadRequestError("; ".join(problems)) from None

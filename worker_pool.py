@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import logs
-from errors import RateLimitError, ThinkerError
+from errors import RateLimitError, ThinkerError, clip_message
 from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
@@ -387,7 +387,7 @@ class WorkerPool:
                 if isinstance(outcome, ThinkerError):
                     self._store.finish(job.future, error=outcome.message, error_type=type(outcome).__name__)
                 elif isinstance(outcome, BaseException):
-                    error = f"{type(outcome).__name__}: {outcome}"
+                    error = clip_message(f"{type(outcome).__name__}: {outcome}")
                     self._store.finish(job.future, error=error, error_type="RequestFailedError")
                 else:
                     self._store.finish(job.future, result=outcome)

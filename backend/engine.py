@@ -29,7 +29,7 @@ from backend.residency import Residency
 from backend.sampling import SampleRow, SamplingParams, generate, prompt_logprobs, sample_response
 from backend.sampling_engine import SamplingEngine
 from backend.training import FwdBwdRequest, check_request, describe_size, fused_pass
-from errors import BadRequestError, RequestFailedError, ThinkerError
+from errors import BadRequestError, ThinkerError
 from paths import path_under
 from storage import save_peft_adapter
 
@@ -102,8 +102,8 @@ class HFBackend:
         self.adapters.get(model_id)
         return model_id
 
-    def render_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[Example]:
-        return [render_conversation(self.tokenizer, conv, field=f"data[{i}]") for i, conv in enumerate(conversations)]
+    def render_conversations(self, conversations: Sequence[Sequence[dict]], check_length=None) -> list[Example]:
+        return [render_conversation(self.tokenizer, c, f"data[{i}]", check_length) for i, c in enumerate(conversations)]
 
     def render_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [render_prompt(self.tokenizer, p) for p in prompts]
@@ -272,9 +272,10 @@ class HFBackend:
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one foreach pass
         if not math.isfinite(grad_norm):
             adapter.optimizer.zero_grad(set_to_none=True)
-            raise RequestFailedError(
+            # What the client sent overflowed (huge advantages or weights): a user error.
+            raise BadRequestError(
                 f"the accumulated gradient of {adapter_id} is not finite (norm {grad_norm}); the step was "
-                "refused and the gradients were discarded"
+                "refused and the gradients were discarded. Scale the loss inputs down"
             )
         if adam.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, torch.tensor(grad_norm))
@@ -385,8 +386,7 @@ class HFBackend:
 
     def info(self) -> dict:
         info = {
-            "base_model": self.loaded.name,
-            "model_path": self.loaded.path,
+            "base_model": self.loaded.public_name,  # public (/healthz): no filesystem paths
             "device": str(self.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "context_length": self.loaded.context_length,

@@ -6,7 +6,7 @@ and token-level requests share one training path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,13 +82,21 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = F
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def render_conversation(tokenizer, messages: Sequence[dict], field: str = "data") -> Example:
+def render_conversation(
+    tokenizer, messages: Sequence[dict], field: str = "data", check_length: Callable[[int, str], None] | None = None
+) -> Example:
     """Render one conversation with the model's chat template; every assistant turn (its
-    content and end-of-turn token) carries weight 1, everything else weight 0."""
+    content and end-of-turn token) carries weight 1, everything else weight 0.
+    ``check_length(tokens, field)`` may refuse the rendered length before the assistant turns
+    are located (that costs a render per turn: quadratic in the conversation's size)."""
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant_turns:
         raise BadRequestError(f"{field}: the conversation has no assistant turn, so there is nothing to learn")
     text = _render(tokenizer, messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens: list[int] = encoding["input_ids"]
+    if check_length is not None:
+        check_length(len(tokens), field)
     spans: list[tuple[int, int]] = []  # character ranges of assistant turns in text
     for i in assistant_turns:
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
@@ -101,8 +109,6 @@ def render_conversation(tokenizer, messages: Sequence[dict], field: str = "data"
         # Learn the content and the end-of-turn marker, not the whitespace after it.
         end = len(before) + len(through[len(before) :].rstrip())
         spans.append((len(before), end))
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    tokens: list[int] = encoding["input_ids"]
     mask = [1.0 if any(lo <= start < hi for lo, hi in spans) else 0.0 for start, _ in encoding["offset_mapping"]]
     if len(tokens) < 2 or sum(mask[1:]) == 0:
         raise BadRequestError(f"{field}: the assistant turns render to no trainable tokens")

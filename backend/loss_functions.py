@@ -14,12 +14,13 @@ With ℓ the learner's log-probability of the target token, q the sampler's (inp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from errors import BadRequestError
+from errors import BadRequestError, clip
 
 Tensor = torch.Tensor
 
@@ -78,15 +79,21 @@ def loss_config(loss_fn: str, given: Mapping[str, object] | None) -> dict[str, f
     for key, value in (given or {}).items():
         if key not in spec.config:
             known = sorted(spec.config) or "none"
-            raise BadRequestError(f"loss_fn_config.{key}: {loss_fn} takes no such setting; it takes: {known}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise BadRequestError(f"loss_fn_config.{key}: must be a number, got {value!r}")
+            raise BadRequestError(f"loss_fn_config.{clip(key)}: {loss_fn} takes no such setting; it takes: {known}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise BadRequestError(f"loss_fn_config.{key}: must be a number (finite), got {clip(repr(value))}")
         config[key] = float(value)
+    if config.get("clip_low_threshold", 0.0) > config.get("clip_high_threshold", math.inf):
+        raise BadRequestError(
+            f"loss_fn_config: clip_low_threshold {config['clip_low_threshold']} is above "
+            f"clip_high_threshold {config['clip_high_threshold']}"
+        )
     return config
 
 
 def get_loss_function(loss_fn: str) -> LossFunction:
     spec = LOSS_FUNCTIONS.get(loss_fn)
     if spec is None:
-        raise BadRequestError(f"loss_fn: {loss_fn!r} is not supported here; allowed: {sorted(LOSS_FUNCTIONS)}")
+        allowed = sorted(LOSS_FUNCTIONS)
+        raise BadRequestError(f"loss_fn: {clip(repr(loss_fn))} is not supported here; allowed: {allowed}")
     return spec

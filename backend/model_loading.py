@@ -40,6 +40,11 @@ class LoadedModel:
     head_module: str | None = None  # short name of the output head when LoRA may target it too
 
     @property
+    def public_name(self) -> str:
+        """The model's name for anyone to see: a local folder's own name, never its path."""
+        return os.path.basename(os.path.normpath(self.name)) if os.path.isdir(self.name) else self.name
+
+    @property
     def head_weight(self) -> torch.Tensor:
         """The output head's (V, H) weight, under its LoRA wrapper if it has one."""
         head = self.model.get_output_embeddings()

@@ -19,7 +19,7 @@ from backend.examples import Example
 from backend.lora import use_adapters
 from backend.loss_functions import LOSS_FUNCTIONS, get_loss_function
 from backend.losses import head_target_logprobs
-from errors import BadRequestError, RequestFailedError
+from errors import BadRequestError
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,11 @@ def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, request
     for r, request in enumerate(requests):
         end, start = start + len(request.examples), start + len(request.examples)
         if not finite[r]:
-            results.append(RequestFailedError(f"the loss is not finite ({values[r]}); no gradient was applied"))
+            # The model's logprobs are finite, so the request's loss inputs overflowed: its error.
+            results.append(BadRequestError(
+                f"the loss is not finite ({values[r]}); no gradient was applied. The loss inputs "
+                "(weights, advantages, logprobs, loss_fn_config) overflow float32: scale them down"
+            ))
             continue
         result = {
             "loss": values[r],

@@ -6,8 +6,13 @@ import time
 
 import pytest
 import requests
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 HELLO = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"}]
+
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 def post(server, path: str, json=None, data=None, headers=None) -> requests.Response:
@@ -207,13 +212,25 @@ def test_unknown_route_and_method_are_json(server):
 
 def test_failing_job_fails_its_future_only(server, adapter):
     other = wait(server, post(server, "/add_lora", {"seed": 3}).json()["request_id"]).json()["result"]["model_id"]
+    # Too long a sequence is refused at arrival now; a token id past the vocabulary is only
+    # checked inside the worker (Tinker API, on the same adapter).
     too_long = [[{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}]]
-    bad = post(server, "/fwdbwd", {"model_id": adapter, "data": too_long})
+    refused = post(server, "/fwdbwd", {"model_id": adapter, "data": too_long})
+    assert refused.status_code == 400 and "context window of 512" in refused.json()["error"]
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 10**6], "weights": [1, 1]}
+    )
+    proto = forward_backward_request_to_proto(
+        types.ForwardBackwardRequest(
+            model_id=adapter, forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
+        )
+    )
+    bad = post(server, "/api/v1/forward_backward", data=proto.SerializeToString(), headers=PROTOBUF)
     assert bad.status_code == 200  # accepted; it fails inside the worker
     good = [post(server, "/fwdbwd", {"model_id": other, "data": [HELLO]}).json()["request_id"] for _ in range(3)]
     failed = wait(server, bad.json()["request_id"])
     assert failed.status_code == 500
-    assert failed.json()["status"] == "failed" and "context window of 512" in failed.json()["error"]
+    assert failed.json()["status"] == "failed" and "token ids must lie in" in failed.json()["error"]
     for request_id in good:
         assert wait(server, request_id).json()["status"] == "completed"
     # the adapter whose job failed keeps working too

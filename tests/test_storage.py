@@ -41,9 +41,10 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, client):
+def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, client, cache_dir):
     from transformers import AutoTokenizer
 
+    from backend.builtin_tiny import ensure_builtin_tiny
     from backend.examples import render_conversation
     from backend.losses import target_logprobs
 
@@ -53,7 +54,7 @@ def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, clie
     path = client.wait_for_result(client.save_lora(model_id))["path"]
     server_loss = client.wait_for_result(client.fwdbwd(model_id, [CONV]))["loss"]
 
-    model_path = client.healthz()["model_path"]
+    model_path = str(ensure_builtin_tiny(str(cache_dir)))  # the server's folder (/healthz shows no paths)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     example = render_conversation(tokenizer, CONV)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), path).eval()

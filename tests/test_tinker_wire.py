@@ -47,7 +47,7 @@ def test_forward_backward_request_decodes_dense_sparse_and_compressed():
         message = wire.parse_forward_backward(wire.decompress(raw, encoding))
         assert (message.model_id, message.seq_id, message.loss_fn) == ("s:train:0", 3, "ppo")
         assert wire.loss_config(message) == {"clip_low_threshold": 0.7, "mode": "token"}
-        first, second = wire.examples(message)
+        first, second = wire.examples(message, wire.Bounds(max_k=64, max_elements=10**6))
         assert first.input_tokens.tolist() == [1, 2, 3] and first.target_tokens.tolist() == [2, 3, 4]
         assert first.weights.tolist() == [0.0, 1.0, 0.5]
         assert torch.equal(second.target_tokens, top_k) and second.weights.shape == (4, 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future as ConcurrentFuture
 
+from api import check_sampling_length
 from auth import check_owner, owner
 from backend import SamplingParams, adapters
 from checkpoints import TinkerPath
@@ -89,17 +90,22 @@ def get_sampler(sampler_id: str):
     return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
 
-def _params(req: SampleBody, vocab: int) -> SamplingParams:
+def _params(req: SampleBody, vocab: int, prompt_tokens: int) -> SamplingParams:
     p, limit = req.sampling_params, services().config.max_sample_tokens
     if p.max_tokens is not None and p.max_tokens > limit:
         raise BadRequestError(f"sampling_params.max_tokens: {p.max_tokens} is over this server's limit of {limit}")
+    window = services().backend.loaded.context_length
+    if prompt_tokens >= window:
+        raise BadRequestError(f"prompt: {prompt_tokens} tokens fill the context window of {window}")
+    if p.max_tokens is not None:
+        check_sampling_length(prompt_tokens, p.max_tokens, "prompt")
     stop = p.stop
     strings = (stop,) if isinstance(stop, str) else tuple(x for x in stop or () if isinstance(x, str))
     token_ids = tuple(x for x in stop or () if isinstance(x, int))
     if any(not 0 <= t < vocab for t in token_ids):
         raise BadRequestError(f"sampling_params.stop: token ids must lie in [0, {vocab})")
     return SamplingParams(
-        max_tokens=p.max_tokens or limit,
+        max_tokens=p.max_tokens or min(limit, window - prompt_tokens),  # unset: up to the window's end
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=max(p.top_k, 0),
@@ -148,9 +154,8 @@ def asample():
         limit = s.config.max_prompts_per_request
         raise BadRequestError(f"num_samples: {req.num_samples} is over this server's limit of {limit}")
     vocab = s.backend.vocab_size
-    tokens, params = _prompt_tokens(req, vocab), _params(req, vocab)
-    if len(tokens) >= (window := s.backend.loaded.context_length):
-        raise BadRequestError(f"prompt: {len(tokens)} tokens fill the context window of {window}")
+    tokens = _prompt_tokens(req, vocab)
+    params = _params(req, vocab, len(tokens))
     if sampler.model_path and sampler.adapter_id not in s.backend.adapters:
         sampler.adapter_id = load_checkpoint(TinkerPath.parse(sampler.model_path))  # freed while idle: load again
     # A live adapter's samples keep their place in its queue (behind training sent before);

@@ -113,7 +113,7 @@ class ModelInputBody(_Body):
 class SamplingParamsBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**62)
-    stop: str | list[str] | list[int] | None = None
+    stop: str | Annotated[list[str], Field(max_length=64)] | Annotated[list[int], Field(max_length=64)] | None = None
     temperature: FiniteFloat = Field(1.0, ge=0, le=100)
     top_k: int = Field(-1, ge=-1)
     top_p: FiniteFloat = Field(1.0, gt=0, le=1)

@@ -56,17 +56,24 @@ def forward_backward():
     s = services()
     if "protobuf" not in (request.content_type or ""):
         raise BadRequestError("forward_backward takes a protobuf body (Content-Type: application/x-protobuf)")
-    message = wire.parse_forward_backward(wire.decompress(request.get_data(cache=False), request.content_encoding))
+    raw = wire.decompress(request.get_data(cache=False), request.content_encoding, s.config.max_body_bytes)
+    message = wire.parse_forward_backward(raw)
     adapter = live_adapter(message.model_id)
     kind = "forward" if message.forward_only else "fwdbwd"
     try:
+        # Sizes and tensor headers are checked before anything is decoded, and answered 400 at
+        # once; the request still takes its turn (failed), so later seq_ids need not wait for it.
         if len(message.data) > s.config.max_examples_per_request:
             limit = s.config.max_examples_per_request
             raise BadRequestError(f"data: {len(message.data)} examples, over this server's limit of {limit}")
-        examples = wire.examples(message)
+        check_sequence_lengths((n + 1 for n in wire.input_lengths(message)), "data")
+        examples = wire.examples(message, wire.Bounds(s.config.max_target_k, s.config.max_request_elements))
+    except ThinkerError as exc:
+        _admit(adapter.id, message.seq_id, kind, _failing(exc))
+        raise
+    try:
         if not examples:
             raise BadRequestError("data: at least one example is needed")
-        check_sequence_lengths((ex.length + 1 for ex in examples), "data")
         job = FwdBwdRequest(
             adapter.id,
             examples,
