@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 import checkpoints
 import futures
@@ -23,6 +23,7 @@ from config import Config
 from database import jsonable
 from errors import BadRequestError, RequestFailedError, ServerError
 from futures import COMPLETED, FAILED
+from idempotency import Claims
 from schemas import (
     AddLoraBody,
     FwdBwdBody,
@@ -69,13 +70,20 @@ def body(schema):
 
 def install_idempotency(app) -> None:
     """A POST that carries an ``Idempotency-Key`` header and was answered before (by the same
-    owner, even before a restart) gets that first answer again and runs nothing."""
+    owner, even before a restart) gets that first answer again and runs nothing. Duplicates
+    sent at the same time run once too: each claims the key first (idempotency.py), so the
+    later ones wait for the first's answer."""
+    claims = Claims()
+    app.extensions["thinker_idempotency"] = claims
 
     @app.before_request
     def replay():
         key = request.headers.get("Idempotency-Key")
         if request.method == "POST" and key:
-            earlier = services().database.idempotent_response(owner(), key)
+            who = owner()
+            claims.acquire(who, key)  # 409 if a duplicate still runs after Claims.wait_s
+            g.idempotency_claim = (who, key)
+            earlier = services().database.idempotent_response(who, key)
             if earlier is not None:
                 return jsonify(earlier)
         return None
@@ -88,6 +96,12 @@ def install_idempotency(app) -> None:
             if isinstance(data, dict) and "request_id" in data:
                 services().database.remember_response(owner(), key, data)
         return response
+
+    @app.teardown_request
+    def release(_exc):  # after remember(): a waiting duplicate then finds the answer stored
+        claim = g.pop("idempotency_claim", None)
+        if claim is not None:
+            claims.release(*claim)
 
 
 def owned_model(model_id: str, allow_base: bool) -> str | None:

@@ -72,6 +72,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         max_pending=config.max_pending,
         max_pending_per_user=config.max_pending_per_user,
         future_ttl_s=config.future_ttl_s,
+        max_result_bytes=config.max_result_cache_bytes,
         runners={"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps},
         limits=limits,
     )
@@ -106,6 +107,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     if restored or lost:
         log.warning("after the restart: %d adapters restored from their newest checkpoint, %d lost", restored, lost)
     records.attach(backend)
+    backend.adapters.max_per_owner = config.max_adapters_per_user  # (restored adapters are never refused)
     if config.autosave_every_steps:
         services = app.extensions["thinker"]
         services.autosaver = api_state.Autosaver(services, config.autosave_every_steps)
@@ -117,6 +119,15 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     app.register_blueprint(dashboard.bp)
     _register_error_handlers(app)
     return app
+
+
+def close_app(app: Flask) -> None:
+    """Release what create_app took: the worker pool stops (queued jobs fail; running ones
+    are not waited for), the backend's threads stop and the SQLite connection is closed."""
+    services = app.extensions["thinker"]
+    services.pool.shutdown(wait=False)
+    services.backend.close()
+    services.database.close()
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -179,7 +190,7 @@ def main() -> None:
     try:
         serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")
     finally:
-        services.backend.close()
+        close_app(app)
         log.info("stopped")
 
 

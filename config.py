@@ -75,6 +75,9 @@ class Config:
     max_long_poll_s: float = 60.0
     # How long finished futures stay retrievable, in seconds.
     future_ttl_s: float = 3600.0
+    # Finished results kept in memory (bytes of their JSON); beyond, the oldest are dropped
+    # from memory and read back from the database when asked for.
+    max_result_cache_bytes: int = 256 * 1024 * 1024
     # How long the synchronous sample endpoint waits for its job, in seconds.
     sample_timeout_s: float = 600.0
     # WSGI threads: long-polls each hold one, so keep this well above MAX_WORKERS.
@@ -111,7 +114,7 @@ class Config:
             raise ConfigurationError("MAX_BATCH_TOKENS and MAX_BATCH_SEQUENCES must be >= 1, BATCH_WINDOW_MS >= 0")
         limits = (
             "max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user",
-            "max_resident_adapters", "max_target_k", "max_request_elements",
+            "max_resident_adapters", "max_target_k", "max_request_elements", "max_result_cache_bytes",
         )
         for name in (*limits, "max_pending"):
             if getattr(self, name) < 1:

@@ -49,7 +49,7 @@ WINDOW_S = 60  # throughput is measured over this trailing window
 
 class Activity:
     """Recent finished requests and per-second throughput buckets, fed by ``record`` from
-    ``WorkerPool.on_finish``. That runs under the pool's lock, so ``record`` only appends;
+    ``WorkerPool.on_finish``. That runs on the finishing worker's thread, so ``record`` only appends;
     readers copy under this object's own lock and do the rest outside it."""
 
     def __init__(self, window_s: int = WINDOW_S, kept: int = RECENT_KEPT) -> None:

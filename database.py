@@ -125,8 +125,10 @@ class Database:
                  json.dumps({k: future.meta[k] for k in ("endpoint", "request_id") if k in future.meta})),
             )
 
-    def future_finished(self, future: Future) -> None:
-        result = json.dumps(jsonable(future.result)) if future.status == COMPLETED else None
+    def future_finished(self, future: Future, result: str | None = None) -> None:
+        """``result``: the result already encoded as JSON (encoded here if not)."""
+        if result is None and future.status == COMPLETED:
+            result = json.dumps(jsonable(future.result))
         with self._lock:
             self._db.execute(
                 "UPDATE futures SET status = ?, render = ?, result = ?, error = ?, error_type = ?, finished_at = ? "

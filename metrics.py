@@ -104,7 +104,7 @@ class Metrics:
             self.http_seconds.labels(*labels).observe(time.perf_counter() - started)
 
     def job_finished(self, future: Future) -> None:
-        """An on_finish listener (under the pool's lock: only counter updates here)."""
+        """An on_finish listener (on the finishing worker's thread: only counter updates here)."""
         self.futures_finished.labels(future.kind, future.status).inc()
         if future.finished_at is not None:
             self.job_seconds.labels(future.kind).observe(max(0.0, future.finished_at - future.submitted_at))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import logs
-from errors import RateLimitError, ThinkerError, clip_message
+from errors import ThinkerError, clip_message
 from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
@@ -39,6 +39,9 @@ log = logging.getLogger("thinker.worker_pool")
 # A group runner takes the payloads of one fused batch and returns, per payload, a result
 # or the exception that failed it.
 GroupRunner = Callable[[list[Any]], list[Any]]
+
+_SERVED_KEPT = 1024  # owners whose last turn is remembered (the fairness order); beyond, the oldest go
+_SHUT_DOWN = "the server shut down before this request ran"
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,12 @@ class WorkerPool:
         max_pending: int | None = None,
         max_pending_per_user: int | None = None,
         database=None,
+        max_result_bytes: int | None = None,
     ) -> None:
         """``limits=None`` turns fusion off: every job runs on its own. ``max_pending`` and
         ``max_pending_per_user`` bound unfinished futures (in all, and per owner): beyond,
-        submitting raises RateLimitError (429)."""
+        submitting raises RateLimitError (429). ``max_result_bytes``: finished results kept
+        in memory (see FutureStore)."""
         self.num_workers = num_workers
         self.max_pending = max_pending
         self.max_pending_per_user = max_pending_per_user
@@ -83,7 +88,7 @@ class WorkerPool:
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: deque[str] = deque()
         self._running: set[str] = set()
-        self._store = FutureStore(future_ttl_s, database)  # database: futures outlive the process
+        self._store = FutureStore(future_ttl_s, database, max_result_bytes)  # database: futures outlive the process
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
         self._pass_s: dict[str, float] = {}  # group -> duration of its last pass
         self._gathering: set[str] = set()  # groups a worker is gathering a pass for
@@ -107,7 +112,7 @@ class WorkerPool:
     def submit(self, key: str | None, kind: str, fn: Callable[[], Any], future: Future | None = None) -> Future:
         """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own).
         ``future``: one from ``reserve`` to complete, instead of a new one."""
-        return self._enqueue(_Job(future or new_future(key, kind), fn=fn))
+        return self._enqueue([_Job(future or new_future(key, kind), fn=fn)])[0]
 
     def submit_fusable(
         self, key: str, kind: str, group: str, payload: Any, rows: int, length: int, future: Future | None = None
@@ -117,20 +122,18 @@ class WorkerPool:
         if group not in self.runners:
             raise ValueError(f"no runner for group {group!r}")
         job = _Job(future or new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
-        return self._enqueue(job)
+        return self._enqueue([job])[0]
 
     def reserve(self, key: str | None, kind: str) -> Future:
         """A pending future that no job completes yet: pass it to a submit later, or fail it.
         (The API hands out ids for requests it must hold back to run them in order.)"""
         future = new_future(key, kind)
-        with self._cond:
-            self._admit_locked(future)
+        self._admit([future])
         return future
 
     def fail(self, future: Future, error: ThinkerError) -> None:
         """Fail a reserved future that will never run."""
-        with self._cond:
-            self._store.finish(future, error=error.message, error_type=type(error).__name__)
+        self._store.finish(future, error=error.message, error_type=type(error).__name__)
 
     def submit_many(self, items: list[tuple[str, str, str, Any, int, int]]) -> list[Future]:
         """``submit_fusable`` for several jobs at once, queued atomically: workers see them
@@ -140,12 +143,10 @@ class WorkerPool:
             if group not in self.runners:
                 raise ValueError(f"no runner for group {group!r}")
             jobs.append(_Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length))
-        with self._cond:
-            return [self._enqueue_locked(job) for job in jobs]
+        return self._enqueue(jobs)
 
     def get(self, future_id: str) -> Future:
-        with self._cond:
-            return self._store.get(future_id)
+        return self._store.get(future_id)  # (not under the pool's lock: it may read the database)
 
     def stats(self) -> dict:
         with self._cond:
@@ -161,27 +162,25 @@ class WorkerPool:
 
     def pending_by_owner(self) -> dict[str | None, int]:
         """Unfinished futures (queued or running) per owner."""
-        with self._cond:
-            return {owner: n for owner, n in self._store.unfinished.items() if n}
+        return self._store.pending_by_owner()
 
     def on_finish(self, listener: Callable[[Future], None]) -> None:
-        """Call ``listener(future)`` as each future finishes (under the pool's lock: keep it quick)."""
-        with self._cond:
-            self._store.on_finish.append(listener)
+        """Call ``listener(future)`` as each future finishes (on the thread that finishes it,
+        outside the pool's lock: several may run at once)."""
+        self._store.on_finish.append(listener)
 
     def shutdown(self, wait: bool = True, drain_s: float = 0.0) -> None:
         """Stop taking jobs; fail queued ones; let running ones finish. ``drain_s``: also
         wait up to this long for running jobs that finish later (sampling in the decode loop)."""
         with self._cond:
             self._closed = True
-            for queue in self._queues.values():
-                for job in queue:
-                    self._store.finish(
-                        job.future, error="the server shut down before this request ran", error_type="ServerError"
-                    )
+            stranded = [job for queue in self._queues.values() for job in queue]
             self._queues.clear()
             self._ready.clear()
             self._cond.notify_all()
+        for job in stranded:
+            self._store.finish(job.future, error=_SHUT_DOWN, error_type="ServerError")
+        with self._cond:
             deadline = time.monotonic() + drain_s
             while self._running and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
@@ -191,16 +190,23 @@ class WorkerPool:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _enqueue(self, job: _Job) -> Future:
-        with self._cond:
-            return self._enqueue_locked(job)
-
-    def _enqueue_locked(self, job: _Job) -> Future:
-        future = job.future
+    def _enqueue(self, jobs: list[_Job]) -> list[Future]:
+        """Admit the jobs' futures (their database rows are written first, off the lock),
+        then queue them all at once."""
         if self._closed:
             raise ThinkerError("the server is shutting down")
-        if future.id not in self._store:
-            self._admit_locked(future)
+        self._admit([job.future for job in jobs if job.future.id not in self._store])  # (not reserved ones)
+        with self._cond:
+            if not self._closed:
+                for job in jobs:
+                    self._queue_locked(job)
+                return [job.future for job in jobs]
+        for job in jobs:
+            self._store.finish(job.future, error=_SHUT_DOWN, error_type="ServerError")
+        raise ThinkerError("the server is shutting down")
+
+    def _queue_locked(self, job: _Job) -> None:
+        future = job.future
         if job.group:
             self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
         queue = self._queues.setdefault(future.key, deque())
@@ -208,21 +214,12 @@ class WorkerPool:
         if len(queue) == 1 and future.key not in self._running:
             self._ready.append(future.key)
         self._cond.notify_all()
-        return future
 
-    def _admit_locked(self, future: Future) -> None:
-        """Add a new future to the store, within the pending limits."""
-        store = self._store
-        if self.max_pending is not None and store.unfinished_total >= self.max_pending:
-            raise RateLimitError(f"the server has {store.unfinished_total} unfinished requests; retry shortly")
-        mine = store.unfinished.get(future.owner, 0)
-        if self.max_pending_per_user is not None and mine >= self.max_pending_per_user:
-            raise RateLimitError(
-                f"you have {mine} unfinished requests (the limit is {self.max_pending_per_user}); "
-                "wait for some results, then retry"
-            )
-        logs.remember_request(future)  # its job's log records then name the request that sent it
-        store.add(future)
+    def _admit(self, futures: list[Future]) -> None:
+        """Add new futures to the store, within the pending limits (RateLimitError beyond)."""
+        for future in futures:
+            logs.remember_request(future)  # its job's log records then name the request that sent it
+        self._store.admit(futures, self.max_pending, self.max_pending_per_user)
 
     def _work(self) -> None:
         while True:
@@ -265,6 +262,9 @@ class WorkerPool:
             self._ready.remove(best)
             self._turn += 1
             self._served[self._queues[best][0].future.owner] = self._turn
+            if len(self._served) > _SERVED_KEPT:  # forget the longest-ago half (as unknown owners, they still go first)
+                kept = sorted(self._served.items(), key=lambda item: item[1])[_SERVED_KEPT // 2 :]
+                self._served = dict(kept)
         return best
 
     def _take(self, key: str) -> _Job:
@@ -377,20 +377,19 @@ class WorkerPool:
         self._complete([(key, job, result) for (key, job), result in zip(batch, results, strict=True)])
 
     def _complete(self, outcomes: list[tuple[str, _Job, Any]]) -> None:
-        """Finish each job with its result or exception, then free the keys."""
+        """Finish each job with its result or exception (storing and logging it off the
+        pool's lock: a slow write holds up these keys only), then free the keys."""
         for key, job, outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, ThinkerError):
+            if isinstance(outcome, ThinkerError):
+                self._store.finish(job.future, error=outcome.message, error_type=type(outcome).__name__)
+            elif isinstance(outcome, BaseException):
                 trace = "".join(traceback.format_exception(outcome))
                 log.error("job %s (%s on %s) failed:\n%s", job.future.id, job.future.kind, key, trace)
+                error = clip_message(f"{type(outcome).__name__}: {outcome}")
+                self._store.finish(job.future, error=error, error_type="RequestFailedError")
+            else:
+                self._store.finish(job.future, result=outcome)
         with self._cond:
-            for _key, job, outcome in outcomes:
-                if isinstance(outcome, ThinkerError):
-                    self._store.finish(job.future, error=outcome.message, error_type=type(outcome).__name__)
-                elif isinstance(outcome, BaseException):
-                    error = clip_message(f"{type(outcome).__name__}: {outcome}")
-                    self._store.finish(job.future, error=error, error_type="RequestFailedError")
-                else:
-                    self._store.finish(job.future, result=outcome)
             for key in dict.fromkeys(key for key, _, _ in outcomes):
                 self._running.discard(key)
                 if self._queues.get(key):

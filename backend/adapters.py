@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from backend.lora import MultiLoraLinear, short_name
-from errors import ConflictError, NotFoundError
+from errors import BadRequestError, ConflictError, NotFoundError
 
 
 @dataclass
@@ -78,6 +78,9 @@ class AdapterRegistry:
         self.created_hooks: list[Callable[[Adapter], None]] = []
         self.removed_hooks: list[Callable[[Adapter], None]] = []
         self.missing_message: Callable[[str], str] = not_found  # why an id is not here
+        # Trainable adapters one owner may hold (MAX_ADAPTERS_PER_USER); None: no limit.
+        self.max_per_owner: int | None = None
+        self._creating: dict[str, tuple[str | None, bool]] = {}  # id -> (owner, trainable) being built
 
     def create(
         self,
@@ -90,11 +93,37 @@ class AdapterRegistry:
         owner: str | None = None,
     ) -> Adapter:
         """A new adapter (A random from ``seed``, B zero). ``adapter_id``: the id to use (the
-        Tinker API names its models itself); taken ids are refused."""
+        Tinker API names its models itself); taken ids are refused, and so is a trainable
+        adapter beyond ``max_per_owner``. The id and the owner's quota are claimed in one lock
+        section (ids being built count), so concurrent creations cannot both pass a check."""
         adapter_id = adapter_id or f"{self._prefix}{secrets.token_hex(6)}"
         with self._lock:
-            if adapter_id in self._adapters:
+            if adapter_id in self._adapters or adapter_id in self._creating:
                 raise ConflictError(f"model_id {adapter_id!r} already exists")
+            if trainable and self.max_per_owner is not None:
+                held = sum(1 for a in self._adapters.values() if a.owner == owner and a.trainable)
+                held += sum(1 for who, train in self._creating.values() if who == owner and train)
+                if held >= self.max_per_owner:
+                    limit = self.max_per_owner
+                    raise BadRequestError(
+                        f"adapters: you hold {held}, the limit per user (MAX_ADAPTERS_PER_USER) is {limit}"
+                    )
+            self._creating[adapter_id] = (owner, trainable)
+        try:
+            adapter = self._build(rank, alpha, target_modules, seed, adapter_id, trainable, owner)
+            with self._lock:
+                self._adapters[adapter_id] = adapter
+        finally:
+            with self._lock:
+                del self._creating[adapter_id]
+        for hook in self.created_hooks:
+            hook(adapter)
+        return adapter
+
+    def _build(
+        self, rank: int, alpha: float, target_modules: Sequence[str], seed: int | None, adapter_id: str,
+        trainable: bool, owner: str | None,
+    ) -> Adapter:
         seed = secrets.randbits(31) if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         wanted = set(target_modules)
@@ -110,7 +139,7 @@ class AdapterRegistry:
             for p in params:
                 p.requires_grad_(False)
         optimizer = new_optimizer(params) if trainable else None
-        adapter = Adapter(
+        return Adapter(
             id=adapter_id,
             rank=rank,
             alpha=alpha,
@@ -122,11 +151,6 @@ class AdapterRegistry:
             trainable=trainable,
             owner=owner,
         )
-        with self._lock:
-            self._adapters[adapter_id] = adapter
-        for hook in self.created_hooks:
-            hook(adapter)
-        return adapter
 
     def get(self, adapter_id: str) -> Adapter:
         adapter = self._adapters.get(adapter_id)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from database import Database
+from errors import BadRequestError
 from futures import Future
 from worker_pool import WorkerPool
 
@@ -87,13 +88,14 @@ class Sequencer:
             future = self.pool.reserve(self.model_id, kind)
             self._remember(seq_id, future.id)
             _remember(self.db, self.model_id, seq_id, future.id)
-            if seq_id < self.next_seq:  # late, after we gave up waiting for it: run it now
-                ready = [(future, start)]
-            else:
-                self._held[seq_id] = (future, start, time.monotonic())
-                ready = self._release_locked()
-        for held_future, held_start in ready:
-            held_start(held_future)
+            if seq_id < self.next_seq:  # its gap was skipped: running it now would run it out of order
+                self.pool.fail(future, BadRequestError(late_message(self.model_id, seq_id)))
+                return future.id
+            self._held[seq_id] = (future, start, time.monotonic())
+            # Started under the lock: released requests reach the pool in seq_id order, even
+            # when another thread releases the next ones meanwhile (starts are quick: a submit).
+            for held_future, held_start in self._release_locked():
+                held_start(held_future)
         return future.id
 
     def _remember(self, seq_id: int, future_id: str) -> None:
@@ -124,9 +126,16 @@ class Sequencer:
             self._timer = None
             oldest = min((since for _, _, since in self._held.values()), default=None)
             waited = oldest is not None and time.monotonic() - oldest >= GAP_TIMEOUT_S - 0.01
-            ready = self._release_locked(skip_gap=waited)
-        for future, start in ready:
-            start(future)
+            for future, start in self._release_locked(skip_gap=waited):
+                start(future)
+
+
+def late_message(model_id: str, seq_id: int) -> str:
+    return (
+        f"seq_id {seq_id} of model {model_id} arrived after the server had waited {GAP_TIMEOUT_S:g}s for it "
+        "and gone on with the requests after it (the gap was skipped); it was not run, since that would run "
+        "it out of order. Resend the work as a new request"
+    )
 
 
 def _remembered(db: Database, scope: str, seq_id: int) -> str | None:
