@@ -173,7 +173,7 @@ class CheckpointStore:
         used = self.used_bytes(owner, path)
         if used + needed > self.quota_bytes:
             raise StorageQuotaError(
-                f"checkpoint {path} not saved: storage quota exceeded: your checkpoints use {human(used)}, this "
+                f"checkpoint {path} not saved, storage quota exceeded: your checkpoints use {human(used)}, this "
                 f"save needs about {human(needed)}, and the limit per user (MAX_STORAGE_BYTES_PER_USER) is "
                 f"{human(self.quota_bytes)}; {HOW_TO_FREE}"
             )

@@ -22,8 +22,8 @@ import tinker
 
 from checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
 from database import Database
-from diskspace import RESERVE_NAME, DiskReserve, is_disk_full
-from errors import InsufficientStorageError
+from diskspace import RESERVE_NAME, DiskReserve, human, is_disk_full
+from errors import InsufficientStorageError, StorageQuotaError
 
 ALICE, BOB = "tml-alice-disk-1", "tml-bob-disk-22"
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]
@@ -149,6 +149,38 @@ def test_a_save_that_fills_the_disk_leaves_nothing_and_keeps_what_it_replaces(sm
     assert reserve.ensure()  # the space came back
 
 
+def test_the_database_gives_up_the_reserve_when_the_disk_fills(small_disk):
+    reserve = DiskReserve(small_disk, MIB)
+    assert reserve.ensure() and not reserve.full
+    db = Database(small_disk / "thinker.db", on_full=reserve.release)
+    for i in range(50):
+        db.execute("INSERT INTO api_keys VALUES (?, 'me', NULL, 'cli', 0)", (f"key-{i}",))
+    fill(small_disk, "filler")
+    assert reserve.full
+    assert db.execute("DELETE FROM api_keys WHERE digest < 'key-3'") > 0  # the reserve made room
+    assert not (small_disk / RESERVE_NAME).exists()
+    fill(small_disk, "filler-2")  # and now nothing is left to give up
+    with pytest.raises(InsufficientStorageError, match="data disk is full"):
+        db.execute("INSERT INTO api_keys VALUES (?, 'me', NULL, 'cli', 0)", ("x" * 100_000,))
+    assert db.record("INSERT INTO api_keys VALUES (?, 'me', NULL, 'cli', 0)", ("y" * 100_000,), "a key") == 0
+
+
+def test_checkpoint_sizes_of_an_older_database_count_towards_the_quota(tmp_path):
+    old = sqlite3.connect(tmp_path / "thinker.db")
+    old.execute(
+        "CREATE TABLE checkpoints (tinker_path TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT, "
+        "created_at REAL NOT NULL, expires_at REAL, info TEXT NOT NULL)"
+    )
+    old.execute("INSERT INTO checkpoints VALUES ('tinker://r/weights/a', 'r', 'me', 0, NULL, '{\"size_bytes\": 1234}')")
+    old.commit()
+    old.close()
+    store = CheckpointStore(tmp_path, Database(tmp_path / "thinker.db"), quota_bytes=2000)
+    assert store.used_bytes("me") == 1234
+    with pytest.raises(StorageQuotaError, match="MAX_STORAGE_BYTES_PER_USER"):
+        store.check_room("me", 1000, TinkerPath("r", "weights", "b"))
+    store.check_room("me", 1000, TinkerPath("r", "weights", "a"))  # replacing a: its bytes are freed
+
+
 # ---- a live server ----------------------------------------------------------------------------
 
 
@@ -249,7 +281,7 @@ def test_the_storage_quota_refuses_with_403_before_the_disk_fills(start_server, 
     saved = requests.get(f"{server.url}/checkpoints", headers={"X-API-Key": ALICE}, timeout=30).json()["checkpoints"]
     used = sum(c["size_bytes"] for c in saved)
     assert len(saved) >= 1 and used <= quota
-    assert f"use {used / MIB:.1f} MiB" in message
+    assert f"use {human(used)}" in message
     # The quota is per key: Bob saves; the Tinker API's saves meet the same quota.
     bob_model = trained_adapter(server, BOB, rank=64)
     assert run(server, "/save_state", BOB, {"model_id": bob_model, "name": "mine"}).json()["status"] == "completed"
