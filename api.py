@@ -21,7 +21,8 @@ from backend.losses import CHAT_LOSS_FUNCTIONS
 from checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
 from config import Config
 from database import jsonable
-from errors import BadRequestError, RequestFailedError, ServerError
+from diskspace import is_disk_full
+from errors import BadRequestError, InsufficientStorageError, RequestFailedError, ServerError, StorageQuotaError
 from futures import COMPLETED, FAILED
 from idempotency import Claims
 from schemas import (
@@ -165,7 +166,8 @@ def check_sampling_length(prompt_tokens: int, max_tokens: int, field: str) -> No
 def healthz():
     s = services()
     sampler = s.backend.sampler.stats() if s.backend.sampler else {}
-    return {"status": "ok", **s.backend.info(), **s.pool.stats(), **sampler, "backend": s.backend.name}
+    disk = {"disk_free_bytes": s.checkpoints.reserve.free_bytes(), "disk_full": s.checkpoints.reserve.full}
+    return {"status": "ok", **s.backend.info(), **s.pool.stats(), **sampler, **disk, "backend": s.backend.name}
 
 
 @bp.get("/adapters")
@@ -221,8 +223,25 @@ def optim_step():
 def save_lora():
     s, req = services(), body(ModelIdBody)
     adapter_id = owned_model(req.model_id, allow_base=False)
-    future = s.pool.submit(adapter_id, "save_lora", lambda: s.backend.save_adapter(adapter_id))
+    doing = f"adapter {adapter_id} not saved"
+    if not s.checkpoints.reserve.ensure() or s.checkpoints.reserve.full:
+        raise InsufficientStorageError(s.checkpoints.reserve.full_message(doing))
+
+    def save() -> dict:
+        try:
+            return s.backend.save_adapter(adapter_id)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise InsufficientStorageError(s.checkpoints.reserve.full_message(doing)) from exc
+            raise
+
+    future = s.pool.submit(adapter_id, "save_lora", save)
     return {"request_id": future.id, "model_id": adapter_id}
+
+
+# A job that failed for lack of storage answers with that error's status (403 over quota,
+# 507 disk full) instead of 500, so clients can tell "free space" from a server fault.
+_FAILED_STATUS = {cls.__name__: cls.status_code for cls in (InsufficientStorageError, StorageQuotaError)}
 
 
 @bp.post("/retrieve_future")
@@ -236,7 +255,7 @@ def retrieve_future():
         return {"status": "completed", "request_id": future.id, "result": jsonable(future.result)}
     if future.status == FAILED:
         payload = {"status": "failed", "request_id": future.id, "error": future.error, "type": "RequestFailedError"}
-        return jsonify(payload | {"cause": future.error_type}), 500
+        return jsonify(payload | {"cause": future.error_type}), _FAILED_STATUS.get(future.error_type, 500)
     return jsonify({"status": "pending", "request_id": future.id, "state": future.status}), 202
 
 

@@ -17,7 +17,7 @@ from flask import Blueprint
 from api import body, check_adapter_quota, owned_checkpoint, owned_model, services
 from auth import owner
 from checkpoints import CheckpointInfo, TinkerPath
-from errors import BadRequestError, ConflictError
+from errors import BadRequestError, ConflictError, InsufficientStorageError, StorageQuotaError
 from paths import check_name
 from schemas import LoadStateBody, ModelIdBody, SaveStateBody
 
@@ -37,35 +37,44 @@ def write_checkpoint(
         raise ConflictError(f"checkpoint {path} belongs to another owner")  # a run id reused after a restart
     if s.checkpoints.exists(path) and not overwrite:
         raise ConflictError(f"checkpoint {path} already exists; choose another name")
-    if s.checkpoints.exists(path):  # unlisted while rewritten: a crash now never lists a half-written one
-        s.checkpoints.delete(path)
-    s.backend.save_state(model_id, s.checkpoints.folder(path), optimizer)
-    s.checkpoints.write_info(
-        CheckpointInfo(
-            tinker_path=str(path),
-            run_id=model_id,
-            kind=kind,
-            name=path.name,
-            base_model=s.backend.loaded.name,
-            rank=adapter.rank,
-            alpha=adapter.alpha,
-            target_modules=list(adapter.target_modules),
-            step=adapter.step,
-            has_optimizer=optimizer,
-            user_metadata=dict(user_metadata or {}),
-            expires_at=time.time() + ttl_s if ttl_s else None,
-            owner=adapter.owner,
-        )
+    info = CheckpointInfo(
+        tinker_path=str(path),
+        run_id=model_id,
+        kind=kind,
+        name=path.name,
+        base_model=s.backend.loaded.name,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        target_modules=list(adapter.target_modules),
+        step=adapter.step,
+        has_optimizer=optimizer,
+        user_metadata=dict(user_metadata or {}),
+        expires_at=time.time() + ttl_s if ttl_s else None,
+        owner=adapter.owner,
     )
+    # Written aside and swapped in when complete: an overwritten checkpoint stays until then.
+    write = lambda folder: s.backend.save_state(model_id, folder, optimizer)  # noqa: E731
+    s.checkpoints.save(info, write, checkpoint_bytes(adapter, optimizer))
     return path
+
+
+def checkpoint_bytes(adapter, optimizer: bool) -> int:
+    """About how many bytes a checkpoint of ``adapter`` takes: its LoRA weights, twice that
+    again for Adam's two moments once it has stepped, and the small files."""
+    weights = sum(p.numel() * p.element_size() for p in adapter.params)
+    moments = 2 * weights if optimizer and getattr(adapter.optimizer, "state", None) else 0
+    return weights + moments + 64 * 1024
 
 
 @bp.post("/save_state")
 def save_state():
     s, req = services(), body(SaveStateBody)
     adapter_id = owned_model(req.model_id, allow_base=False)
-    name = req.name or f"step-{s.backend.adapters.get(adapter_id).step:06d}"
-    check_name(name, "name")
+    adapter = s.backend.adapters.get(adapter_id)
+    name = req.name or f"step-{adapter.step:06d}"
+    path = TinkerPath(adapter_id, "weights", check_name(name, "name"))
+    # Over quota (403) or a full disk (507): said now, not after queueing (the job checks again).
+    s.checkpoints.check_room(adapter.owner, checkpoint_bytes(adapter, True), path)
 
     def save() -> dict:
         return {"path": str(write_checkpoint(s, adapter_id, "weights", name, True)), "model_id": adapter_id}
@@ -144,9 +153,13 @@ class Autosaver:
         return len(stale)
 
     def _save(self, adapter) -> None:
-        path = write_checkpoint(
-            self.s, adapter.id, "weights", f"autosave-{adapter.step:06d}", True, overwrite=True
-        )
+        try:
+            path = write_checkpoint(
+                self.s, adapter.id, "weights", f"autosave-{adapter.step:06d}", True, overwrite=True
+            )
+        except (InsufficientStorageError, StorageQuotaError) as exc:  # the step itself went well
+            log.warning("autosave of %s at step %d skipped: %s", adapter.id, adapter.step, exc.message)
+            return
         mine = self.s.checkpoints.list(adapter.id)
         autosaves = [c for c in mine if c.kind == "weights" and c.name.startswith("autosave-")]
         for old in autosaves[:-AUTOSAVES_KEPT]:

@@ -19,7 +19,14 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from config import Config
-from errors import ConfigurationError, RateLimitError, ServerError, ThinkerError, clip_message
+from errors import (
+    ConfigurationError,
+    InsufficientStorageError,
+    RateLimitError,
+    ServerError,
+    ThinkerError,
+    clip_message,
+)
 
 log = logging.getLogger("thinker")
 
@@ -49,6 +56,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     from backend import load_backend
     from checkpoints import CheckpointStore
     from database import Database
+    from diskspace import DiskReserve
     from registry import AdapterRecords
     from worker_pool import BatchLimits, WorkerPool
 
@@ -63,7 +71,10 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         limits = BatchLimits(config.max_batch_tokens, config.max_batch_sequences, window_s)
         if backend.sampler is None:
             backend.start_sampler(config.max_batch_sequences, window_s)
-    database = Database(Path(config.thinker_data_dir) / "thinker.db")
+    Path(config.thinker_data_dir).mkdir(parents=True, exist_ok=True)
+    reserve = DiskReserve(config.thinker_data_dir, config.disk_reserve_bytes)
+    reserve.ensure()  # on a full disk: says so (once), and saves are refused with 507
+    database = Database(Path(config.thinker_data_dir) / "thinker.db", on_full=reserve.release)
     if (recovered := database.recover()):
         log.warning("%d requests were queued or running when the server last stopped; they now say so", recovered)
     pool = WorkerPool(
@@ -93,7 +104,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         config=config,
         backend=backend,
         pool=pool,
-        checkpoints=CheckpointStore(config.thinker_data_dir, database),
+        checkpoints=CheckpointStore(config.thinker_data_dir, database, reserve, config.max_storage_bytes_per_user),
         tinker=tinker_api.TinkerState(pool, database),
         download_secret=secrets.token_bytes(32),
         database=database,
@@ -159,7 +170,7 @@ def main() -> None:
     logs.configure(config.log_level, config.log_format)
     try:
         app = create_app(config)
-    except ConfigurationError as exc:
+    except (ConfigurationError, InsufficientStorageError) as exc:  # (the latter: a migration on a full disk)
         log.error("cannot start: %s", exc.message)
         sys.exit(2)
 

@@ -71,6 +71,12 @@ class Config:
     max_pending: int = 10000
     # Checkpoint every adapter (weights + optimizer) every N optimizer steps; 0: never.
     autosave_every_steps: int = 0
+    # Bytes of checkpoints one key may keep in THINKER_DATA_DIR; a save beyond answers 403
+    # (StorageQuotaError). 0: no quota.
+    max_storage_bytes_per_user: int = 0
+    # Disk space set aside in THINKER_DATA_DIR (a file, diskspace.py) and given up when the
+    # disk fills, so deletes and request bookkeeping still have room; saves need it back first.
+    disk_reserve_bytes: int = 16 * 1024 * 1024
     # Longest a retrieve_future long-poll may hold a connection, in seconds.
     max_long_poll_s: float = 60.0
     # How long finished futures stay retrievable, in seconds.
@@ -119,6 +125,9 @@ class Config:
         for name in (*limits, "max_pending"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_storage_bytes_per_user", "disk_reserve_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.max_lora_rank < 1:
             raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

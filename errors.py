@@ -68,6 +68,14 @@ class ConflictError(ThinkerError):
     status_code = 409
 
 
+class StorageQuotaError(ThinkerError):
+    """A save would take the caller's checkpoints past MAX_STORAGE_BYTES_PER_USER (the message
+    names the limit, the bytes used and how to free some). 403, not 429 or 5xx: waiting does
+    not help, so clients must not retry it."""
+
+    status_code = 403
+
+
 class PayloadTooLargeError(ThinkerError):
     """The request body is larger than the server accepts."""
 
@@ -82,6 +90,12 @@ class RateLimitError(ThinkerError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class InsufficientStorageError(ThinkerError):
+    """The data disk is full: what needed new disk space was refused (and left nothing behind)."""
+
+    status_code = 507
 
 
 class ServerError(ThinkerError):
@@ -109,8 +123,10 @@ _BY_NAME: dict[str, type[ThinkerError]] = {
         AuthenticationError,
         NotFoundError,
         ConflictError,
+        StorageQuotaError,
         PayloadTooLargeError,
         RateLimitError,
+        InsufficientStorageError,
         ServerError,
         RequestFailedError,
         ConfigurationError,
@@ -124,6 +140,7 @@ _BY_STATUS: dict[int, type[ThinkerError]] = {
     409: ConflictError,
     413: PayloadTooLargeError,
     429: RateLimitError,
+    507: InsufficientStorageError,
 }
 
 

@@ -39,21 +39,24 @@ class AdapterRecords:
         if not adapter.trainable:
             return  # frozen sampler weights: a cache of a checkpoint or a snapshot
         config = {"rank": adapter.rank, "alpha": adapter.alpha, "target_modules": adapter.target_modules}
-        self.db.execute(
+        # (record: on a full disk the adapter still works; only the registry's memory of it is lost)
+        self.db.record(
             "INSERT OR REPLACE INTO adapters (model_id, owner, config, state, step, tokens_trained, last_loss, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (adapter.id, adapter.owner, json.dumps(config), LIVE, adapter.step, adapter.tokens_trained,
              adapter.last_loss, adapter.created_at),
+            f"adapter {adapter.id}",
         )
 
     def stepped(self, adapter) -> None:
-        self.db.execute(
+        self.db.record(
             "UPDATE adapters SET step = ?, tokens_trained = ?, last_loss = ? WHERE model_id = ?",
             (adapter.step, adapter.tokens_trained, adapter.last_loss, adapter.id),
+            f"the step of {adapter.id}",
         )
 
     def removed(self, adapter) -> None:
-        self.db.execute("DELETE FROM adapters WHERE model_id = ?", (adapter.id,))
+        self.db.record("DELETE FROM adapters WHERE model_id = ?", (adapter.id,), f"the deletion of {adapter.id}")
 
     def newest_training_checkpoint(self, model_id: str):
         saved = [c for c in self.checkpoints.list(model_id) if c.kind == "weights" and c.has_optimizer]
@@ -67,19 +70,22 @@ class AdapterRecords:
         for model_id, owner, step in rows:
             checkpoint = self.newest_training_checkpoint(model_id) if restore else None
             if checkpoint is None:
-                self.db.execute("UPDATE adapters SET state = ? WHERE model_id = ?", (LOST, model_id))
+                self._lost(model_id)
                 continue
             folder = self.checkpoints.folder(TinkerPath.parse(checkpoint.tinker_path))
             try:
                 backend.restore_adapter(folder, model_id, owner, checkpoint.step)
             except Exception:  # noqa: BLE001 - one unreadable checkpoint must not stop the start
                 log.exception("could not restore %s from %s", model_id, checkpoint.tinker_path)
-                self.db.execute("UPDATE adapters SET state = ? WHERE model_id = ?", (LOST, model_id))
+                self._lost(model_id)
                 continue
             restored += 1
             if checkpoint.step != step:
                 log.warning("%s restored at step %d (it had reached %d)", model_id, checkpoint.step, step)
         return restored, len(rows) - restored
+
+    def _lost(self, model_id: str) -> None:
+        self.db.record("UPDATE adapters SET state = ? WHERE model_id = ?", (LOST, model_id), f"{model_id} as lost")
 
     def missing_message(self, model_id: str) -> str:
         """Why ``model_id`` is not here: lost in a restart (told only to its owner), or unknown."""

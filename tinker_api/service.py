@@ -38,7 +38,7 @@ from tinker_api.schemas import (
     WeightsInfoBody,
 )
 
-USER_ERRORS = {"BadRequestError", "NotFoundError", "ConflictError", "PayloadTooLargeError"}
+USER_ERRORS = {"BadRequestError", "NotFoundError", "ConflictError", "PayloadTooLargeError", "StorageQuotaError"}
 
 
 @bp.post("/client/config")

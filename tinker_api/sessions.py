@@ -144,9 +144,10 @@ def _remembered(db: Database, scope: str, seq_id: int) -> str | None:
 
 
 def _remember(db: Database, scope: str, seq_id: int, future_id: str) -> None:
-    db.execute(
+    db.record(
         "INSERT OR IGNORE INTO tinker_requests (scope, seq_id, future_id, created_at) VALUES (?, ?, ?, ?)",
         (scope, seq_id, future_id, time.time()),
+        f"the request order of {scope}",
     )
 
 
