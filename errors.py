@@ -62,6 +62,17 @@ class RateLimitError(ThinkerError):
         self.retry_after_s = retry_after_s
 
 
+class ServiceUnavailableError(ThinkerError):
+    """The server takes no new work right now (it is draining to shut down); retry after
+    the Retry-After header's seconds, when a restarted server answers."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ServerError(ThinkerError):
     """An unexpected failure inside the server."""
 
@@ -89,6 +100,7 @@ _BY_NAME: dict[str, type[ThinkerError]] = {
         ConflictError,
         PayloadTooLargeError,
         RateLimitError,
+        ServiceUnavailableError,
         ServerError,
         RequestFailedError,
         ConfigurationError,
@@ -102,6 +114,7 @@ _BY_STATUS: dict[int, type[ThinkerError]] = {
     409: ConflictError,
     413: PayloadTooLargeError,
     429: RateLimitError,
+    503: ServiceUnavailableError,
 }
 
 

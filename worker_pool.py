@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import logs
-from errors import RateLimitError, ThinkerError
+from errors import RateLimitError, ServiceUnavailableError, ThinkerError
 from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
@@ -197,9 +197,7 @@ class WorkerPool:
 
     def _enqueue_locked(self, job: _Job) -> Future:
         future = job.future
-        if self._closed:
-            raise ThinkerError("the server is shutting down")
-        if future.id not in self._store:
+        if self._closed or future.id not in self._store:  # (closed: _admit_locked refuses it)
             self._admit_locked(future)
         if job.group:
             self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
@@ -212,6 +210,8 @@ class WorkerPool:
 
     def _admit_locked(self, future: Future) -> None:
         """Add a new future to the store, within the pending limits."""
+        if self._closed:  # a 503: nothing is wrong with the request, a restarted server takes it
+            raise ServiceUnavailableError("the server is shutting down and takes no new requests; retry shortly")
         store = self._store
         if self.max_pending is not None and store.unfinished_total >= self.max_pending:
             raise RateLimitError(f"the server has {store.unfinished_total} unfinished requests; retry shortly")
