@@ -42,6 +42,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     import api_state
     import auth
     import dashboard
+    import http_caps
     import logs
     import metrics
     import openapi
@@ -100,6 +101,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     )
     logs.install(app)
     auth.install(app, auth.KeyRing.from_config(config, database))
+    http_caps.install(app, config)
     metrics.install(app)
     install_idempotency(app)
     records = AdapterRecords(database, app.extensions["thinker"].checkpoints)
