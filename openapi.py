@@ -13,7 +13,7 @@ from tinker_api import schemas as tinker
 bp = Blueprint("openapi", __name__)
 
 JSON_OBJECT = {"type": "object"}
-ERRORS = ("400", "401", "404", "409", "413", "429")
+ERRORS = ("400", "401", "404", "409", "413", "429", "503")  # 503: draining to shut down
 # (method, path, body model or None, success statuses, response media types)
 _JSON = ("application/json",)
 _PROTOBUF = "application/x-protobuf"

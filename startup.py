@@ -29,8 +29,11 @@ def lock_data_dir(data_dir: str) -> IO[str]:
     """An exclusive lock on ``data_dir``, held while the returned file stays open (the
     kernel drops it when the process exits, however it exits: no stale lock to clean up)."""
     folder = Path(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process lifetime
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process lifetime
+    except OSError as exc:
+        raise StartupError(f"THINKER_DATA_DIR {data_dir!r} cannot be used: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
