@@ -18,11 +18,11 @@ from pathlib import Path
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+import startup
 from config import Config
 from errors import (
     ConfigurationError,
     InsufficientStorageError,
-    RateLimitError,
     ServerError,
     ThinkerError,
     clip_message,
@@ -48,6 +48,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     import api_state
     import auth
     import dashboard
+    import http_caps
     import logs
     import metrics
     import openapi
@@ -111,6 +112,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     )
     logs.install(app)
     auth.install(app, auth.KeyRing.from_config(config, database))
+    http_caps.install(app, config)
     metrics.install(app)
     install_idempotency(app)
     records = AdapterRecords(database, app.extensions["thinker"].checkpoints)
@@ -144,7 +146,8 @@ def close_app(app: Flask) -> None:
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ThinkerError)
     def thinker_error(exc: ThinkerError):
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimitError) else {}
+        retry_after_s = getattr(exc, "retry_after_s", None)  # 429 (limits) and 503 (draining)
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
         return jsonify(exc.to_dict()), exc.status_code, headers
 
     @app.errorhandler(HTTPException)
@@ -169,6 +172,10 @@ def main() -> None:
 
     logs.configure(config.log_level, config.log_format)
     try:
+        # Claimed before anything is loaded or recovered: a second server on the same data dir
+        # or port stops here, leaving the running one's database alone.
+        data_lock = startup.lock_data_dir(config.thinker_data_dir)  # noqa: F841 - held until exit
+        listener = startup.bind_listener(config.host, config.port)
         app = create_app(config)
     except (ConfigurationError, InsufficientStorageError) as exc:  # (the latter: a migration on a full disk)
         log.error("cannot start: %s", exc.message)
@@ -199,7 +206,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, exit_)
     log.info(" * Running on http://%s:%d (waitress, %d HTTP threads)", config.host, config.port, config.http_threads)
     try:
-        serve(app, host=config.host, port=config.port, threads=config.http_threads, ident="thinker")
+        serve(app, sockets=[listener], threads=config.http_threads, ident="thinker")
     finally:
         close_app(app)
         log.info("stopped")

@@ -89,6 +89,11 @@ class Config:
     # WSGI threads: long-polls each hold one, so keep this well above MAX_WORKERS.
     # (the Tinker SDK keeps one long-poll open per pending future).
     http_threads: int = 128
+    # HTTP requests one key (without keys: one client address) may have open at once, and of
+    # those, retrieve_future long-polls: beyond, 429 + Retry-After, so one user's pile of
+    # waiting long-polls cannot hold every HTTP thread while others wait for one.
+    max_open_requests_per_user: int = 64
+    max_long_polls_per_user: int = 32
     log_level: str = "INFO"
     # Log line format: "text" ([time] LEVEL message key=value ...) or "json" (one object per line).
     log_format: str = "text"
@@ -122,12 +127,17 @@ class Config:
             "max_sequence_tokens", "max_adapters_per_user", "max_body_bytes", "max_pending_per_user",
             "max_resident_adapters", "max_target_k", "max_request_elements", "max_result_cache_bytes",
         )
-        for name in (*limits, "max_pending"):
+        for name in (*limits, "max_pending", "max_open_requests_per_user", "max_long_polls_per_user"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
         for name in ("max_storage_bytes_per_user", "disk_reserve_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if self.max_open_requests_per_user >= self.http_threads:
+            raise ConfigurationError(
+                f"MAX_OPEN_REQUESTS_PER_USER ({self.max_open_requests_per_user}) must be below HTTP_THREADS "
+                f"({self.http_threads}), or one user can hold every HTTP thread"
+            )
         if self.max_lora_rank < 1:
             raise ConfigurationError(f"MAX_LORA_RANK must be >= 1, got {self.max_lora_rank}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -98,6 +98,17 @@ class InsufficientStorageError(ThinkerError):
     status_code = 507
 
 
+class ServiceUnavailableError(ThinkerError):
+    """The server takes no new work right now (it is draining to shut down); retry after
+    the Retry-After header's seconds, when a restarted server answers."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ServerError(ThinkerError):
     """An unexpected failure inside the server."""
 
@@ -127,6 +138,7 @@ _BY_NAME: dict[str, type[ThinkerError]] = {
         PayloadTooLargeError,
         RateLimitError,
         InsufficientStorageError,
+        ServiceUnavailableError,
         ServerError,
         RequestFailedError,
         ConfigurationError,
@@ -141,6 +153,7 @@ _BY_STATUS: dict[int, type[ThinkerError]] = {
     413: PayloadTooLargeError,
     429: RateLimitError,
     507: InsufficientStorageError,
+    503: ServiceUnavailableError,
 }
 
 

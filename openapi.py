@@ -13,7 +13,7 @@ from tinker_api import schemas as tinker
 bp = Blueprint("openapi", __name__)
 
 JSON_OBJECT = {"type": "object"}
-ERRORS = ("400", "401", "403", "404", "409", "413", "429", "507")  # 403, 507: storage quota, full disk
+ERRORS = ("400", "401", "403", "404", "409", "413", "429", "503", "507")  # 403/507: quota/disk full, 503: draining
 # (method, path, body model or None, success statuses, response media types)
 _JSON = ("application/json",)
 _PROTOBUF = "application/x-protobuf"

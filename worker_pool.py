@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import logs
-from errors import ThinkerError, clip_message
+from errors import ServiceUnavailableError, ThinkerError, clip_message
 from futures import RUNNING, Future, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
@@ -42,6 +42,7 @@ GroupRunner = Callable[[list[Any]], list[Any]]
 
 _SERVED_KEPT = 1024  # owners whose last turn is remembered (the fairness order); beyond, the oldest go
 _SHUT_DOWN = "the server shut down before this request ran"
+_DRAINING = "the server is shutting down and takes no new requests; retry shortly"
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class WorkerPool:
         """Admit the jobs' futures (their database rows are written first, off the lock),
         then queue them all at once."""
         if self._closed:
-            raise ThinkerError("the server is shutting down")
+            raise ServiceUnavailableError(_DRAINING)
         self._admit([job.future for job in jobs if job.future.id not in self._store])  # (not reserved ones)
         with self._cond:
             if not self._closed:
@@ -203,7 +204,7 @@ class WorkerPool:
                 return [job.future for job in jobs]
         for job in jobs:
             self._store.finish(job.future, error=_SHUT_DOWN, error_type="ServerError")
-        raise ThinkerError("the server is shutting down")
+        raise ServiceUnavailableError(_DRAINING)
 
     def _queue_locked(self, job: _Job) -> None:
         future = job.future
@@ -217,6 +218,8 @@ class WorkerPool:
 
     def _admit(self, futures: list[Future]) -> None:
         """Add new futures to the store, within the pending limits (RateLimitError beyond)."""
+        if self._closed:  # a 503: nothing is wrong with the request, a restarted server takes it
+            raise ServiceUnavailableError(_DRAINING)
         for future in futures:
             logs.remember_request(future)  # its job's log records then name the request that sent it
         self._store.admit(futures, self.max_pending, self.max_pending_per_user)

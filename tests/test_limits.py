@@ -73,8 +73,11 @@ def test_body_size_sequence_length_and_adapter_quota(limited):
 
 
 def test_a_flooding_user_does_not_starve_another(start_server):
-    """Alice keeps dozens of requests queued on 40 adapters at all times; Bob's one-step
-    latency stays within 2x of what it is on an idle server."""
+    """Alice keeps dozens of requests queued on 40 adapters at all times; Bob's requests, sent
+    meanwhile, wait in the queue far less than hers: about one pass (the one running when his
+    arrives), where hers wait their turn behind each other. Both waits are the server's own
+    (submitted -> a worker took it, from the dashboard), measured at the same time on the same
+    server, so a busy machine stretches both alike: their ratio is asserted, not a time."""
     # A 1 ms gathering window: what is measured is the order of service, not the window (<= 10 windows).
     server = start_server(THINKER_API_KEYS=f"{ALICE},{BOB}", MAX_BATCH_SEQUENCES="8", BATCH_WINDOW_MS="1")
 
@@ -84,18 +87,21 @@ def test_a_flooding_user_does_not_starve_another(start_server):
             "result"
         ]["model_id"]
 
-    def bob_step_s(adapter: str) -> float:
-        started = time.perf_counter()
+    def bob_step(adapter: str) -> str:
         queued = post(server, "/fwdbwd", BOB, {"model_id": adapter, "data": CHAT}).json()
         done = post(server, "/retrieve_future", BOB, {"request_id": queued["request_id"], "timeout": 60}).json()
         assert done["status"] == "completed"
-        return time.perf_counter() - started
+        return queued["request_id"]
+
+    def queued_ms(key: str) -> dict[str, float]:
+        """The server's queue wait of the key's newest finished requests, by request id."""
+        recent = requests.get(f"{server.url}/dashboard/state", headers={"X-API-Key": key}, timeout=60).json()
+        return {r["id"]: r["queued_ms"] for r in recent["recent_requests"] if r["kind"] == "fwdbwd"}
 
     bob = new_adapter(BOB)
     alice = [new_adapter(ALICE) for _ in range(40)]
     for _ in range(3):
-        bob_step_s(bob)  # warm-up
-    idle = statistics.median(bob_step_s(bob) for _ in range(15))
+        bob_step(bob)  # warm-up
 
     stop = threading.Event()
 
@@ -108,15 +114,20 @@ def test_a_flooding_user_does_not_starve_another(start_server):
     threads = [threading.Thread(target=flood, args=(alice[i::4],), daemon=True) for i in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
     try:
-        busy = statistics.median(bob_step_s(bob) for _ in range(15))
+        deadline = time.monotonic() + 60
+        while requests.get(f"{server.url}/healthz", timeout=60).json()["queued"] < 8:  # the flood is on
+            assert time.monotonic() < deadline, "the flood never filled the queue"
+        sent = [bob_step(bob) for _ in range(15)]
         pending = requests.get(f"{server.url}/healthz").json()["queued"]
+        alice_waits = list(queued_ms(ALICE).values())  # her newest, finished during the flood
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+    bob_waits = [queued_ms(BOB)[request_id] for request_id in sent]
     assert pending >= 8, "the flood did not keep the queue full"
-    # 2x, plus 100 ms for what no scheduler decides on a 2-core machine where the flood's own
-    # HTTP handling competes for the CPU and the GIL (measured busy: 30-130 ms, idle ~20 ms).
-    assert busy <= 2 * idle + 0.1, (idle, busy)
+    assert len(alice_waits) >= 10, alice_waits
+    # Fair: Bob waits ~1 pass, Alice many (up to 40 jobs queued, 2 per pass). Measured: a ratio
+    # of ~0.05, also with three CPU hogs running; ~0.6 with the scheduler serving in arrival order.
+    assert statistics.median(bob_waits) <= 0.25 * statistics.median(alice_waits), (bob_waits, alice_waits)
