@@ -196,6 +196,48 @@ def test_bench_tables_agree():
     assert [line.split() for line in lines[rule + 1 :]] == [row.strip("| ").split(" | ") for row in md]
 
 
+TRAIN_LOG = re.compile(
+    r"  train tok/s: sequential (\d+), threads (\d+), fused (\d+), one_adapter (\d+)"
+    r" \| fused/sequential (\d+\.\d\d)x, fused/one-adapter (\d+\.\d\d)$",
+    re.M,
+)
+SAMPLE_LOG = re.compile(r"  sample tok/s: one-by-one (\d+\.\d), fused (\d+\.\d) \((\d+\.\d\d)x\)$", re.M)
+
+
+def test_bench_runs_and_its_tables_show_what_it_measured(cache_dir, tmp_path):
+    """bench.py for real, as small as it goes: the markdown (printed and in bench.md) and the
+    terminal table carry, per N, exactly the figures its log lines reported as measured."""
+    out_dir = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "bench.py", "--models", "builtin-tiny", "--users", "1,2", "--reps", "1", "--seq-len", "16",
+         "--new-tokens", "4", "--no-http", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(out_dir)],
+        cwd=ROOT, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    train, sample = TRAIN_LOG.findall(out), SAMPLE_LOG.findall(out)
+    assert len(train) == len(sample) == 2, out
+    measured = [[str(n), *t, *s] for n, t, s in zip((1, 2), train, sample, strict=True)]
+    for row in measured:  # the ratios are of the figures shown (rounding aside)
+        seq, _, fused, one, vs_seq, vs_one, s_one, s_fused, s_speedup = map(float, row[1:])
+        assert float(vs_seq) == pytest.approx(fused / seq, rel=0.01, abs=0.01)
+        assert float(vs_one) == pytest.approx(fused / one, rel=0.01, abs=0.01)
+        assert float(s_speedup) == pytest.approx(s_fused / s_one, rel=0.02, abs=0.01)
+
+    md = [line.strip("| ").split(" | ") for line in out.splitlines() if re.match(r"\| \d", line)]
+    # N, sequential, threads, fused, one adapter, fused/seq, fused/one, sample 1-by-1, fused, speedup
+    expected = [[*row[:5], row[5] + "x", row[6], row[7], row[8], row[9] + "x"] for row in measured]
+    assert md == expected
+    assert (out_dir / "bench.md").read_text().strip() in out  # the file is what was printed
+    assert (out_dir / "bench.png").stat().st_size > 0
+
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    terminal = [line.split() for line in lines[rule + 1 : rule + 3]]
+    assert terminal == expected
+    assert max(len(line.rstrip()) for line in lines[rule - 3 : rule + 3]) <= 80  # fits a narrow terminal
+
+
 def test_scripts_fail_clearly_without_a_server():
     result = subprocess.run(
         [sys.executable, "test_concurrent_users.py", "2", "--url", "http://127.0.0.1:9"],
