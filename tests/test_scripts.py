@@ -129,6 +129,18 @@ def test_load_test_script(server, users):
         assert_user_row(rows[user], 2, losses, model_id)
         assert rows[user][4] == elapsed  # the same time as in "Per-user details"
     assert rows["all"][1] == f"{2 * int(users)}/{2 * int(users)}" and rows["all"][-1] == f"{users}/{users} ok"
+    # The measured comparison: the same work one user at a time, timed against the concurrent run.
+    wall = re.search(r"Total elapsed time: (\d+\.\d\d)s", out).group(1)
+    alone = re.findall(r"✓ (user_\d+) alone: \d+\.\d\ds", out)
+    assert alone == [f"user_{i}" for i in range(int(users))]
+    measured = re.search(r"Measured: concurrent wall (\d+\.\d\d) s vs one-at-a-time (\d+\.\d\d) s: "
+                         r"speedup (\d+\.\d\d)x", out)
+    assert measured, out
+    concurrent, one_at_a_time, speedup = measured.groups()
+    assert concurrent == wall
+    x, y = float(concurrent), float(one_at_a_time)
+    rounding = 0.005 / x * (1 + y / x) + 0.005  # each figure is printed to 2 decimals
+    assert float(speedup) == pytest.approx(y / x, abs=rounding)
 
 
 def run_in_terminal(server, *args: str, timeout: float = 120.0) -> tuple[int, str]:
