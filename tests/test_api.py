@@ -7,6 +7,8 @@ import time
 import pytest
 import requests
 
+pytestmark = pytest.mark.e2e
+
 HELLO = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"}]
 
 

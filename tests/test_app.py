@@ -7,9 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
 
 # The seed server's start-up lines (its README shows them), with what each reports captured.
 STARTUP_LINES = [
@@ -45,6 +48,7 @@ def test_startup_lines_report_what_the_server_runs(server):
     assert "development server" not in log
 
 
+@pytest.mark.slow
 def test_default_model_unavailable_falls_back_to_builtin_tiny_loudly(start_server, tmp_path):
     server = start_server(BASE_MODEL="", HF_HOME=str(tmp_path / "empty-hf-home"), HF_HUB_OFFLINE="1", MAX_WORKERS="2")
     health = requests.get(f"{server.url}/healthz", timeout=10).json()
@@ -65,6 +69,7 @@ def _run_app(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_explicit_base_model_that_fails_to_load_exits_nonzero(tmp_path):
     result = _run_app({"BASE_MODEL": str(tmp_path / "no-such-model")})
     assert result.returncode != 0

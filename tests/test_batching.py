@@ -10,6 +10,8 @@ import pytest
 from backend import AdamParams, FwdBwdRequest
 from worker_pool import BatchLimits, WorkerPool
 
+pytestmark = pytest.mark.unit
+
 
 def _pool(
     backend, batching: bool, limits: BatchLimits | None = None, hold: threading.Event | None = None

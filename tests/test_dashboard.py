@@ -31,6 +31,7 @@ def adapter_in(answer: dict, model_id: str) -> dict:
     return found[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("path", "media_type"),
     [
@@ -52,6 +53,7 @@ def test_page_and_assets_are_served_with_their_types(server, path, media_type):
         assert "https://" not in response.text and "http://" not in response.text  # no CDN
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "name", ["missing.js", "index.html", "..%2Fapp.py", "%2e%2e%2fapp.py", ".hidden.js", "dashboard.py"]
 )
@@ -61,6 +63,7 @@ def test_only_the_listed_assets_are_served(server, name):
     assert response.json()["type"] == "NotFoundError"
 
 
+@pytest.mark.e2e
 def test_state_shows_an_adapter_training(server, client: TinkerClient):
     model_id = client.create_lora(rank=4, seed=7)
     losses = [client.train_step(model_id, CHAT, learning_rate=1e-2)["loss"] for _ in range(3)]
@@ -96,6 +99,7 @@ def test_state_shows_an_adapter_training(server, client: TinkerClient):
     assert [p[1] for p in later["points"]] == [3] and later["step"] == 4
 
 
+@pytest.mark.e2e
 def test_limit_keeps_the_most_recently_active(server, client: TinkerClient):
     first, second = client.create_lora(rank=2), client.create_lora(rank=2)
     client.train_step(first, CHAT)
@@ -105,6 +109,7 @@ def test_limit_keeps_the_most_recently_active(server, client: TinkerClient):
     assert second in {a["model_id"] for a in state(server, limit=200).json()["adapters"]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("params", "named"),
     [
@@ -122,6 +127,8 @@ def test_bad_parameters_are_400(server, params, named):
     assert response.json()["error"].startswith(f"{named}:")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_with_keys_each_owner_sees_only_their_own(start_server):
     keyed = start_server(THINKER_API_KEYS=f"{ALICE},{BOB}")
     # The page and its assets are public; the data is not.
@@ -159,6 +166,7 @@ def _finished(kind: str, at: float, tokens: int = 0, owner: str = "local") -> Si
     )
 
 
+@pytest.mark.unit
 def test_activity_throughput_counts_the_last_window_only():
     activity = Activity(window_s=60)
     activity.started_at = 1000.0

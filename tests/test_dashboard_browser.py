@@ -18,6 +18,8 @@ import pytest
 
 from client_example import TinkerClient
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ALICE, BOB = "tml-alice-key-1", "tml-bob-key-22"
 INSTALL = "apt-get install -y chromium chromium-driver"
 WAIT_S = 20.0

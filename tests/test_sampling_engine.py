@@ -11,6 +11,8 @@ from backend.sampling import SampleRow, generate
 from backend.sampling_engine import SamplingEngine
 from errors import BadRequestError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def adapters(backend) -> list[str]:

@@ -60,6 +60,7 @@ def assert_user_row(row: list[str], steps: int, losses: list[float], model_id: s
     assert adapter == f"✓ {model_id}"
 
 
+@pytest.mark.e2e
 def test_client_walkthrough(server):
     result = run_script(server, "client_example.py")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -76,6 +77,7 @@ def test_client_walkthrough(server):
     assert rows["9"][2] == "✓ raised BadRequestError" and rows["10"][2] == "✓ raised NotFoundError"
 
 
+@pytest.mark.e2e
 def test_simple_concurrent_example(server):
     result = run_script(server, "example_simple_concurrent.py", via_env=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,6 +95,7 @@ def test_simple_concurrent_example(server):
     assert int(rows["all"][3]) == sum(int(rows[n][3]) for n in ("Alice", "Bob", "Carol"))
 
 
+@pytest.mark.e2e
 def test_concurrent_users_example(server):
     result = run_script(server, "example_concurrent_users.py", "--steps", "2")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -110,6 +113,7 @@ def test_concurrent_users_example(server):
     assert rows["all"][1] == "6/6" and rows["all"][-1] == "3/3 ok"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("users", ["3"])
 def test_load_test_script(server, users):
     result = run_script(server, "test_concurrent_users.py", users, "--steps", "2")
@@ -173,6 +177,7 @@ def run_in_terminal(server, *args: str, timeout: float = 120.0) -> tuple[int, st
         os.close(master)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_progress_bars_in_a_terminal(server):
     status, out = run_in_terminal(server, "example_simple_concurrent.py")
@@ -182,6 +187,7 @@ def test_progress_bars_in_a_terminal(server):
     assert "✓ All 3 users completed training!" in out and "Per-user summary" in out
 
 
+@pytest.mark.unit
 def test_bench_tables_agree():
     import bench
 
@@ -216,6 +222,8 @@ TRAIN_LOG = re.compile(
 SAMPLE_LOG = re.compile(r"  sample tok/s: one-by-one (\d+\.\d), fused (\d+\.\d) \((\d+\.\d\d)x\)$", re.M)
 
 
+@pytest.mark.unit
+@pytest.mark.slow
 def test_bench_runs_and_its_tables_show_what_it_measured(cache_dir, tmp_path):
     """bench.py for real, as small as it goes: the markdown (printed and in bench.md) and the
     terminal table carry, per N, exactly the figures its log lines reported as measured."""
@@ -250,6 +258,7 @@ def test_bench_runs_and_its_tables_show_what_it_measured(cache_dir, tmp_path):
     assert max(len(line.rstrip()) for line in lines[rule - 3 : rule + 3]) <= 80  # fits a narrow terminal
 
 
+@pytest.mark.unit
 def test_scripts_fail_clearly_without_a_server():
     result = subprocess.run(
         [sys.executable, "test_concurrent_users.py", "2", "--url", "http://127.0.0.1:9"],
@@ -262,6 +271,8 @@ def test_scripts_fail_clearly_without_a_server():
     assert "python app.py" in result.stdout + result.stderr
 
 
+@pytest.mark.unit
+@pytest.mark.slow
 def test_bench_adapters(cache_dir, tmp_path):
     """bench_adapters.py on builtin-tiny: 40 adapters, 4 resident; the rest went out, and the
     5 moved-back ones came in."""

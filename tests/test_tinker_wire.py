@@ -21,6 +21,8 @@ from errors import BadRequestError
 from tinker_api import sessions, wire
 from worker_pool import WorkerPool
 
+pytestmark = pytest.mark.unit
+
 
 def sdk_body(data, loss_fn="cross_entropy", config=None) -> bytes:
     request = types.ForwardBackwardRequest(

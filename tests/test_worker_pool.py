@@ -13,6 +13,8 @@ from errors import BadRequestError, NotFoundError
 from futures import COMPLETED, FAILED
 from worker_pool import WorkerPool
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def pool():
