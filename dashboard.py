@@ -254,7 +254,9 @@ def state():
             "uptime_s": round(now - activity.started_at, 1),
             "adapters_loaded": info["adapters"],  # all users' (a count reveals no one's work)
             "adapters_resident": info["adapters_resident"],  # of which on the accelerator
-            **s.pool.stats(),  # workers, queued, running, batching, fused passes and jobs
+            # workers, busy_workers (threads running a job: at most workers), queued, running (adapters
+            # with a job running: a fused pass counts each), batching, fused passes and jobs
+            **s.pool.stats(),
             **sampler,
         },
         "queue": {

@@ -88,7 +88,8 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: deque[str] = deque()
-        self._running: set[str] = set()
+        self._running: set[str] = set()  # keys with a job running (a fused pass: each of its keys)
+        self._busy = 0  # worker threads running a job or pass now (at most num_workers)
         self._store = FutureStore(future_ttl_s, database, max_result_bytes)  # database: futures outlive the process
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
         self._pass_s: dict[str, float] = {}  # group -> duration of its last pass
@@ -156,6 +157,7 @@ class WorkerPool:
                 "workers": self.num_workers,
                 "queued": queued,
                 "running": len(self._running),
+                "busy_workers": self._busy,
                 "batching": self.limits is not None,
                 "fused_passes": self.passes,
                 "fused_jobs": self.fused_jobs,
@@ -243,10 +245,13 @@ class WorkerPool:
                         self._cond.notify_all()
                 else:
                     batch = [(key, self._take(key))]
+                self._busy += 1
             if batch[0][1].group:
                 self._run_group(batch)
             else:
-                self._run_plain(*batch[0])
+                self._run_plain(*batch[0])  # a job that returns a Future frees its worker at once
+            with self._cond:
+                self._busy -= 1
 
     def _next_ready_key(self) -> str | None:
         """The ready key of the owner served longest ago (fair between users: one who floods

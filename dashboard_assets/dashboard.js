@@ -286,14 +286,16 @@
     const s = state.server, tp = state.throughput;
     const trained = [...view.adapters.values()].reduce((n, a) => n + (a.meta.tokens_trained || 0), 0);
     $("stats").replaceChildren(
-      stat("Workers", `${s.running} / ${s.workers}`, "busy / total" + (s.batching ? " · fused batching" : "")),
+      // Threads, not adapters: one fused pass keeps one worker busy however many adapters it runs.
+      stat("Workers", `${s.busy_workers} / ${s.workers}`, "busy / total" + (s.batching ? " · fused batching" : "")),
       stat("Queue", state.keys ? `${state.queue.yours} / ${state.queue.total}` : String(state.queue.total),
         state.keys ? "yours / all users" : "requests not finished"),
       stat("Requests / s", fmtCount(tp.requests_per_s), `last ${tp.window_s} s`),
       stat("Tokens / s", fmtCount(tp.tokens_per_s), `trained, last ${tp.window_s} s`),
       stat("Adapters", String(state.adapters_total),
         `${fmtCount(trained)} tokens trained (shown) · ${s.adapters_resident} of ${s.adapters_loaded} resident`),
-      stat("Fused passes", fmtCount(s.fused_passes), `${fmtCount(s.fused_jobs)} jobs fused`),
+      stat("Fused passes", fmtCount(s.fused_passes),
+        `${fmtCount(s.fused_jobs)} jobs fused · adapters running now: ${s.running}`),
     );
   }
 

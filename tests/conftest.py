@@ -24,6 +24,27 @@ from backend import HFBackend, load_base_model  # noqa: E402
 from client_example import TinkerClient  # noqa: E402
 from config import Config  # noqa: E402
 
+# Every test picks a lane, so `-m unit` (in process, seconds), `-m e2e` (a real server over
+# HTTP) and `-m browser` together run everything; `slow` (tens of seconds: its own server, a
+# restart, a soak, a model loaded in a subprocess) is added on top, so a quick run is
+# `-m "not slow and not browser"`.
+LANES = ("unit", "e2e", "browser")
+
+
+def lane_errors(items) -> list[str]:
+    """Node ids of the collected tests that are in no lane."""
+    return [item.nodeid for item in items if not any(item.get_closest_marker(lane) for lane in LANES)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: a test without a lane fails every run
+def pytest_collection_modifyitems(config, items) -> None:
+    if missing := lane_errors(items):
+        listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise pytest.UsageError(
+            f"{len(missing)} tests are in no lane: mark each (or its module, with `pytestmark = pytest.mark.unit`) "
+            f"unit, e2e or browser (see tests/conftest.py):\n  {listed}"
+        )
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -9,6 +9,8 @@ import requests
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
+pytestmark = pytest.mark.e2e
+
 HELLO = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"}]
 
 

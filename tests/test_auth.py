@@ -63,6 +63,8 @@ def monkeypatch_module():
         yield patch
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_keys_are_required_except_on_public_paths(keyed):
     assert call(keyed, "GET", "/healthz").status_code == 200
     for method, path in [("GET", "/adapters"), ("POST", "/add_lora"), ("POST", "/api/v1/create_session"),
@@ -75,6 +77,8 @@ def test_keys_are_required_except_on_public_paths(keyed):
     assert call(keyed, "GET", "/adapters", ALICE).status_code == 200
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_seed_api_resources_are_private(keyed, alice_adapter):
     queued = call(keyed, "POST", "/fwdbwd", ALICE, json={"model_id": alice_adapter, "data": CHAT}).json()
     assert wait(keyed, ALICE, queued["request_id"])["status"] == "completed"
@@ -96,6 +100,8 @@ def test_seed_api_resources_are_private(keyed, alice_adapter):
     assert alice_adapter in str(call(keyed, "GET", "/adapters", ALICE).json())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tinker_resources_are_private(keyed, alice_sdk):
     training, path = alice_sdk["training"], alice_sdk["checkpoint"]
     model_id = training.get_info().model_id
@@ -152,6 +158,7 @@ def test_tinker_resources_are_private(keyed, alice_sdk):
     assert "weights/mine" in [c.checkpoint_id for c in alice_rest.list_checkpoints(run).result().checkpoints]
 
 
+@pytest.mark.unit
 def test_keys_file_and_short_keys(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# team\ntml-carol-0003\n\n")
@@ -166,6 +173,7 @@ def test_keys_file_and_short_keys(tmp_path):
         KeyRing.from_config(Config(thinker_api_keys="short"), Database(tmp_path / "c.db"))
 
 
+@pytest.mark.unit
 def test_keys_live_in_the_database_digested(tmp_path):
     db = Database(tmp_path / "thinker.db")
     ring = KeyRing.from_config(Config(thinker_api_keys=f"{ALICE},{BOB}"), db)
@@ -179,11 +187,15 @@ def test_keys_live_in_the_database_digested(tmp_path):
     assert keys_cli.revoke(cli, "carol") == 1 and ring.owner_of(made) is None  # at once, no restart
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_open_mode_says_so_at_start(server, keyed):
     assert "OPEN single-user mode" in server.log()
     assert "API keys: on (2 keys)" in keyed.log()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_python_client_sends_its_key(keyed):
     from client_example import TinkerClient
     from errors import AuthenticationError
@@ -195,6 +207,8 @@ def test_python_client_sends_its_key(keyed):
         anonymous.add_lora(base_model="base", rank=4, alpha=8)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_key_made_with_keys_py_works_at_once(keyed):
     db = Database(Path(keyed.env["THINKER_DATA_DIR"]) / "thinker.db")  # the live server's database
     dave = keys_cli.create(db, "dave")

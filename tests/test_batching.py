@@ -10,10 +10,21 @@ import pytest
 from backend import AdamParams, FwdBwdRequest
 from worker_pool import BatchLimits, WorkerPool
 
+pytestmark = pytest.mark.unit
 
-def _pool(backend, batching: bool, limits: BatchLimits | None = None) -> WorkerPool:
+
+def _pool(
+    backend, batching: bool, limits: BatchLimits | None = None, hold: threading.Event | None = None
+) -> WorkerPool:
+    """``hold``: forward-backward passes wait for it to be set before they run (jobs sent
+    meanwhile queue behind the held pass, so the next pass surely fuses them)."""
     limits = limits or BatchLimits(max_tokens=8192, max_sequences=64, window_s=0.02)
-    runners = {"fwdbwd": backend.forward_backward, "optim_step": backend.optim_steps}
+
+    def forward_backward(payloads: list) -> list:
+        assert hold is None or hold.wait(60), "the held pass was never released"
+        return backend.forward_backward(payloads)
+
+    runners = {"fwdbwd": forward_backward, "optim_step": backend.optim_steps}
     return WorkerPool(4, runners=runners, limits=limits if batching else None)
 
 
@@ -22,8 +33,11 @@ def _conversation(rng: random.Random) -> list[dict]:
     return [{"role": "user", "content": f"q{rng.randint(0, 99)}"}, {"role": "assistant", "content": answer}]
 
 
-def _train(backend, pool: WorkerPool, seeds: list[int], steps: int = 5) -> tuple[dict[int, list[float]], list[dict]]:
-    """Each adapter's thread submits its whole script without waiting, then collects."""
+def _train(
+    backend, pool: WorkerPool, seeds: list[int], steps: int = 5, submitted: threading.Event | None = None
+) -> tuple[dict[int, list[float]], list[dict]]:
+    """Each adapter's thread submits its whole script without waiting, then collects.
+    ``submitted`` is set once every script is queued."""
     ids = {seed: backend.add_lora(4 + seed % 3 * 4, 16.0, None, seed)["model_id"] for seed in seeds}
     futures: dict[int, list] = {}
 
@@ -45,6 +59,8 @@ def _train(backend, pool: WorkerPool, seeds: list[int], steps: int = 5) -> tuple
         t.start()
     for t in threads:
         t.join()
+    if submitted is not None:
+        submitted.set()
     losses, results = {}, []
     for seed, mine in futures.items():
         for f in mine:
@@ -56,9 +72,12 @@ def _train(backend, pool: WorkerPool, seeds: list[int], steps: int = 5) -> tuple
 
 def test_batching_on_and_off_train_identically(backend):
     seeds = [201, 202, 203, 204, 205]
-    fused_pool, plain_pool = _pool(backend, True), _pool(backend, False)
+    # The first fused pass is held until every script is queued: the other adapters' first
+    # requests then wait together, and the next pass fuses them whatever the timing.
+    queued = threading.Event()
+    fused_pool, plain_pool = _pool(backend, True, hold=queued), _pool(backend, False)
     try:
-        fused, fused_results = _train(backend, fused_pool, seeds)
+        fused, fused_results = _train(backend, fused_pool, seeds, submitted=queued)
         plain, plain_results = _train(backend, plain_pool, seeds)
     finally:
         fused_pool.shutdown()
@@ -105,16 +124,18 @@ def test_a_bad_request_in_a_fused_pass_fails_alone(backend):
 
 
 def test_lone_user_does_not_wait_for_the_window(backend):
-    pool = _pool(backend, True, BatchLimits(window_s=2.0))  # a window long enough to notice
+    # An hour's window: a pass that waited for company could not finish within the test's wait.
+    pool = _pool(backend, True, BatchLimits(window_s=3600.0))
+    future = None
     try:
         adapter_id = backend.add_lora(8, 16.0, None, 9)["model_id"]
         examples = backend.render_conversations(
             [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
         )
         future = pool.submit_fusable(adapter_id, "fwdbwd", "fwdbwd", FwdBwdRequest(adapter_id, examples), 1, 20)
-        assert future.wait(1.5), "a lone user's pass waited for company"
+        assert future.wait(120), "a lone user's pass waited for company"
     finally:
-        pool.shutdown()
+        pool.shutdown(wait=future is not None and future.done.is_set())  # a waiting pass would hold join()
 
 
 def test_jobs_pending_together_run_in_one_pass(backend):

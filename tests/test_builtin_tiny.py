@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backend.builtin_tiny import ensure_builtin_tiny
+
+pytestmark = pytest.mark.unit
 
 
 def _digest(folder) -> str:

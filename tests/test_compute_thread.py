@@ -8,6 +8,8 @@ import pytest
 
 from backend.compute_thread import ComputeThread, InlineRunner
 
+pytestmark = pytest.mark.unit
+
 
 def test_runs_everything_on_one_thread_and_returns_results():
     compute = ComputeThread()

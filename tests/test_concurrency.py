@@ -9,6 +9,8 @@ import pytest
 
 from client_example import TinkerClient
 
+pytestmark = pytest.mark.e2e
+
 PROMPT = "Hello!"
 ANSWERS = {"Alice": "Hi Alice!", "Bob": "Hi Bob!", "Carol": "Hi Carol!"}
 

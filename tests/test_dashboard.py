@@ -5,13 +5,16 @@ steps, tokens, loss and loss points; recent requests; throughput), incremental p
 from __future__ import annotations
 
 import math
+import re
+import threading
 from types import SimpleNamespace
 
 import pytest
 import requests
 
 from client_example import TinkerClient
-from dashboard import Activity
+from dashboard import ASSETS_DIR, Activity
+from worker_pool import BatchLimits, WorkerPool
 
 ALICE, BOB = "tml-alice-key-1", "tml-bob-key-22"
 CHAT = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}]]
@@ -28,6 +31,7 @@ def adapter_in(answer: dict, model_id: str) -> dict:
     return found[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("path", "media_type"),
     [
@@ -49,6 +53,7 @@ def test_page_and_assets_are_served_with_their_types(server, path, media_type):
         assert "https://" not in response.text and "http://" not in response.text  # no CDN
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "name", ["missing.js", "index.html", "..%2Fapp.py", "%2e%2e%2fapp.py", ".hidden.js", "dashboard.py"]
 )
@@ -58,6 +63,7 @@ def test_only_the_listed_assets_are_served(server, name):
     assert response.json()["type"] == "NotFoundError"
 
 
+@pytest.mark.e2e
 def test_state_shows_an_adapter_training(server, client: TinkerClient):
     model_id = client.create_lora(rank=4, seed=7)
     losses = [client.train_step(model_id, CHAT, learning_rate=1e-2)["loss"] for _ in range(3)]
@@ -67,6 +73,7 @@ def test_state_shows_an_adapter_training(server, client: TinkerClient):
     assert answer["server"]["base_model"] == "builtin-tiny"
     assert answer["server"]["device"] == "cpu"
     assert answer["server"]["workers"] == 4
+    assert 0 <= answer["server"]["busy_workers"] <= answer["server"]["workers"]
     assert 1 <= answer["server"]["adapters_resident"] <= answer["server"]["adapters_loaded"]
     assert answer["adapters_total"] >= 1
     assert answer["adapters"][0]["model_id"] == model_id  # the most recently active first
@@ -92,6 +99,7 @@ def test_state_shows_an_adapter_training(server, client: TinkerClient):
     assert [p[1] for p in later["points"]] == [3] and later["step"] == 4
 
 
+@pytest.mark.e2e
 def test_limit_keeps_the_most_recently_active(server, client: TinkerClient):
     first, second = client.create_lora(rank=2), client.create_lora(rank=2)
     client.train_step(first, CHAT)
@@ -101,6 +109,7 @@ def test_limit_keeps_the_most_recently_active(server, client: TinkerClient):
     assert second in {a["model_id"] for a in state(server, limit=200).json()["adapters"]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("params", "named"),
     [
@@ -118,6 +127,8 @@ def test_bad_parameters_are_400(server, params, named):
     assert response.json()["error"].startswith(f"{named}:")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_with_keys_each_owner_sees_only_their_own(start_server):
     keyed = start_server(THINKER_API_KEYS=f"{ALICE},{BOB}")
     # The page and its assets are public; the data is not.
@@ -155,6 +166,7 @@ def _finished(kind: str, at: float, tokens: int = 0, owner: str = "local") -> Si
     )
 
 
+@pytest.mark.unit
 def test_activity_throughput_counts_the_last_window_only():
     activity = Activity(window_s=60)
     activity.started_at = 1000.0
@@ -176,3 +188,50 @@ def test_activity_throughput_counts_the_last_window_only():
     assert [r["kind"] for r in recent] == ["optim_step", "fwdbwd"]
     assert recent[0]["latency_ms"] == pytest.approx(500) and recent[0]["queued_ms"] == pytest.approx(250)
     assert activity.recent(lambda owner: owner == "someone else") == []
+
+
+def _state_of(pool: WorkerPool) -> dict:
+    """GET /dashboard/state from an app holding only ``pool`` and an empty stand-in backend."""
+    from flask import Flask, g
+
+    import auth
+    import dashboard
+
+    info = {"base_model": "m", "device": "cpu", "dtype": "float32", "context_length": 64, "adapters": 0,
+            "adapters_resident": 0}
+    backend = SimpleNamespace(adapters=SimpleNamespace(all=list), sampler=None, name="HF", info=lambda: info)
+    app = Flask(__name__)
+    app.extensions["thinker"] = SimpleNamespace(backend=backend, pool=pool)
+    app.before_request(lambda: setattr(g, "owner", auth.OPEN_OWNER))  # open mode, as auth.install sets it
+    app.register_blueprint(dashboard.bp)
+    response = app.test_client().get("/dashboard/state")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+@pytest.mark.unit
+def test_busy_workers_count_threads_not_the_adapters_of_a_fused_pass():
+    """Four adapters in one fused pass on two workers: one worker is busy (the page used to
+    show "4 / 2", counting adapters as workers)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def runner(payloads: list) -> list:
+        entered.set()
+        release.wait(30)
+        return [{} for _ in payloads]
+
+    pool = WorkerPool(2, runners={"fwdbwd": runner}, limits=BatchLimits(window_s=0.0))
+    try:
+        futures = pool.submit_many([(f"adapter_{i}", "fwdbwd", "fwdbwd", i, 1, 8) for i in range(4)])
+        assert entered.wait(30), "the fused pass never started"
+        server = _state_of(pool)["server"]
+        assert server["running"] == 4  # adapters in the running pass: their own figure
+        assert server["busy_workers"] == 1 and server["workers"] == 2
+    finally:
+        release.set()
+        pool.shutdown()
+    assert all(f.status == "completed" for f in futures)
+    assert _state_of(pool)["server"]["busy_workers"] == 0
+    # The page's "Workers busy / total" shows the busy threads, not the running adapters.
+    script = (ASSETS_DIR / "dashboard.js").read_text()
+    assert re.search(r'stat\("Workers", `\$\{s\.busy_workers\} / \$\{s\.workers\}`', script)

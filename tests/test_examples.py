@@ -7,6 +7,8 @@ import pytest
 from backend.examples import Example
 from errors import BadRequestError
 
+pytestmark = pytest.mark.unit
+
 
 def _weighted_text(backend, example: Example) -> str:
     pairs = zip(example.target_tokens.tolist(), example.weights.tolist(), strict=True)

@@ -12,6 +12,8 @@ import requests
 import tinker
 from tinker import types
 
+pytestmark = pytest.mark.e2e
+
 LONG_CHAT = [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "y" * 250}]
 
 
@@ -29,6 +31,7 @@ class Http:
         return self.wait(self.post(path, body)["request_id"])
 
 
+@pytest.mark.slow
 def test_out_of_memory_fails_only_that_request(start_server):
     """The server process gets an address-space limit (prlimit) a few hundred MB above what it
     uses; a request too big for that fails with a real allocation error from torch."""

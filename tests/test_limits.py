@@ -10,6 +10,8 @@ import time
 import pytest
 import requests
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ALICE, BOB = "tml-alice-limit-1", "tml-bob-limit-22"
 CHAT = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
 

@@ -43,6 +43,8 @@ def json_server(start_server):
     return start_server(LOG_FORMAT="json", LOG_LEVEL="DEBUG", MAX_WORKERS="2")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_json_lines_carry_request_adapter_and_future_ids(json_server):
     add_future, added = run_job(json_server, "/add_lora", {"base_model": "base", "rank": 4}, "req-add-1")
     adapter = added.json()["result"]["model_id"]
@@ -76,12 +78,15 @@ def test_json_lines_carry_request_adapter_and_future_ids(json_server):
     assert (poll["level"], poll["path"]) == ("DEBUG", "/retrieve_future")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("given", ["bad id with spaces", "x" * 65, "-leading-dash", ""])
 def test_an_unusable_client_id_is_replaced(json_server, given):
     response = requests.get(f"{json_server.url}/healthz", headers={"X-Request-Id": given}, timeout=10)
     assert re.fullmatch(r"[0-9a-f]{16}", response.headers["X-Request-Id"])
 
 
+@pytest.mark.e2e
 def test_text_format_appends_fields(server):
     """The shared server logs in the default format, at INFO."""
     add_future, added = run_job(server, "/add_lora", {"base_model": "base", "rank": 4}, "txt-add-1")
@@ -101,6 +106,7 @@ def test_text_format_appends_fields(server):
     assert "request_id=poll-txt-fwd-2" not in log  # polls are DEBUG
 
 
+@pytest.mark.unit
 def test_log_level_warning_suppresses_info():
     """main()'s set-up (Config.from_env -> logs.configure), in a fresh interpreter: a whole
     server would cost ~10 s to show the same."""
@@ -138,6 +144,7 @@ def records():
     logger.removeHandler(handler)
 
 
+@pytest.mark.unit
 def test_a_job_logs_with_the_ids_of_the_request_that_submitted_it(records):
     inside = logging.getLogger("thinker.test_logs")
 
@@ -167,6 +174,7 @@ def test_a_job_logs_with_the_ids_of_the_request_that_submitted_it(records):
     assert logs.request_id.get() is None and logs.adapter_id.get() is None  # nothing leaks out
 
 
+@pytest.mark.unit
 def test_formatters():
     record = logging.LogRecord("thinker.x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
     record.fields = {"status": 200, "error": 'said "no" twice'}

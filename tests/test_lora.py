@@ -10,6 +10,8 @@ import torch
 from backend import FwdBwdRequest
 from backend.lora import Routing, use_adapters
 
+pytestmark = pytest.mark.unit
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi Alice!"}],
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}],

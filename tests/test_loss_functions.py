@@ -13,6 +13,8 @@ from backend.examples import Example
 from backend.loss_functions import LOSS_FUNCTIONS, loss_config
 from errors import BadRequestError
 
+pytestmark = pytest.mark.unit
+
 LP = [-1.0, -2.0, -0.5]  # the learner's logprobs ℓ
 Q = [-1.2, -1.5, -0.5]  # the sampler's logprobs q
 A = [1.0, -0.5, 2.0]  # advantages

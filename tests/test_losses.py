@@ -7,6 +7,8 @@ import torch
 
 import backend.losses as losses
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("chunk_floats", [37, 10**9])  # many small chunks, and one
 def test_head_logprobs_and_gradient_match_full_logits(monkeypatch, chunk_floats):

@@ -48,6 +48,8 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_public_prefixed_and_parseable(keyed):
     assert requests.get(f"{keyed.url}/adapters", timeout=10).status_code == 401  # keys are on
     samples = scrape(keyed)
@@ -61,6 +63,8 @@ def test_public_prefixed_and_parseable(keyed):
     assert not any(name.startswith("thinker_accelerator_memory") for name in names)  # CPU: absent
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_training_and_sampling_move_the_counters(keyed, client):
     before = scrape(keyed)
     adapters = [client.create_lora(rank=4, seed=i) for i in range(2)]
@@ -99,6 +103,8 @@ def test_training_and_sampling_move_the_counters(keyed, client):
     assert value(after, "thinker_futures_unfinished") == 0
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_endpoint_label_is_the_url_rule_not_the_path(keyed, client):
     for run in ("run-a1b2c3", "run-d4e5f6"):
         requests.get(f"{keyed.url}/api/v1/training_runs/{run}", headers={"X-API-Key": KEY}, timeout=10)
@@ -113,6 +119,7 @@ def test_endpoint_label_is_the_url_rule_not_the_path(keyed, client):
     assert value(samples, "thinker_http_requests_total", endpoint="/fwdbwd", method="POST", status="401") == 1
 
 
+@pytest.mark.unit
 def test_state_gauges_and_accelerator_memory(monkeypatch):
     """In process, with stand-ins: the scrape-time gauges, and the CUDA memory gauges (faked
     here; a CPU-only run never shows them)."""

@@ -39,12 +39,15 @@ def api_schema(fuzzed_server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_5xx_and_answers_match_the_document(case):
     case.call_and_validate(checks=CHECKS)
 
 
+@pytest.mark.unit
 def test_every_route_is_documented(backend, tmp_path):
     app = create_app(Config(base_model="builtin-tiny", thinker_data_dir=str(tmp_path)), backend=backend)
     documented = {

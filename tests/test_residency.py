@@ -4,6 +4,7 @@ moved out and back trains and samples exactly as if it had never left."""
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from backend.residency import Residency
@@ -11,6 +12,7 @@ from backend.residency import Residency
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]
 
 
+@pytest.mark.unit
 def test_in_use_adapters_stay_and_the_least_recently_used_go(backend):
     residency = Residency(backend.adapters, backend.device, max_resident=2)
     made = [backend.add_lora(4, 8.0, None, i)["model_id"] for i in range(3)]
@@ -31,6 +33,8 @@ def test_in_use_adapters_stay_and_the_least_recently_used_go(backend):
     assert residency.resident == 0
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_thousand_adapters(start_server):
     server = start_server(MAX_RESIDENT_ADAPTERS="8", MAX_PENDING_PER_USER="2000", MAX_PENDING="2000")
     http = requests.Session()

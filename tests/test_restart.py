@@ -15,6 +15,8 @@ from tinker import types
 
 from tinker_api.sessions import GAP_TIMEOUT_S
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]
 
 

@@ -9,6 +9,8 @@ from backend import AdamParams, FwdBwdRequest, SamplingParams
 from backend.sampling import SampleRow, generate
 from errors import BadRequestError
 
+pytestmark = pytest.mark.unit
+
 
 def _generate(backend, rows):
     return generate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest
 
@@ -10,6 +10,8 @@ from backend import AdamParams, FwdBwdRequest, SamplingParams
 from backend.sampling import SampleRow, generate
 from backend.sampling_engine import SamplingEngine
 from errors import BadRequestError
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +50,44 @@ def _alone(backend, row: SampleRow):
     )[0]
 
 
-def test_fused_greedy_sampling_equals_each_request_alone(backend, adapters, engine):
-    prompts = backend.render_prompts(["Hello!", "Tell me something longer, please", "x"])
-    rows = [
-        SampleRow(adapter, prompt, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
-        for i, adapter in enumerate([*adapters, None])
-        for prompt in prompts
-    ]
-    futures = [engine.submit([row]) for row in rows[:6]]
-    time.sleep(0.05)  # the rest join a loop that is already running
-    futures += [engine.submit(rows[6:9]), engine.submit(rows[9:])]
-    results = [c for f in futures for c in f.result(timeout=60)]
-    assert engine.steps > 0
+def test_fused_greedy_sampling_equals_each_request_alone(backend, adapters):
+    """Requests sent while a decode is running join that batch (they do not wait for it to
+    drain), and every row still gets exactly the tokens it gets alone."""
+    first_step, go_on = threading.Event(), threading.Event()
+    steps: list[tuple[int, list[int]]] = []  # per step: rows already decoding, ids of the rows admitted
+
+    def run(fn, admitted):
+        steps.append((len(engine._batch), [id(row) for request in admitted for row in request.rows]))
+        fn(admitted)
+        if len(steps) == 1:  # hold the loop after its first step until the others are queued
+            first_step.set()
+            assert go_on.wait(60)
+
+    engine = SamplingEngine(
+        backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device,
+        max_rows=64, window_s=0.01, run=run,
+    )
+    try:
+        prompts = backend.render_prompts(["Hello!", "Tell me something longer, please", "x"])
+        rows = [
+            SampleRow(adapter, prompt, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
+            for i, adapter in enumerate([*adapters, None])
+            for prompt in prompts
+        ]
+        futures = [engine.submit([row]) for row in rows[:6]]
+        assert first_step.wait(60)
+        decoding = len(engine._batch)
+        futures += [engine.submit(rows[6:9]), engine.submit(rows[9:])]
+        go_on.set()
+        results = [c for f in futures for c in f.result(timeout=60)]
+    finally:
+        go_on.set()
+        engine.close()
+    assert decoding > 0, "every first row ended at its first step: nothing was left to join"
+    late = {id(row) for row in rows[6:]}
+    joined = [before for before, admitted in steps if late & set(admitted)]
+    assert joined and all(before > 0 for before in joined), steps  # admitted into a batch still decoding
+    assert late <= {i for _, admitted in steps for i in admitted}
     for row, result in zip(rows, results, strict=True):
         alone = _alone(backend, row)
         assert result.tokens == alone.tokens and result.text == alone.text

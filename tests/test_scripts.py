@@ -60,6 +60,7 @@ def assert_user_row(row: list[str], steps: int, losses: list[float], model_id: s
     assert adapter == f"✓ {model_id}"
 
 
+@pytest.mark.e2e
 def test_client_walkthrough(server):
     result = run_script(server, "client_example.py")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -76,6 +77,7 @@ def test_client_walkthrough(server):
     assert rows["9"][2] == "✓ raised BadRequestError" and rows["10"][2] == "✓ raised NotFoundError"
 
 
+@pytest.mark.e2e
 def test_simple_concurrent_example(server):
     result = run_script(server, "example_simple_concurrent.py", via_env=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,6 +95,7 @@ def test_simple_concurrent_example(server):
     assert int(rows["all"][3]) == sum(int(rows[n][3]) for n in ("Alice", "Bob", "Carol"))
 
 
+@pytest.mark.e2e
 def test_concurrent_users_example(server):
     result = run_script(server, "example_concurrent_users.py", "--steps", "2")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -110,6 +113,7 @@ def test_concurrent_users_example(server):
     assert rows["all"][1] == "6/6" and rows["all"][-1] == "3/3 ok"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("users", ["3"])
 def test_load_test_script(server, users):
     result = run_script(server, "test_concurrent_users.py", users, "--steps", "2")
@@ -129,6 +133,18 @@ def test_load_test_script(server, users):
         assert_user_row(rows[user], 2, losses, model_id)
         assert rows[user][4] == elapsed  # the same time as in "Per-user details"
     assert rows["all"][1] == f"{2 * int(users)}/{2 * int(users)}" and rows["all"][-1] == f"{users}/{users} ok"
+    # The measured comparison: the same work one user at a time, timed against the concurrent run.
+    wall = re.search(r"Total elapsed time: (\d+\.\d\d)s", out).group(1)
+    alone = re.findall(r"✓ (user_\d+) alone: \d+\.\d\ds", out)
+    assert alone == [f"user_{i}" for i in range(int(users))]
+    measured = re.search(r"Measured: concurrent wall (\d+\.\d\d) s vs one-at-a-time (\d+\.\d\d) s: "
+                         r"speedup (\d+\.\d\d)x", out)
+    assert measured, out
+    concurrent, one_at_a_time, speedup = measured.groups()
+    assert concurrent == wall
+    x, y = float(concurrent), float(one_at_a_time)
+    rounding = 0.005 / x * (1 + y / x) + 0.005  # each figure is printed to 2 decimals
+    assert float(speedup) == pytest.approx(y / x, abs=rounding)
 
 
 def run_in_terminal(server, *args: str, timeout: float = 120.0) -> tuple[int, str]:
@@ -161,6 +177,7 @@ def run_in_terminal(server, *args: str, timeout: float = 120.0) -> tuple[int, st
         os.close(master)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_progress_bars_in_a_terminal(server):
     status, out = run_in_terminal(server, "example_simple_concurrent.py")
@@ -170,6 +187,7 @@ def test_progress_bars_in_a_terminal(server):
     assert "✓ All 3 users completed training!" in out and "Per-user summary" in out
 
 
+@pytest.mark.unit
 def test_bench_tables_agree():
     import bench
 
@@ -196,6 +214,51 @@ def test_bench_tables_agree():
     assert [line.split() for line in lines[rule + 1 :]] == [row.strip("| ").split(" | ") for row in md]
 
 
+TRAIN_LOG = re.compile(
+    r"  train tok/s: sequential (\d+), threads (\d+), fused (\d+), one_adapter (\d+)"
+    r" \| fused/sequential (\d+\.\d\d)x, fused/one-adapter (\d+\.\d\d)$",
+    re.M,
+)
+SAMPLE_LOG = re.compile(r"  sample tok/s: one-by-one (\d+\.\d), fused (\d+\.\d) \((\d+\.\d\d)x\)$", re.M)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_bench_runs_and_its_tables_show_what_it_measured(cache_dir, tmp_path):
+    """bench.py for real, as small as it goes: the markdown (printed and in bench.md) and the
+    terminal table carry, per N, exactly the figures its log lines reported as measured."""
+    out_dir = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "bench.py", "--models", "builtin-tiny", "--users", "1,2", "--reps", "1", "--seq-len", "16",
+         "--new-tokens", "4", "--no-http", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(out_dir)],
+        cwd=ROOT, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    train, sample = TRAIN_LOG.findall(out), SAMPLE_LOG.findall(out)
+    assert len(train) == len(sample) == 2, out
+    measured = [[str(n), *t, *s] for n, t, s in zip((1, 2), train, sample, strict=True)]
+    for row in measured:  # the ratios are of the figures shown (rounding aside)
+        seq, _, fused, one, vs_seq, vs_one, s_one, s_fused, s_speedup = map(float, row[1:])
+        assert float(vs_seq) == pytest.approx(fused / seq, rel=0.01, abs=0.01)
+        assert float(vs_one) == pytest.approx(fused / one, rel=0.01, abs=0.01)
+        assert float(s_speedup) == pytest.approx(s_fused / s_one, rel=0.02, abs=0.01)
+
+    md = [line.strip("| ").split(" | ") for line in out.splitlines() if re.match(r"\| \d", line)]
+    # N, sequential, threads, fused, one adapter, fused/seq, fused/one, sample 1-by-1, fused, speedup
+    expected = [[*row[:5], row[5] + "x", row[6], row[7], row[8], row[9] + "x"] for row in measured]
+    assert md == expected
+    assert (out_dir / "bench.md").read_text().strip() in out  # the file is what was printed
+    assert (out_dir / "bench.png").stat().st_size > 0
+
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    terminal = [line.split() for line in lines[rule + 1 : rule + 3]]
+    assert terminal == expected
+    assert max(len(line.rstrip()) for line in lines[rule - 3 : rule + 3]) <= 80  # fits a narrow terminal
+
+
+@pytest.mark.unit
 def test_scripts_fail_clearly_without_a_server():
     result = subprocess.run(
         [sys.executable, "test_concurrent_users.py", "2", "--url", "http://127.0.0.1:9"],
@@ -208,6 +271,8 @@ def test_scripts_fail_clearly_without_a_server():
     assert "python app.py" in result.stdout + result.stderr
 
 
+@pytest.mark.unit
+@pytest.mark.slow
 def test_bench_adapters(cache_dir, tmp_path):
     """bench_adapters.py on builtin-tiny: 40 adapters, 4 resident; the rest went out, and the
     5 moved-back ones came in."""

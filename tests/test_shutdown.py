@@ -5,7 +5,10 @@ from __future__ import annotations
 import signal
 import threading
 
+import pytest
 import requests
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_sigterm_finishes_running_fails_queued_and_exits(start_server):

@@ -9,6 +9,8 @@ import pytest
 
 from client_example import TinkerClient
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 USERS, STEPS = 32, 20
 
 

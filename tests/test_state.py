@@ -6,6 +6,8 @@ import pytest
 
 from errors import BadRequestError, NotFoundError
 
+pytestmark = pytest.mark.e2e
+
 CHAT = [
     [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}],
     [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes!"}],

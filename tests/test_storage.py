@@ -16,6 +16,7 @@ from backend.lora import use_adapters
 CONV = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi Alice!"}]
 
 
+@pytest.mark.unit
 def test_saved_adapter_reproduces_server_logits_in_peft(backend):
     adapter_id = backend.add_lora(4, 12.0, ["q_proj", "v_proj", "down_proj"], 3)["model_id"]
     examples = backend.render_conversations([CONV])
@@ -41,6 +42,7 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, client, cache_dir):
     from transformers import AutoTokenizer
 

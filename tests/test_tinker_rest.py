@@ -7,10 +7,13 @@ from __future__ import annotations
 import io
 import tarfile
 
+import pytest
 import requests
 import tinker
 import torch
 from tinker import types
+
+pytestmark = pytest.mark.e2e
 
 
 def test_rest_client_runs_checkpoints_and_peft_download(server, training, backend):

@@ -14,6 +14,8 @@ import tinker
 import torch
 from tinker import types
 
+pytestmark = pytest.mark.e2e
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}],
@@ -259,6 +261,7 @@ def test_malformed_protobuf_bodies_are_user_errors(server, training):
     assert answer["category"] == "user" and "at least one example" in answer["error"]
 
 
+@pytest.mark.slow
 def test_chunked_forward_backward_equals_one_request(start_server, training, monkeypatch_module):
     """With at most 2 examples per request the SDK splits 5 datums into 3 requests and POSTs
     them concurrently, the first one last; the server runs them in seq_id order and the

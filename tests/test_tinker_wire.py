@@ -3,7 +3,9 @@ converters decode here, what we encode the SDK decodes, and Sequencer keeps seq_
 
 from __future__ import annotations
 
+import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from database import Database
 from errors import BadRequestError
 from tinker_api import sessions, wire
 from worker_pool import WorkerPool
+
+pytestmark = pytest.mark.unit
 
 
 def sdk_body(data, loss_fn="cross_entropy", config=None) -> bytes:
@@ -108,12 +112,38 @@ def test_sequencer_runs_in_seq_order_and_answers_resends_with_the_same_id(tmp_pa
     pool.shutdown()
 
 
+class ManualTimer:
+    """Stands in for threading.Timer in sessions.py: fires only when the test says so."""
+
+    made: list[ManualTimer] = []
+
+    def __init__(self, interval: float, function) -> None:
+        self.interval, self.function, self.daemon = interval, function, False
+        ManualTimer.made.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def fire(self) -> None:
+        self.function()
+
+
 def test_sequencer_goes_on_after_a_gap(monkeypatch, tmp_path):
-    monkeypatch.setattr(sessions, "GAP_TIMEOUT_S", 0.2)
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sessions, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time))
+    monkeypatch.setattr(sessions, "threading", SimpleNamespace(Lock=threading.Lock, Timer=ManualTimer))
+    ManualTimer.made.clear()
     pool = WorkerPool(1)
     seq = sessions.Sequencer(pool, "m", Database(tmp_path / "thinker.db"))
     started: list[int] = []
     seq.admit(2, "t", lambda future: (started.append(2), pool.fail(future, BadRequestError("x"))))
-    time.sleep(0.6)  # seq_id 1 never comes
-    assert started == [2]
+    assert started == [] and [t.interval for t in ManualTimer.made] == [sessions.GAP_TIMEOUT_S]
+    clock.now += sessions.GAP_TIMEOUT_S / 2
+    ManualTimer.made[-1].fire()  # early (a timer may fire before its time): still held
+    assert started == [] and len(ManualTimer.made) == 2
+    clock.now += sessions.GAP_TIMEOUT_S / 2
+    ManualTimer.made[-1].fire()  # seq_id 1 never came: 2 goes on without it
+    assert started == [2] and seq.next_seq == 3
+    late = seq.admit(1, "t", lambda future: (started.append(1), pool.submit("m", "t", lambda: 1, future=future)))
+    assert started == [2, 1] and pool.get(late).wait(5)  # the late one runs at once
     pool.shutdown()

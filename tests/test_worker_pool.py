@@ -8,9 +8,12 @@ import time
 
 import pytest
 
+import futures as futures_module
 from errors import BadRequestError, NotFoundError
 from futures import COMPLETED, FAILED
 from worker_pool import WorkerPool
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -74,16 +77,30 @@ def test_a_failing_job_fails_its_future_and_the_worker_keeps_going():
         pool.shutdown()
 
 
-def test_unknown_and_expired_futures_are_not_found():
-    pool = WorkerPool(1, future_ttl_s=0.05)
+class FakeClock:
+    """Stands in for the ``time`` module in futures.py: expiry then follows this clock."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_unknown_and_expired_futures_are_not_found(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(futures_module, "time", clock)
+    pool = WorkerPool(1, future_ttl_s=60)
     try:
         with pytest.raises(NotFoundError):
             pool.get("future_nope")
         done = pool.submit(None, "test", lambda: 1)
         assert done.wait(5)
-        assert pool.get(done.id) is done
-        time.sleep(0.1)
-        pool.submit(None, "test", lambda: 2).wait(5)  # submitting evicts expired results
+        clock.now += 59
+        pool.submit(None, "test", lambda: 2).wait(5)
+        assert pool.get(done.id) is done  # within its TTL: kept
+        clock.now += 2
+        pool.submit(None, "test", lambda: 3).wait(5)  # submitting evicts expired results
         with pytest.raises(NotFoundError):
             pool.get(done.id)
     finally:
@@ -92,11 +109,12 @@ def test_unknown_and_expired_futures_are_not_found():
 
 def test_shutdown_fails_queued_jobs_with_a_reason():
     pool = WorkerPool(1)
-    gate = threading.Event()
-    running = pool.submit("a", "test", gate.wait)
+    started, gate = threading.Event(), threading.Event()
+    running = pool.submit("a", "test", lambda: (started.set(), gate.wait(30)))
     queued = pool.submit("a", "test", lambda: 1)
-    time.sleep(0.05)
-    threading.Timer(0.1, gate.set).start()
+    assert started.wait(10)
+    # The running job may finish only once shutdown has failed the queued one.
+    threading.Thread(target=lambda: (queued.done.wait(30), gate.set()), daemon=True).start()
     pool.shutdown()
     assert running.status == COMPLETED
     assert queued.status == FAILED and "shut down" in queued.error
