@@ -19,9 +19,21 @@ from tests.conftest import ROOT
 from worker_pool import BatchLimits, WorkerPool
 
 HELLO = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"}]
-# Past builtin-tiny's 512-token context, yet within MAX_SEQUENCE_TOKENS: it passes the edge
-# and fails in its job.
-TOO_LONG = [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "Hi!"}]
+
+
+def out_of_vocabulary_request(model_id: str) -> bytes:
+    """A Tinker forward_backward whose target token lies past the vocabulary: it passes the
+    edge (tensor headers are sound) and fails in its job, as a user error."""
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 10**6], "weights": [1, 1]}
+    )
+    request = types.ForwardBackwardRequest(
+        model_id=model_id, forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
+    )
+    return forward_backward_request_to_proto(request).SerializeToString()
 
 
 def post(server, path: str, body: dict, request_id: str | None = None) -> requests.Response:
@@ -49,7 +61,13 @@ def test_json_lines_carry_request_adapter_and_future_ids(json_server):
     add_future, added = run_job(json_server, "/add_lora", {"base_model": "base", "rank": 4}, "req-add-1")
     adapter = added.json()["result"]["model_id"]
     fwd_future, _ = run_job(json_server, "/fwdbwd", {"model_id": adapter, "data": [HELLO]}, "req-fwd-2")
-    bad_future, failed = run_job(json_server, "/fwdbwd", {"model_id": adapter, "data": [TOO_LONG]}, "req-bad-3")
+    response = requests.post(
+        f"{json_server.url}/api/v1/forward_backward", data=out_of_vocabulary_request(adapter),
+        headers={"X-Request-Id": "req-bad-3", "Content-Type": "application/x-protobuf"}, timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    bad_future = response.json()["request_id"]
+    failed = post(json_server, "/retrieve_future", {"request_id": bad_future, "timeout": 30}, "poll-req-bad-3")
     assert failed.status_code == 500
 
     lines = [json.loads(line) for line in json_server.log().splitlines() if line.strip()]  # every line is JSON
@@ -72,7 +90,8 @@ def test_json_lines_carry_request_adapter_and_future_ids(json_server):
     assert (job["adapter_id"], job["future_id"]) == (adapter, fwd_future)
     job = one(logger="thinker.jobs", request_id="req-bad-3")
     assert (job["future_id"], job["status"], job["level"]) == (bad_future, "failed", "INFO")
-    assert "context" in job["error"] and job["error_type"] == "BadRequestError" and job["duration_ms"] >= 0
+    assert "vocab" in job["error"] or "token ids must lie in" in job["error"]
+    assert job["error_type"] == "BadRequestError" and job["duration_ms"] >= 0
     # Polls are logged at DEBUG (this server shows DEBUG).
     poll = one(logger="thinker.access", request_id="poll-req-fwd-2")
     assert (poll["level"], poll["path"]) == ("DEBUG", "/retrieve_future")
