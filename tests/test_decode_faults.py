@@ -21,6 +21,8 @@ from backend.sampling import SampleRow, generate
 from backend.sampling_engine import SamplingEngine
 from errors import RequestFailedError
 
+pytestmark = pytest.mark.unit
+
 GREEDY = SamplingParams(max_tokens=16, temperature=0, stop_at_eos=False)  # every row runs its full length
 
 

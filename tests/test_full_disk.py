@@ -96,6 +96,7 @@ def folders_on_disk(data: Path) -> set[str]:
 # ---- the classifier and the store, in process ------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "exc",
     [
@@ -119,11 +120,13 @@ def test_full_disk_errors_are_recognised(exc):
         assert is_disk_full(chained)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("exc", [OSError(errno.EACCES, "Permission denied"), ValueError("bad value"), RuntimeError()])
 def test_other_errors_are_not_a_full_disk(exc):
     assert not is_disk_full(exc)
 
 
+@pytest.mark.unit
 def test_a_save_that_fills_the_disk_leaves_nothing_and_keeps_what_it_replaces(small_disk):
     reserve = DiskReserve(small_disk, MIB)
     assert reserve.ensure()
@@ -149,6 +152,7 @@ def test_a_save_that_fills_the_disk_leaves_nothing_and_keeps_what_it_replaces(sm
     assert reserve.ensure()  # the space came back
 
 
+@pytest.mark.unit
 def test_the_database_gives_up_the_reserve_when_the_disk_fills(small_disk):
     reserve = DiskReserve(small_disk, MIB)
     assert reserve.ensure() and not reserve.full
@@ -165,6 +169,7 @@ def test_the_database_gives_up_the_reserve_when_the_disk_fills(small_disk):
     assert db.record("INSERT INTO api_keys VALUES (?, 'me', NULL, 'cli', 0)", ("y" * 100_000,), "a key") == 0
 
 
+@pytest.mark.unit
 def test_checkpoint_sizes_of_an_older_database_count_towards_the_quota(tmp_path):
     old = sqlite3.connect(tmp_path / "thinker.db")
     old.execute(
@@ -184,6 +189,8 @@ def test_checkpoint_sizes_of_an_older_database_count_towards_the_quota(tmp_path)
 # ---- a live server ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_full_disk_refuses_saves_with_507_and_nothing_else(start_server, small_disk, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     data = small_disk / "data"
@@ -260,6 +267,8 @@ def test_a_full_disk_refuses_saves_with_507_and_nothing_else(start_server, small
     server.stop()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_storage_quota_refuses_with_403_before_the_disk_fills(start_server, tmp_path, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     quota = 4 * MIB

@@ -160,6 +160,8 @@ def _walk_model_endpoints(server, model: str, session: str, own_path: str) -> li
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_hostile_ids_write_nothing_outside_the_data_dir_nor_into_another_tenant(keyed, alice, sandbox, data_dir):
     alice_files = files_under(data_dir / "checkpoints") | files_under(data_dir / "adapters")
     assert any(alice["model"] in name for name in alice_files)
@@ -219,6 +221,7 @@ def bob_model(keyed) -> str:
     return new_model(keyed, BOB)[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["final\n", "final\r", "fi\x00nal", "../x", "a/b", ".", "..", "", "x" * 201])
 def test_bad_checkpoint_names_are_refused_by_the_seed_api(keyed, bob_model, name):
     response = post(keyed, BOB, "/save_state", {"model_id": bob_model, "name": name})
@@ -226,6 +229,7 @@ def test_bad_checkpoint_names_are_refused_by_the_seed_api(keyed, bob_model, name
     assert post(keyed, BOB, "/load_state", {"path": f"tinker://{bob_model}/weights/{name}"}).status_code == 400
 
 
+@pytest.mark.e2e
 def test_a_name_ending_in_a_newline_fails_a_tinker_save(keyed, bob_model):
     model = bob_model
     response = post(keyed, BOB, "/api/v1/save_weights", {"model_id": model, "path": "final\n"})
@@ -235,6 +239,7 @@ def test_a_name_ending_in_a_newline_fails_a_tinker_save(keyed, bob_model):
     assert runs == []
 
 
+@pytest.mark.unit
 def test_tinker_path_and_path_builder_reject_anything_but_a_plain_name(tmp_path):
     from paths import path_under  # (the one place data-dir paths are built)
 
@@ -261,6 +266,7 @@ def _urls(server, key: str, path: str) -> dict[str, str]:
     return answer.json()["urls"]
 
 
+@pytest.mark.e2e
 def test_a_signed_url_with_a_non_ascii_signature_is_a_4xx(keyed, bob_model):
     export = {"model_id": bob_model, "path": "export-ascii"}
     path = result(keyed, BOB, post(keyed, BOB, "/api/v1/save_weights_external", export))["path"]
@@ -271,6 +277,7 @@ def test_a_signed_url_with_a_non_ascii_signature_is_a_4xx(keyed, bob_model):
         assert requests.get(base + "signature=" + forged, timeout=60).status_code in (400, 404)
 
 
+@pytest.mark.e2e
 def test_a_signed_url_dies_when_its_checkpoint_is_saved_again(keyed, bob_model):
     export = {"model_id": bob_model, "path": "export-again"}
     path = result(keyed, BOB, post(keyed, BOB, "/api/v1/save_weights_external", export))["path"]

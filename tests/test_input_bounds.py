@@ -13,6 +13,8 @@ import pytest
 import requests
 from tinker.proto import tinker_public_pb2 as pb
 
+pytestmark = pytest.mark.e2e
+
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 SHORT_POLL = {"x-stainless-read-timeout": "10"}  # a retrieve_future long-poll of 5 s
 TOKENS = [72, 105, 33, 10, 72, 105, 33, 10]  # T = 8

@@ -55,6 +55,8 @@ def adapters_latency_s(server, key: str) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_long_polls_of_one_key_are_capped_and_another_key_keeps_its_latency(capped):
     for _ in range(3):
         adapters_latency_s(capped, BOB)  # warm-up
@@ -97,6 +99,7 @@ def test_long_polls_of_one_key_are_capped_and_another_key_keeps_its_latency(capp
     assert busy <= 2 * idle + 0.05, (idle, busy)
 
 
+@pytest.mark.unit
 def test_in_flight_counts_refuse_without_counting():
     counts = InFlight()
     assert counts.enter("a", ("open", "long_poll"), (2, 1)) is None

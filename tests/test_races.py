@@ -75,6 +75,7 @@ def _others_complete_while_held(pool: WorkerPool, held: threading.Event, release
         release.set()
 
 
+@pytest.mark.unit
 def test_a_slow_database_write_holds_up_no_other_job(tmp_path):
     database = _SlowDatabase(tmp_path / "thinker.db")
     pool = WorkerPool(2, database=database)
@@ -90,6 +91,7 @@ def test_a_slow_database_write_holds_up_no_other_job(tmp_path):
         pool.shutdown()
 
 
+@pytest.mark.unit
 def test_a_slow_log_handler_holds_up_no_other_job():
     pool = WorkerPool(2)
     pool.on_finish(logs.log_job)  # the one line per finished job, as the server logs it
@@ -119,6 +121,7 @@ def test_a_slow_log_handler_holds_up_no_other_job():
         pool.shutdown()
 
 
+@pytest.mark.unit
 def test_reading_a_future_from_the_database_holds_up_no_other_job(tmp_path):
     database = _SlowDatabase(tmp_path / "thinker.db")
     pool = WorkerPool(2, database=database)
@@ -144,6 +147,7 @@ def test_reading_a_future_from_the_database_holds_up_no_other_job(tmp_path):
 # ---- a seq_id that arrives after its gap was skipped ---------------------------------------
 
 
+@pytest.mark.unit
 def test_a_late_seq_id_fails_clearly_and_never_runs_out_of_order(tmp_path, monkeypatch):
     monkeypatch.setattr(sessions, "GAP_TIMEOUT_S", 0.05)
     database = Database(tmp_path / "thinker.db")
@@ -170,6 +174,7 @@ def test_a_late_seq_id_fails_clearly_and_never_runs_out_of_order(tmp_path, monke
         database.close()
 
 
+@pytest.mark.unit
 def test_requests_released_by_different_threads_start_in_seq_id_order(tmp_path):
     database = Database(tmp_path / "thinker.db")
     pool = WorkerPool(1, database=database)
@@ -208,6 +213,7 @@ def test_requests_released_by_different_threads_start_in_seq_id_order(tmp_path):
 # ---- bounded memory -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_finished_results_in_memory_are_bounded_and_stay_readable_from_the_database(tmp_path):
     database = Database(tmp_path / "thinker.db")
     pool = WorkerPool(1, database=database, max_result_bytes=20_000)
@@ -229,11 +235,13 @@ def test_finished_results_in_memory_are_bounded_and_stay_readable_from_the_datab
         database.close()
 
 
+@pytest.mark.unit
 def test_the_result_cache_bound_is_configurable():
     assert Config().max_result_cache_bytes == 256 * 1024 * 1024
     assert Config.from_env({"MAX_RESULT_CACHE_BYTES": "1000"}).max_result_cache_bytes == 1000
 
 
+@pytest.mark.unit
 def test_per_owner_bookkeeping_is_bounded():
     pool = WorkerPool(1)
     owners = 3 * worker_pool._SERVED_KEPT
@@ -252,6 +260,7 @@ def test_per_owner_bookkeeping_is_bounded():
         pool.shutdown()
 
 
+@pytest.mark.unit
 def test_the_database_connection_closes_with_the_app(cache_dir, tmp_path):
     from app import close_app, create_app
 
@@ -270,6 +279,7 @@ def test_the_database_connection_closes_with_the_app(cache_dir, tmp_path):
 # ---- check-then-act over HTTP ---------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_an_idempotency_key_claimed_too_long_answers_409():
     claims = Claims(wait_s=0.01)
     claims.acquire("alice", "k")
@@ -313,6 +323,7 @@ def _adapters(server, key: str) -> list:
     return response.json()["adapters"]
 
 
+@pytest.mark.e2e
 def test_concurrent_duplicates_with_one_idempotency_key_run_once(racy):
     key = KEYS[0]
     auth = {"Authorization": f"Bearer {key}"}
@@ -337,6 +348,7 @@ def test_concurrent_duplicates_with_one_idempotency_key_run_once(racy):
     assert adapter["tokens_trained"] == done["result"]["num_tokens"]  # trained once
 
 
+@pytest.mark.e2e
 def test_concurrent_creations_never_exceed_the_adapter_quota(racy):
     key = KEYS[1]
     headers = {"Authorization": f"Bearer {key}"}

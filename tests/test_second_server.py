@@ -17,6 +17,8 @@ import requests
 
 from tests.conftest import ROOT, free_port
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 CHAT = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
 LOADING = "Initializing HuggingFace backend"  # the first line create_app logs, before the model loads
 
