@@ -1,7 +1,9 @@
 """thinker: a multi-user LoRA fine-tuning server on one shared base model.
 
-``python app.py`` loads the base model once, starts the worker pool and serves the REST
-API through waitress. ``create_app(config)`` builds the same app for tests.
+Wiring only: ``python app.py`` (or ``thinker-server``) claims the data dir and the port,
+loads the base model once (``backend/``), starts the worker pool (``worker_pool.py``),
+opens the store (``thinker/store/``) and serves the routes (``thinker/http/``) through
+waitress. ``create_app(config)`` builds the same app for tests.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from pathlib import Path
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-import startup
-from config import Config
-from errors import (
+from thinker.core.config import Config
+from thinker.core.errors import (
     ConfigurationError,
     InsufficientStorageError,
     ServerError,
     ThinkerError,
     clip_message,
 )
+from thinker.http import startup
 
 log = logging.getLogger("thinker")
 
@@ -45,20 +47,16 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         )
     # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
     # of after the seconds torch and transformers take to import.
-    import api_state
-    import auth
-    import dashboard
-    import http_caps
-    import logs
-    import metrics
-    import openapi
-    import tinker_api
-    from api import Services, bp, install_idempotency
     from backend import load_backend
-    from checkpoints import CheckpointStore
-    from database import Database
-    from diskspace import DiskReserve
-    from registry import AdapterRecords
+    from thinker.http import auth, caps, dashboard, openapi, seed, state
+    from thinker.http import tinker as tinker_routes
+    from thinker.http.idempotency import install_idempotency
+    from thinker.http.services import Services
+    from thinker.obs import logs, metrics
+    from thinker.store.adapter_records import AdapterRecords
+    from thinker.store.checkpoints import CheckpointStore
+    from thinker.store.database import Database
+    from thinker.store.diskspace import DiskReserve
     from worker_pool import BatchLimits, WorkerPool
 
     if backend is None:
@@ -106,13 +104,13 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
         backend=backend,
         pool=pool,
         checkpoints=CheckpointStore(config.thinker_data_dir, database, reserve, config.max_storage_bytes_per_user),
-        tinker=tinker_api.TinkerState(pool, database),
+        tinker=tinker_routes.TinkerState(pool, database),
         download_secret=secrets.token_bytes(32),
         database=database,
     )
     logs.install(app)
     auth.install(app, auth.KeyRing.from_config(config, database))
-    http_caps.install(app, config)
+    caps.install(app, config)
     metrics.install(app)
     install_idempotency(app)
     records = AdapterRecords(database, app.extensions["thinker"].checkpoints)
@@ -123,12 +121,12 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     backend.adapters.max_per_owner = config.max_adapters_per_user  # (restored adapters are never refused)
     if config.autosave_every_steps:
         services = app.extensions["thinker"]
-        services.autosaver = api_state.Autosaver(services, config.autosave_every_steps)
+        services.autosaver = state.Autosaver(services, config.autosave_every_steps)
         backend.after_step_hooks.append(services.autosaver.after_step)
-    app.register_blueprint(bp)
-    app.register_blueprint(api_state.bp)
+    app.register_blueprint(seed.bp)
+    app.register_blueprint(state.bp)
     app.register_blueprint(openapi.bp)
-    app.register_blueprint(tinker_api.bp)
+    app.register_blueprint(tinker_routes.bp)
     app.register_blueprint(dashboard.bp)
     _register_error_handlers(app)
     return app
@@ -168,7 +166,7 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         log.error("%s", exc.message)
         sys.exit(2)
-    import logs
+    from thinker.obs import logs
 
     logs.configure(config.log_level, config.log_format)
     try:

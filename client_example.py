@@ -1,12 +1,14 @@
 """TinkerClient: a small Python wrapper over the thinker REST API, plus a walkthrough.
 
 The client owns the HTTP details: one ``requests.Session`` per client (connection reuse keeps
-round trips cheap), mapping error responses back to the classes in ``errors.py``, and waiting
-on futures by long-polling ``/retrieve_future`` so a result is seen the moment it exists.
+round trips cheap), mapping error responses back to the classes in ``thinker/core/errors.py``,
+and waiting on futures by long-polling ``/retrieve_future`` so a result is seen the moment it
+exists.
 
 Run ``python client_example.py [--url URL]`` against a running server (``python app.py``) to
-call each endpoint in turn and print what comes back; it ends with a table of the calls made,
-what each found and how long it took.
+walk through the seed API (health, add_lora, fwdbwd, retrieve_future, optim_step, train_step,
+sample, save_lora, and two deliberate errors) and print what comes back; it ends with a table
+of the calls made, what each found and how long it took.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from urllib.parse import urlsplit
 
 import requests
 
-from errors import (
+from thinker.core.errors import (
     BadRequestError,
     NotFoundError,
     RequestFailedError,
     ThinkerError,
     error_from_response,
 )
-from progress import Sections, make_console
+from thinker.obs.progress import Sections, make_console
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 
@@ -292,7 +294,7 @@ class TinkerClient:
 
 
 def walkthrough(client: TinkerClient, sections: Sections) -> None:
-    """Call each endpoint once, printing the request and what came back."""
+    """Call the seed API's training and sampling endpoints once each, printing what came back."""
     sections.start("GET /healthz")
     health = client.healthz()
     print(f"   {health}")
@@ -373,7 +375,7 @@ WALKTHROUGH_SECTIONS = 10
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Call each thinker endpoint in turn and print the results.")
+    parser = argparse.ArgumentParser(description="Walk through the seed API and print the results.")
     parser.add_argument("--url", default=default_base_url(), help="server URL (default: $BASE_URL or %(default)s)")
     args = parser.parse_args()
     console = make_console()

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from client_example import TinkerClient, default_base_url, url_or_exit
-from errors import ThinkerError
-from progress import UserProgress, UserRun, make_console, summary_table
+from thinker.core.errors import ThinkerError
+from thinker.obs.progress import UserProgress, UserRun, make_console, summary_table
 
 LEARNING_RATE = 5e-3
 RANK = 8

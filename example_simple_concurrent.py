@@ -18,8 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from client_example import TinkerClient, default_base_url, url_or_exit
-from errors import ThinkerError
-from progress import UserProgress, UserRun, make_console, summary_table
+from thinker.core.errors import ThinkerError
+from thinker.obs.progress import UserProgress, UserRun, make_console, summary_table
 
 USERS = ("Alice", "Bob", "Carol")
 NUM_STEPS = 3

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import logs
-from errors import ServiceUnavailableError, ThinkerError, clip_message
-from futures import RUNNING, Future, FutureStore, new_future
+from thinker.core.errors import ServiceUnavailableError, ThinkerError, clip_message
+from thinker.obs import logs
+from thinker.store.futures import RUNNING, FutureRecord, FutureStore, new_future
 
 log = logging.getLogger("thinker.worker_pool")
 
@@ -54,7 +54,7 @@ class BatchLimits:
 
 @dataclass
 class _Job:
-    future: Future
+    future: FutureRecord
     fn: Callable[[], Any] | None = None
     group: str | None = None
     payload: Any = None
@@ -111,14 +111,16 @@ class WorkerPool:
 
     # ---- submitting and reading ------------------------------------------------------
 
-    def submit(self, key: str | None, kind: str, fn: Callable[[], Any], future: Future | None = None) -> Future:
+    def submit(
+        self, key: str | None, kind: str, fn: Callable[[], Any], future: FutureRecord | None = None
+    ) -> FutureRecord:
         """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own).
         ``future``: one from ``reserve`` to complete, instead of a new one."""
         return self._enqueue([_Job(future or new_future(key, kind), fn=fn)])[0]
 
     def submit_fusable(
-        self, key: str, kind: str, group: str, payload: Any, rows: int, length: int, future: Future | None = None
-    ) -> Future:
+        self, key: str, kind: str, group: str, payload: Any, rows: int, length: int, future: FutureRecord | None = None
+    ) -> FutureRecord:
         """Queue a job that may run fused with other keys' jobs of ``group``; it costs
         ``rows`` sequences of at most ``length`` tokens."""
         if group not in self.runners:
@@ -126,18 +128,18 @@ class WorkerPool:
         job = _Job(future or new_future(key, kind), group=group, payload=payload, rows=rows, length=length)
         return self._enqueue([job])[0]
 
-    def reserve(self, key: str | None, kind: str) -> Future:
+    def reserve(self, key: str | None, kind: str) -> FutureRecord:
         """A pending future that no job completes yet: pass it to a submit later, or fail it.
         (The API hands out ids for requests it must hold back to run them in order.)"""
         future = new_future(key, kind)
         self._admit([future])
         return future
 
-    def fail(self, future: Future, error: ThinkerError) -> None:
+    def fail(self, future: FutureRecord, error: ThinkerError) -> None:
         """Fail a reserved future that will never run."""
         self._store.finish(future, error=error.message, error_type=type(error).__name__)
 
-    def submit_many(self, items: list[tuple[str, str, str, Any, int, int]]) -> list[Future]:
+    def submit_many(self, items: list[tuple[str, str, str, Any, int, int]]) -> list[FutureRecord]:
         """``submit_fusable`` for several jobs at once, queued atomically: workers see them
         all pending together (as when many users' requests wait behind a running pass)."""
         jobs = []
@@ -147,7 +149,7 @@ class WorkerPool:
             jobs.append(_Job(new_future(key, kind), group=group, payload=payload, rows=rows, length=length))
         return self._enqueue(jobs)
 
-    def get(self, future_id: str) -> Future:
+    def get(self, future_id: str) -> FutureRecord:
         return self._store.get(future_id)  # (not under the pool's lock: it may read the database)
 
     def stats(self) -> dict:
@@ -167,7 +169,7 @@ class WorkerPool:
         """Unfinished futures (queued or running) per owner."""
         return self._store.pending_by_owner()
 
-    def on_finish(self, listener: Callable[[Future], None]) -> None:
+    def on_finish(self, listener: Callable[[FutureRecord], None]) -> None:
         """Call ``listener(future)`` as each future finishes (on the thread that finishes it,
         outside the pool's lock: several may run at once)."""
         self._store.on_finish.append(listener)
@@ -193,7 +195,7 @@ class WorkerPool:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _enqueue(self, jobs: list[_Job]) -> list[Future]:
+    def _enqueue(self, jobs: list[_Job]) -> list[FutureRecord]:
         """Admit the jobs' futures (their database rows are written first, off the lock),
         then queue them all at once."""
         if self._closed:
@@ -218,7 +220,7 @@ class WorkerPool:
             self._ready.append(future.key)
         self._cond.notify_all()
 
-    def _admit(self, futures: list[Future]) -> None:
+    def _admit(self, futures: list[FutureRecord]) -> None:
         """Add new futures to the store, within the pending limits (RateLimitError beyond)."""
         if self._closed:  # a 503: nothing is wrong with the request, a restarted server takes it
             raise ServiceUnavailableError(_DRAINING)
@@ -249,7 +251,7 @@ class WorkerPool:
             if batch[0][1].group:
                 self._run_group(batch)
             else:
-                self._run_plain(*batch[0])  # a job that returns a Future frees its worker at once
+                self._run_plain(*batch[0])  # a job that returns a FutureRecord frees its worker at once
             with self._cond:
                 self._busy -= 1
 

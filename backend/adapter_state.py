@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from backend.adapters import Adapter, AdapterRegistry, new_optimizer
+from backend.adapters import Adapter, LiveAdapters, new_optimizer
 from backend.lora import MultiLoraLinear, short_name
-from errors import BadRequestError
-from storage import load_optimizer_state, read_peft_adapter, save_optimizer, save_peft_adapter
+from backend.peft_files import load_optimizer_state, read_peft_adapter, save_optimizer, save_peft_adapter
+from thinker.core.errors import BadRequestError
 
 
 def save_state(adapter: Adapter, layers: dict[str, MultiLoraLinear], base_path: str, folder: Path, optimizer: bool):
@@ -56,7 +56,7 @@ def load_into(adapter: Adapter, layers: dict[str, MultiLoraLinear], folder: Path
 
 
 def create_from(
-    registry: AdapterRegistry,
+    registry: LiveAdapters,
     layers: dict[str, MultiLoraLinear],
     folder: Path,
     adapter_id: str | None,
@@ -78,7 +78,7 @@ def create_from(
 
 
 def snapshot(
-    registry: AdapterRegistry, layers: dict[str, MultiLoraLinear], source: Adapter, adapter_id: str
+    registry: LiveAdapters, layers: dict[str, MultiLoraLinear], source: Adapter, adapter_id: str
 ) -> Adapter:
     """A frozen copy of ``source``'s current weights under ``adapter_id``."""
     copy = registry.create(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from backend.lora import MultiLoraLinear, short_name
-from errors import BadRequestError, ConflictError, NotFoundError
+from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
 
 
 @dataclass
@@ -68,7 +68,10 @@ def not_found(adapter_id: str) -> str:
     return f"model_id {adapter_id!r} is not an adapter on this server"
 
 
-class AdapterRegistry:
+class LiveAdapters:
+    """The adapters live on the model now (weights in the LoRA layers, optimizer state), by id.
+    Their durable records (which survive a restart) are thinker.store.adapter_records'."""
+
     def __init__(self, layers: dict[str, MultiLoraLinear], id_prefix: str = "base_lora_") -> None:
         self._layers = layers
         self._prefix = id_prefix

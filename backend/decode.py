@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend.lora import MultiLoraLinear, Routing, use_adapters
-from backend.losses import PLAIN_HEAD_MODELS
-from backend.sampling import Completion, SampleRow, choose_token
+from backend.output_head import PLAIN_HEAD_MODELS
+from backend.sampling import Completion, SampleRow, check_prompts, choose_token
 
 
 @dataclass
@@ -295,6 +295,24 @@ class DecodeBatch:
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_old, 0)), F.pad(theirs.keys, (0, 0, pad_new, 0))])
             mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_old, 0)), F.pad(theirs.values, (0, 0, pad_new, 0))])
         self.mask_BL = torch.cat([F.pad(self.mask_BL, (pad_old, 0)), F.pad(mask_BL, (pad_new, 0))])
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[SampleRow],
+    eos_ids: set[int],
+    context_length: int,
+    device: torch.device,
+) -> list[Completion]:
+    """Generate for ``rows`` as one batch, start to finish (no rows join later)."""
+    check_prompts(rows, context_length)
+    batch = DecodeBatch(model, tokenizer, eos_ids, device)
+    live = [batch.make_row(row, context_length) for row in rows]
+    batch.admit(live)
+    while len(batch):
+        batch.step()
+    return [r.completion for r in live]
 
 
 def _drop_frames(exc: BaseException) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import RequestFailedError
+from thinker.core.errors import RequestFailedError
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import BadRequestError, clip
+from thinker.core.errors import BadRequestError, clip
+
+# Losses of the seed API's /fwdbwd: its chat examples carry targets and weights only (the
+# RL losses below need sampler logprobs and advantages: Tinker API).
+CHAT_LOSS_FUNCTIONS = ("cross_entropy",)
 
 Tensor = torch.Tensor
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from backend.builtin_tiny import ensure_builtin_tiny
 from backend.lora import MultiLoraLinear, short_name, wrap_linear_layers
-from config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
-from errors import ConfigurationError
+from thinker.core.config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
+from thinker.core.errors import ConfigurationError
 
 log = logging.getLogger("thinker.backend")
 

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 
 import torch
 
-from backend.adapters import Adapter, AdapterRegistry
+from backend.adapters import Adapter, LiveAdapters
 
 
 class Residency:
-    def __init__(self, registry: AdapterRegistry, device: torch.device, max_resident: int) -> None:
+    def __init__(self, registry: LiveAdapters, device: torch.device, max_resident: int) -> None:
         self.registry = registry
         self.device = device
         self.max_resident = max_resident

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,6 @@ def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gen
     gumbel_V = -torch.log(-torch.log(uniform_V.clamp_(1e-20, 1.0)))
     return int(torch.argmax(logits_V + gumbel_V))
 
-
-def generate(
-    model: nn.Module,
-    tokenizer,
-    rows: Sequence[SampleRow],
-    eos_ids: set[int],
-    context_length: int,
-    device: torch.device,
-) -> list[Completion]:
-    """Generate for ``rows`` as one batch, start to finish (no rows join later)."""
-    from backend.decode import DecodeBatch
-
-    check_prompts(rows, context_length)
-    batch = DecodeBatch(model, tokenizer, eos_ids, device)
-    live = [batch.make_row(row, context_length) for row in rows]
-    batch.admit(live)
-    while len(batch):
-        batch.step()
-    return [r.completion for r in live]
 
 
 @torch.no_grad()

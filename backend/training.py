@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from backend.examples import Example
 from backend.lora import use_adapters
 from backend.loss_functions import LOSS_FUNCTIONS, get_loss_function
-from backend.losses import head_target_logprobs
-from errors import BadRequestError
+from backend.output_head import head_target_logprobs
+from thinker.core.errors import BadRequestError
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,8 @@ requirement_files=("$@")
 for file in "${requirement_files[@]}"; do
     _pip -r "$file"
 done
+# The package itself, editable: `import thinker` from anywhere, and the thinker-server and
+# thinker-keys commands (its dependencies are the requirements just installed).
+if ! python -c "import importlib.metadata as m; m.distribution('thinker')" 2>/dev/null; then
+    _pip --no-deps -e .
+fi

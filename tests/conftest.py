@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend import HFBackend, load_base_model  # noqa: E402
 from client_example import TinkerClient  # noqa: E402
-from config import Config  # noqa: E402
+from thinker.core.config import Config  # noqa: E402
 
 # Every test picks a lane, so `-m unit` (in process, seconds), `-m e2e` (a real server over
 # HTTP) and `-m browser` together run everything; `slow` (tens of seconds: its own server, a

@@ -14,11 +14,11 @@ import requests
 import tinker
 from tinker import types
 
-import keys as keys_cli
-from auth import KeyRing
-from config import Config
-from database import Database
-from errors import ConfigurationError
+from thinker import keys as keys_cli
+from thinker.core.config import Config
+from thinker.core.errors import ConfigurationError
+from thinker.http.auth import KeyRing
+from thinker.store.database import Database
 
 ALICE, BOB = "tml-alice-0001", "tml-bob-000002"
 CHAT = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
@@ -198,7 +198,7 @@ def test_open_mode_says_so_at_start(server, keyed):
 @pytest.mark.slow
 def test_python_client_sends_its_key(keyed):
     from client_example import TinkerClient
-    from errors import AuthenticationError
+    from thinker.core.errors import AuthenticationError
 
     with TinkerClient(keyed.url, api_key=BOB) as client:
         model_id = client.wait_for_result(client.add_lora(base_model="base", rank=4, alpha=8))["model_id"]

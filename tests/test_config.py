@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from config import Config
-from errors import ConfigurationError
+from thinker.core.config import Config
+from thinker.core.errors import ConfigurationError
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from client_example import TinkerClient
-from dashboard import ASSETS_DIR, Activity
+from thinker.http.dashboard import ASSETS_DIR, Activity
 from worker_pool import BatchLimits, WorkerPool
 
 ALICE, BOB = "tml-alice-key-1", "tml-bob-key-22"
@@ -194,8 +194,7 @@ def _state_of(pool: WorkerPool) -> dict:
     """GET /dashboard/state from an app holding only ``pool`` and an empty stand-in backend."""
     from flask import Flask, g
 
-    import auth
-    import dashboard
+    from thinker.http import auth, dashboard
 
     info = {"base_model": "m", "device": "cpu", "dtype": "float32", "context_length": 64, "adapters": 0,
             "adapters_resident": 0}

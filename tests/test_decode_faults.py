@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.sampling import SampleRow, generate
+from backend.decode import generate
+from backend.sampling import SampleRow
 from backend.sampling_engine import SamplingEngine
-from errors import RequestFailedError
+from thinker.core.errors import RequestFailedError
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Config
+from thinker.core.config import Config
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.examples import Example
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 

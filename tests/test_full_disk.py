@@ -20,10 +20,10 @@ import pytest
 import requests
 import tinker
 
-from checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
-from database import Database
-from diskspace import RESERVE_NAME, DiskReserve, human, is_disk_full
-from errors import InsufficientStorageError, StorageQuotaError
+from thinker.core.errors import InsufficientStorageError, StorageQuotaError
+from thinker.store.checkpoints import CheckpointInfo, CheckpointStore, TinkerPath
+from thinker.store.database import Database
+from thinker.store.diskspace import RESERVE_NAME, DiskReserve, human, is_disk_full
 
 ALICE, BOB = "tml-alice-disk-1", "tml-bob-disk-22"
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from checkpoints import TinkerPath
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
+from thinker.store.checkpoints import TinkerPath
 
 ALICE, BOB = "tml-alice-paths-1", "tml-bob-paths-22"
 CHAT = [[{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, friend"}]]
@@ -241,7 +241,7 @@ def test_a_name_ending_in_a_newline_fails_a_tinker_save(keyed, bob_model):
 
 @pytest.mark.unit
 def test_tinker_path_and_path_builder_reject_anything_but_a_plain_name(tmp_path):
-    from paths import path_under  # (the one place data-dir paths are built)
+    from thinker.core.paths import path_under  # (the one place data-dir paths are built)
 
     for bad in ("final\n", "a/b", "..", ".", "a\x00b", "/abs", ""):
         with pytest.raises(BadRequestError):

@@ -14,8 +14,8 @@ import sys
 import pytest
 import requests
 
-import logs
 from tests.conftest import ROOT
+from thinker.obs import logs
 from worker_pool import BatchLimits, WorkerPool
 
 HELLO = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"}]
@@ -130,7 +130,8 @@ def test_log_level_warning_suppresses_info():
     """main()'s set-up (Config.from_env -> logs.configure), in a fresh interpreter: a whole
     server would cost ~10 s to show the same."""
     script = (
-        "import logging, logs; from config import Config; logs.configure(Config.from_env().log_level); "
+        "import logging; from thinker.obs import logs; from thinker.core.config import Config; "
+        "logs.configure(Config.from_env().log_level); "
         "logging.getLogger('thinker.access').info('request'); logging.getLogger('thinker').debug('noise'); "
         "logging.getLogger('thinker').warning('loud')"
     )

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from http_caps import InFlight
+from thinker.http.caps import InFlight
 
 ALICE, BOB = "tml-alice-polls-1", "tml-bob-polls-22"
 LONG_POLLS = 24  # more than HTTP_THREADS below: without the cap they would hold every thread

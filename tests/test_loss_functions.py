@@ -11,7 +11,7 @@ import torch
 from backend import FwdBwdRequest
 from backend.examples import Example
 from backend.loss_functions import LOSS_FUNCTIONS, loss_config
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 

@@ -125,7 +125,7 @@ def test_state_gauges_and_accelerator_memory(monkeypatch):
     here; a CPU-only run never shows them)."""
     import torch
 
-    import metrics
+    from thinker.obs import metrics
 
     class Pool:
         def stats(self) -> dict:

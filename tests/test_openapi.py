@@ -13,9 +13,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-import openapi
 from app import create_app
-from config import Config
+from thinker.core.config import Config
+from thinker.http import openapi
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-import logs
 import worker_pool
-from config import Config
-from database import Database
-from errors import ConflictError, NotFoundError
-from futures import COMPLETED, FAILED, current_owner
-from idempotency import Claims
-from tinker_api import sessions
+from thinker.core.config import Config
+from thinker.core.errors import ConflictError, NotFoundError
+from thinker.http.idempotency import Claims
+from thinker.http.tinker import sessions
+from thinker.obs import logs
+from thinker.store.database import Database
+from thinker.store.futures import COMPLETED, FAILED, current_owner
 from worker_pool import WorkerPool
 
 KEYS = ("tml-race-idem", "tml-race-quota")

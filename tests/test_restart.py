@@ -13,7 +13,7 @@ import requests
 import tinker
 from tinker import types
 
-from tinker_api.sessions import GAP_TIMEOUT_S
+from thinker.http.tinker.sessions import GAP_TIMEOUT_S
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.sampling import SampleRow, generate
-from errors import BadRequestError
+from backend.decode import generate
+from backend.sampling import SampleRow
+from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,10 @@ import threading
 import pytest
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.sampling import SampleRow, generate
+from backend.decode import generate
+from backend.sampling import SampleRow
 from backend.sampling_engine import SamplingEngine
-from errors import BadRequestError
+from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 

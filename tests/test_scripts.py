@@ -189,7 +189,7 @@ def test_progress_bars_in_a_terminal(server):
 
 @pytest.mark.unit
 def test_bench_tables_agree():
-    import bench
+    from bench import bench
 
     rows = [
         {
@@ -229,7 +229,8 @@ def test_bench_runs_and_its_tables_show_what_it_measured(cache_dir, tmp_path):
     terminal table carry, per N, exactly the figures its log lines reported as measured."""
     out_dir = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "bench.py", "--models", "builtin-tiny", "--users", "1,2", "--reps", "1", "--seq-len", "16",
+        [sys.executable, "bench/bench.py", "--models", "builtin-tiny", "--users", "1,2", "--reps", "1",
+         "--seq-len", "16",
          "--new-tokens", "4", "--no-http", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(out_dir)],
         cwd=ROOT, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}, capture_output=True, text=True, timeout=300,
     )
@@ -277,7 +278,7 @@ def test_bench_adapters(cache_dir, tmp_path):
     """bench_adapters.py on builtin-tiny: 40 adapters, 4 resident; the rest went out, and the
     5 moved-back ones came in."""
     result = subprocess.run(
-        [sys.executable, "bench_adapters.py", "--model", "builtin-tiny", "--adapters", "40", "--resident", "4",
+        [sys.executable, "bench/bench_adapters.py", "--model", "builtin-tiny", "--adapters", "40", "--resident", "4",
          "--device", "cpu", "--cache-dir", str(tmp_path)],
         cwd=ROOT, env={**os.environ, "THINKER_CACHE_DIR": str(cache_dir)}, capture_output=True, text=True, timeout=300,
     )

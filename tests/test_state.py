@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from errors import BadRequestError, NotFoundError
+from thinker.core.errors import BadRequestError, NotFoundError
 
 pytestmark = pytest.mark.e2e
 

@@ -16,9 +16,9 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
-from database import Database
-from errors import BadRequestError
-from tinker_api import sessions, wire
+from thinker.core.errors import BadRequestError
+from thinker.http.tinker import sessions, wire
+from thinker.store.database import Database
 from worker_pool import WorkerPool
 
 pytestmark = pytest.mark.unit

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import futures as futures_module
-from errors import BadRequestError, NotFoundError
-from futures import COMPLETED, FAILED
+from thinker.core.errors import BadRequestError, NotFoundError
+from thinker.store import futures as futures_module
+from thinker.store.futures import COMPLETED, FAILED
 from worker_pool import WorkerPool
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,1 @@
+"""Observability: structured logs, Prometheus metrics, and the scripts' progress bars."""
