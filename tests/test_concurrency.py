@@ -120,24 +120,37 @@ def test_interleaved_submissions_keep_each_adapters_order(server):
             assert len(set(reference)) > 1
 
 
-def test_concurrent_users_share_fused_passes(server):
-    """Several users training at once over HTTP end up in the same forward/backward pass."""
-    batch_sizes: list[int] = []
-    lock = threading.Lock()
+@pytest.fixture(scope="module")
+def patient_server(start_server):
+    """A server whose fused pass waits for the requests of recently active users (up to 5 s
+    after the latest joined), or until it holds 4 rows: users in step fuse without racing."""
+    return start_server(BATCH_WINDOW_MS="5000", MAX_BATCH_SEQUENCES="4")
+
+
+@pytest.mark.slow
+def test_concurrent_users_share_fused_passes(patient_server):
+    """Four users training at once over HTTP end up in the same forward/backward pass. After a
+    first step each (which makes every user a recently active one) and a barrier, every pass
+    holds all four: the pass waits for them rather than hoping they arrive together."""
+    users = 4
+    in_step = threading.Barrier(users)
+    batch_sizes: dict[int, list[int]] = {}
 
     def user(seed: int) -> None:
-        with TinkerClient(server.url) as client:
+        sizes = batch_sizes.setdefault(seed, [])
+        with TinkerClient(patient_server.url) as client:
             model_id = client.create_lora(seed=seed)
             for step in range(4):
                 result = client.wait_for_result(client.fwdbwd(model_id, [_conversation(f"answer {seed} {step}")]))
                 client.wait_for_result(client.optim_step(model_id, learning_rate=1e-3))
-                with lock:
-                    batch_sizes.append(result["batch_requests"])
+                sizes.append(result["batch_requests"])
+                if step == 0:
+                    in_step.wait(timeout=120)
 
-    threads = [threading.Thread(target=user, args=(300 + i,)) for i in range(4)]
+    threads = [threading.Thread(target=user, args=(300 + i,)) for i in range(users)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(batch_sizes) == 16
-    assert max(batch_sizes) > 1, batch_sizes
+    assert sorted(batch_sizes) == [300, 301, 302, 303] and all(len(s) == 4 for s in batch_sizes.values())
+    assert all(sizes[1:] == [4, 4, 4] for sizes in batch_sizes.values()), batch_sizes

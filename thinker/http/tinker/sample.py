@@ -8,7 +8,7 @@ each other: they all join the shared decode loop at once.
 
 from __future__ import annotations
 
-from concurrent.futures import FutureRecord as ConcurrentFuture
+from concurrent.futures import Future as ConcurrentFuture
 
 from backend import SamplingParams, adapters
 from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
