@@ -372,13 +372,18 @@ class HFBackend:
         )
 
     @on_compute_thread
-    def save_adapter(self, adapter_id: str) -> dict:
+    def export_folder(self, adapter_id: str) -> Path:
+        """Where ``save_adapter`` puts the adapter's PEFT files at its current step."""
+        step = f"step_{self.adapters.get(adapter_id).step:06d}"
+        return path_under(self.data_dir / "adapters", adapter_id, step, field_name="model_id")
+
+    def save_adapter(self, adapter_id: str, folder: Path | None = None) -> dict:
+        """Write the adapter in PEFT format into ``folder`` (default: ``export_folder``)."""
         adapter = self.adapters.get(adapter_id)
-        step = f"step_{adapter.step:06d}"
-        folder = path_under(self.data_dir / "adapters", adapter_id, step, field_name="model_id")
+        final = self.export_folder(adapter_id)
         with self.residency.using([adapter_id]):
-            save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder)
-        return {"model_id": adapter_id, "step": adapter.step, "path": str(folder)}
+            save_peft_adapter(adapter, self.loaded.lora_layers, self.loaded.path, folder or final)
+        return {"model_id": adapter_id, "step": adapter.step, "path": str(final)}
 
     def close(self) -> None:
         if self.sampler is not None:

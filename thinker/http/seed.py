@@ -33,11 +33,11 @@ from thinker.http.services import (
     check_limit,
     check_sampling_length,
     check_sequence_length,
+    checkpoint_bytes,
     owned_model,
     services,
 )
 from thinker.store import futures
-from thinker.store.diskspace import is_disk_full
 from thinker.store.futures import COMPLETED, FAILED, jsonable
 
 bp = Blueprint("api", __name__)
@@ -104,17 +104,19 @@ def optim_step():
 def save_lora():
     s, req = services(), body(ModelIdBody)
     adapter_id = owned_model(req.model_id, allow_base=False)
-    doing = f"adapter {adapter_id} not saved"
-    if not s.checkpoints.reserve.ensure() or s.checkpoints.reserve.full:
-        raise InsufficientStorageError(s.checkpoints.reserve.full_message(doing))
+    adapter = s.backend.adapters.get(adapter_id)
+    needed = checkpoint_bytes(adapter, optimizer=False)
+    # Over quota (403) or a full disk (507): said now, and checked again when the job writes.
+    s.checkpoints.check_room(adapter.owner, needed, s.backend.export_folder(adapter_id), f"adapter {adapter_id}")
 
     def save() -> dict:
-        try:
-            return s.backend.save_adapter(adapter_id)
-        except Exception as exc:
-            if is_disk_full(exc):
-                raise InsufficientStorageError(s.checkpoints.reserve.full_message(doing)) from exc
-            raise
+        result: dict = {}
+
+        def write(staged) -> None:
+            result.update(s.backend.save_adapter(adapter_id, staged))
+
+        s.checkpoints.save_export(adapter.owner, s.backend.export_folder(adapter_id), write, needed)
+        return result
 
     future = s.pool.submit(adapter_id, "save_lora", save)
     return {"request_id": future.id, "model_id": adapter_id}

@@ -106,3 +106,10 @@ def check_sampling_length(prompt_tokens: int, max_tokens: int, field: str) -> No
             f"{field}: {prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's "
             f"context window of {window}"
         )
+
+def checkpoint_bytes(adapter, optimizer: bool) -> int:
+    """About how many bytes a checkpoint of ``adapter`` takes: its LoRA weights, twice that
+    again for Adam's two moments once it has stepped, and the small files."""
+    weights = sum(p.numel() * p.element_size() for p in adapter.params)
+    moments = 2 * weights if optimizer and getattr(adapter.optimizer, "state", None) else 0
+    return weights + moments + 64 * 1024

@@ -18,7 +18,7 @@ from thinker.core.errors import BadRequestError, ConflictError, InsufficientStor
 from thinker.core.paths import check_name
 from thinker.http.auth import owner
 from thinker.http.schemas import LoadStateBody, ModelIdBody, SaveStateBody
-from thinker.http.services import body, check_adapter_quota, owned_checkpoint, owned_model, services
+from thinker.http.services import body, check_adapter_quota, checkpoint_bytes, owned_checkpoint, owned_model, services
 from thinker.store.checkpoints import CheckpointInfo, TinkerPath
 
 bp = Blueprint("state", __name__)
@@ -57,13 +57,6 @@ def write_checkpoint(
     s.checkpoints.save(info, write, checkpoint_bytes(adapter, optimizer))
     return path
 
-
-def checkpoint_bytes(adapter, optimizer: bool) -> int:
-    """About how many bytes a checkpoint of ``adapter`` takes: its LoRA weights, twice that
-    again for Adam's two moments once it has stepped, and the small files."""
-    weights = sum(p.numel() * p.element_size() for p in adapter.params)
-    moments = 2 * weights if optimizer and getattr(adapter.optimizer, "state", None) else 0
-    return weights + moments + 64 * 1024
 
 
 @bp.post("/save_state")

@@ -156,29 +156,32 @@ class CheckpointStore:
              info.size_bytes),
         )
 
-    def used_bytes(self, owner: str | None, besides: TinkerPath | None = None) -> int:
-        """Bytes of ``owner``'s checkpoints, ``besides`` (one about to be replaced) left out."""
+    def used_bytes(self, owner: str | None, besides: TinkerPath | Path | None = None) -> int:
+        """Bytes of ``owner``'s checkpoints and exports, ``besides`` (one about to be replaced) left out."""
+        besides = str(besides) if besides else None
         rows = self.db.query(
-            "SELECT COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE owner IS ? AND tinker_path IS NOT ?",
-            (owner, str(besides) if besides else None),
+            "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE owner IS ? AND tinker_path IS NOT ?)"
+            " + (SELECT COALESCE(SUM(size_bytes), 0) FROM exports WHERE owner IS ? AND path IS NOT ?)",
+            (owner, besides, owner, besides),
         )
         return rows[0][0]
 
-    def check_room(self, owner: str | None, needed: int, path: TinkerPath) -> None:
+    def check_room(self, owner: str | None, needed: int, path: TinkerPath | Path, what: str = "") -> None:
         """Refuse a save of about ``needed`` bytes to ``path`` (replacing it, if it exists) before
         anything is written: over the owner's quota (403), or no room on the disk (507)."""
-        self._check_quota(owner, needed, path)
+        what = what or f"checkpoint {path}"
+        self._check_quota(owner, needed, path, what)
         self.reserve.ensure()  # back in place if deletes made room
         if self.reserve.full or self.reserve.free_bytes() < needed:
-            raise InsufficientStorageError(self.reserve.full_message(f"checkpoint {path} not saved", needed))
+            raise InsufficientStorageError(self.reserve.full_message(f"{what} not saved", needed))
 
-    def _check_quota(self, owner: str | None, needed: int, path: TinkerPath) -> None:
+    def _check_quota(self, owner: str | None, needed: int, path: TinkerPath | Path, what: str) -> None:
         if not self.quota_bytes:
             return
         used = self.used_bytes(owner, path)
         if used + needed > self.quota_bytes:
             raise StorageQuotaError(
-                f"checkpoint {path} not saved, storage quota exceeded: your checkpoints use {human(used)}, this "
+                f"{what} not saved, storage quota exceeded: your checkpoints use {human(used)}, this "
                 f"save needs about {human(needed)}, and the limit per user (MAX_STORAGE_BYTES_PER_USER) is "
                 f"{human(self.quota_bytes)}; {HOW_TO_FREE}"
             )
@@ -187,14 +190,15 @@ class CheckpointStore:
         """Write a checkpoint with ``write(folder)`` and record it, replacing one of the same
         path; on any failure nothing of it is kept (and one it replaces stays)."""
         path = TinkerPath.parse(info.tinker_path)
-        self.check_room(info.owner, needed, path)
+        what = f"checkpoint {path}"
+        self.check_room(info.owner, needed, path, what)
         staged = self.staging / secrets.token_hex(8)
         try:
             write(staged)
             final = self.folder(path)
             final.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:  # the quota, with the real size, and the swap: one save at a time
-                self._check_quota(info.owner, _size(staged), path)
+                self._check_quota(info.owner, _size(staged), path, what)
                 if self.exists(path):
                     self.delete(path)
                 shutil.rmtree(final, ignore_errors=True)  # files of a save a crash interrupted
@@ -209,6 +213,30 @@ class CheckpointStore:
             if isinstance(exc, ThinkerError) or not is_disk_full(exc):
                 raise
             raise InsufficientStorageError(self.reserve.full_message(f"checkpoint {path} not saved", needed)) from exc
+
+    def save_export(self, owner: str | None, final: Path, write: Callable[[Path], None], needed: int) -> None:
+        """Write a PEFT export (the seed API's ``/save_lora``, into ``final``) as a checkpoint is
+        written: quota and disk checked first, written aside, renamed into place, nothing left
+        on failure; its bytes count against the owner's quota like a checkpoint's."""
+        what = f"export {final.name} of {final.parent.name}"
+        self.check_room(owner, needed, final, what)
+        staged = self.staging / secrets.token_hex(8)
+        try:
+            write(staged)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._check_quota(owner, _size(staged), final, what)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(staged, final)
+                self.db.execute(
+                    "INSERT OR REPLACE INTO exports (path, owner, size_bytes, created_at) VALUES (?, ?, ?, ?)",
+                    (str(final), owner, _size(final), time.time()),
+                )
+        except BaseException as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            if isinstance(exc, ThinkerError) or not is_disk_full(exc):
+                raise
+            raise InsufficientStorageError(self.reserve.full_message(f"{what} not saved", needed)) from exc
 
     def get(self, path: TinkerPath) -> CheckpointInfo:
         self._expire()

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     expires_at REAL, info TEXT NOT NULL, size_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run_id);
+-- checkpoints.py: the seed API's /save_lora exports (adapters/<id>/step_N), counted like checkpoints
+CREATE TABLE IF NOT EXISTS exports (
+    path TEXT PRIMARY KEY, owner TEXT, size_bytes INTEGER NOT NULL, created_at REAL NOT NULL
+);
 -- adapter_records.py: every trainable adapter ever created and not deleted; state "live" or "lost"
 CREATE TABLE IF NOT EXISTS adapters (
     model_id TEXT PRIMARY KEY, owner TEXT, config TEXT NOT NULL, state TEXT NOT NULL,
