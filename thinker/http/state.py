@@ -104,12 +104,15 @@ def list_checkpoints():
 
 @bp.post("/delete_lora")
 def delete_lora():
-    """Remove an adapter after the jobs queued before it (its checkpoints stay)."""
+    """Remove an adapter after the jobs queued before it (its checkpoints stay; its /save_lora
+    export goes: it was a copy of the adapter's weights, and this frees its quota)."""
     s, req = services(), body(ModelIdBody)
     adapter_id = owned_model(req.model_id, allow_base=False)
 
     def delete() -> dict:
+        folder = s.backend.export_folder(adapter_id).parent
         s.backend.remove_adapter(adapter_id)
+        s.checkpoints.delete_exports(folder)
         return {"model_id": adapter_id, "deleted": True}
 
     future = s.pool.submit(adapter_id, "delete_lora", delete)

@@ -217,9 +217,12 @@ class CheckpointStore:
     def save_export(self, owner: str | None, final: Path, write: Callable[[Path], None], needed: int) -> None:
         """Write a PEFT export (the seed API's ``/save_lora``, into ``final``) as a checkpoint is
         written: quota and disk checked first, written aside, renamed into place, nothing left
-        on failure; its bytes count against the owner's quota like a checkpoint's."""
+        on failure; its bytes count against the owner's quota like a checkpoint's. An adapter
+        keeps its newest export only (``final``'s siblings go once it is in place), so its
+        exports cannot pile up, and ``delete_exports`` frees them."""
         what = f"export {final.name} of {final.parent.name}"
-        self.check_room(owner, needed, final, what)
+        older = self._exports_in(final.parent)  # replaced by this one once it is in place
+        self.check_room(owner, needed - sum(size for path, size in older if path != str(final)), final, what)
         staged = self.staging / secrets.token_hex(8)
         try:
             write(staged)
@@ -232,11 +235,31 @@ class CheckpointStore:
                     "INSERT OR REPLACE INTO exports (path, owner, size_bytes, created_at) VALUES (?, ?, ?, ?)",
                     (str(final), owner, _size(final), time.time()),
                 )
+                for path, _ in older:
+                    if path != str(final):
+                        self._drop_export(path)
         except BaseException as exc:
             shutil.rmtree(staged, ignore_errors=True)
             if isinstance(exc, ThinkerError) or not is_disk_full(exc):
                 raise
             raise InsufficientStorageError(self.reserve.full_message(f"{what} not saved", needed)) from exc
+
+    def delete_exports(self, folder: Path) -> None:
+        """Remove every export under ``folder`` (an adapter's, when it is deleted)."""
+        with self._lock:
+            for path, _ in self._exports_in(folder):
+                self._drop_export(path)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def _exports_in(self, folder: Path) -> list[tuple[str, int]]:
+        prefix = f"{folder}{os.sep}"  # (compared as text: LIKE would read "_" in ids as a wildcard)
+        return self.db.query(
+            "SELECT path, size_bytes FROM exports WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+        )
+
+    def _drop_export(self, path: str) -> None:
+        self.db.execute("DELETE FROM exports WHERE path = ?", (path,))  # the row first, as for a checkpoint
+        shutil.rmtree(path, ignore_errors=True)
 
     def get(self, path: TinkerPath) -> CheckpointInfo:
         self._expire()
