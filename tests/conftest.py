@@ -93,6 +93,14 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()
 
+    def log_when(self, text: str, timeout: float = 30.0) -> str:
+        """The log once ``text`` is in it: the server writes its records from a thread of its
+        own (thinker/obs/logs.py), so a line can land just after the answer that caused it."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
     def stop(self) -> None:
         self.proc.terminate()
         self.wait_stopped()

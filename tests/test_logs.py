@@ -70,7 +70,8 @@ def test_json_lines_carry_request_adapter_and_future_ids(json_server):
     failed = post(json_server, "/retrieve_future", {"request_id": bad_future, "timeout": 30}, "poll-req-bad-3")
     assert failed.status_code == 500
 
-    lines = [json.loads(line) for line in json_server.log().splitlines() if line.strip()]  # every line is JSON
+    log = json_server.log_when('"status": "failed"')  # the failed job's line: the last to be written
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is JSON
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
     assert any(line["message"] == "Base model loaded on cpu" for line in lines)  # start-up lines kept
 
@@ -111,7 +112,7 @@ def test_text_format_appends_fields(server):
     add_future, added = run_job(server, "/add_lora", {"base_model": "base", "rank": 4}, "txt-add-1")
     adapter = added.json()["result"]["model_id"]
     fwd_future, _ = run_job(server, "/fwdbwd", {"model_id": adapter, "data": [HELLO]}, "txt-fwd-2")
-    log = server.log()
+    log = server.log_when(f"adapter_id={adapter} future_id={fwd_future}")  # the job's line: written last
     access = re.compile(
         r"^\[[^\]]+\] INFO request method=POST path=/fwdbwd status=200 duration_ms=[0-9.]+ request_id=txt-fwd-2$", re.M
     )
@@ -207,3 +208,35 @@ def test_formatters():
     assert line["time"].endswith("Z")
     with pytest.raises(ValueError, match="LOG_FORMAT"):
         logs.formatter("xml")
+
+
+@pytest.mark.unit
+def test_a_blocked_stderr_holds_up_no_job():
+    """Records are written by a thread of their own: with stderr blocked (a pipe nobody reads,
+    filled by one job's huge record), the other jobs still finish, and every record is written
+    once the pipe drains. Written synchronously, the first blocked write would hold the
+    handler's lock and every job's log line behind it."""
+    script = """
+import logging, sys
+from thinker.obs import logs
+from worker_pool import WorkerPool
+logs.configure("INFO", "text")
+pool = WorkerPool(2)
+pool.on_finish(logs.log_job)
+pool.submit("big", "test", lambda: logging.getLogger("thinker").info("x" * 1_000_000))
+later = [pool.submit(f"a{i}", "test", lambda: 1) for i in range(8)]
+done = sum(future.wait(20) for future in later)
+print("done", done, flush=True)
+pool.shutdown()
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = child.stdout.readline()  # stderr is not read meanwhile: its pipe stays full
+        assert line.strip() == "done 8"
+        err = child.stderr.read()
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+    assert "x" * 1_000_000 in err and err.count("job finished") == 9

@@ -14,10 +14,13 @@ access line per HTTP request (logger ``thinker.access``) and one line per finish
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import secrets
 import sys
@@ -131,12 +134,40 @@ def configure(level: str, fmt: str | None = None) -> None:
         # Progress bars would break one-object-per-line; read once when huggingface_hub is
         # imported, which has not happened yet at start-up.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(fmt))
-    handler.addFilter(ContextFilter())
+    global _listener
+    if _listener is not None:
+        _listener.stop()  # (configured again: the old thread writes what it holds, then ends)
+    sink = logging.StreamHandler(sys.stderr)
+    sink.setFormatter(formatter(fmt))
+    # Records are queued where they are made and written by a thread of their own: a slow or
+    # blocked stderr (a full pipe, a stalled terminal) then holds up no worker, HTTP thread or
+    # the scheduler; only this thread waits.
+    handler = _Enqueue(queue.SimpleQueue())
+    handler.addFilter(ContextFilter())  # in the thread that made the record: its context vars
     handler.set_name("thinker")
+    _listener = logging.handlers.QueueListener(handler.queue, sink)
+    _listener.start()
+    atexit.register(_listener.stop)  # what is queued at exit is still written
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # Python warnings become records too: one format per line
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The record as made, its message fixed now (its arguments may change once queued);
+        formatting is left to the writing thread's handler."""
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+def _sink_of(handler: logging.Handler) -> logging.Handler:
+    """The handler that writes: ours queue records for the listener's."""
+    if isinstance(handler, _Enqueue) and _listener is not None:
+        return _listener.handlers[0]
+    return handler
+
+
+_listener: logging.handlers.QueueListener | None = None
 
 
 @contextlib.contextmanager
@@ -199,7 +230,7 @@ def install(app: Flask) -> None:
     services.pool.on_finish(log_job)
     for handler in logging.getLogger().handlers:
         if handler.name == "thinker":  # ours (configure()): follow this app's LOG_FORMAT
-            handler.setFormatter(formatter(services.config.log_format.lower()))
+            _sink_of(handler).setFormatter(formatter(services.config.log_format.lower()))
             if services.config.log_format.lower() == "json" and "transformers" in sys.modules:
                 # transformers writes its records through a handler of its own: route them through ours.
                 from transformers.utils import logging as transformers_logging
