@@ -1,9 +1,9 @@
 """Model execution: loading the shared base model, multi-adapter LoRA, losses, sampling."""
 
 from backend.hf_backend import AdamParams, HFBackend
-from backend.model_loading import LoadedModel, load_base_model
-from backend.sampling import SamplingParams
-from backend.training import FwdBwdRequest
+from backend.model.loading import LoadedModel, load_base_model
+from backend.sample.sampling import SamplingParams
+from backend.train.fused_pass import FwdBwdRequest
 
 
 def load_backend(config, data_dir=None) -> HFBackend:
@@ -13,7 +13,7 @@ def load_backend(config, data_dir=None) -> HFBackend:
     torch's OpenMP parallel regions (even just while loading), libgomp sees more threads than
     cores and every op slows down (a decode step of 8 rows took 2x as long)."""
     from backend.compute_thread import ComputeThread, InlineRunner
-    from backend.model_loading import pick_device
+    from backend.model.loading import pick_device
 
     compute = ComputeThread() if pick_device(config.device).type == "cpu" else InlineRunner()
     loaded = compute.run(load_base_model, config)

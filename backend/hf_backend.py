@@ -19,18 +19,19 @@ from pathlib import Path
 
 import torch
 
-from backend import adapter_state, failures
-from backend.adapters import LiveAdapters
+from backend import failures
 from backend.compute_thread import ComputeThread, InlineRunner
-from backend.decode import generate
-from backend.examples import Example, render_conversation, render_prompt
-from backend.model_loading import LoadedModel
-from backend.output_head import PLAIN_HEAD_MODELS
-from backend.peft_files import save_peft_adapter
-from backend.residency import Residency
-from backend.sampling import SampleRow, SamplingParams, prompt_logprobs, sample_response
-from backend.sampling_engine import SamplingEngine
-from backend.training import FwdBwdRequest, check_request, describe_size, fused_pass
+from backend.lora import state as adapter_state
+from backend.lora.adapters import LiveAdapters
+from backend.lora.peft_files import save_peft_adapter
+from backend.lora.residency import Residency
+from backend.model.loading import LoadedModel
+from backend.sample.decode import generate
+from backend.sample.engine import SamplingEngine
+from backend.sample.sampling import SampleRow, SamplingParams, prompt_logprobs, sample_response
+from backend.train.examples import Example, render_conversation, render_prompt
+from backend.train.fused_pass import FwdBwdRequest, check_request, describe_size, fused_pass
+from backend.train.output_head import PLAIN_HEAD_MODELS
 from thinker.core.errors import BadRequestError, ThinkerError
 from thinker.core.paths import path_under
 

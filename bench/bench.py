@@ -34,8 +34,8 @@ import torch
 from rich.table import Table
 
 from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, load_backend
-from backend.examples import Example
-from backend.random_models import ensure_random_model
+from backend.model.random_models import ensure_random_model
+from backend.train.examples import Example
 from bench.bench_http import http_benchmarks, http_table
 from thinker.core.config import Config
 from thinker.obs.progress import make_console, make_table, step_progress

@@ -2,7 +2,7 @@
 
 Creates --adapters adapters on one model in this process, then reports their size and memory,
 the time per add_lora, and the time of a training step on an adapter that is resident against
-one that was just moved out to CPU memory (MAX_RESIDENT_ADAPTERS, backend/residency.py).
+one that was just moved out to CPU memory (MAX_RESIDENT_ADAPTERS, backend/lora/residency.py).
 
     python bench_adapters.py                                  # 200 adapters on the SmolLM2-135M architecture
     python bench_adapters.py --model builtin-tiny --adapters 1000
@@ -24,7 +24,7 @@ import torch
 from rich.table import Table
 
 from backend import AdamParams, FwdBwdRequest
-from backend.examples import Example
+from backend.train.examples import Example
 from bench.bench import load
 from thinker.obs.progress import make_console
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backend.builtin_tiny import ensure_builtin_tiny
+from backend.model.builtin_tiny import ensure_builtin_tiny
 
 pytestmark = pytest.mark.unit
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.decode import generate
-from backend.sampling import SampleRow
-from backend.sampling_engine import SamplingEngine
+from backend.sample.decode import generate
+from backend.sample.engine import SamplingEngine
+from backend.sample.sampling import SampleRow
 from thinker.core.errors import RequestFailedError
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.examples import Example
+from backend.train.examples import Example
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend import FwdBwdRequest
-from backend.lora import Routing, use_adapters
+from backend.lora.layer import Routing, use_adapters
 
 pytestmark = pytest.mark.unit
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from backend import FwdBwdRequest
-from backend.examples import Example
-from backend.loss_functions import LOSS_FUNCTIONS, loss_config
+from backend.train.examples import Example
+from backend.train.losses import LOSS_FUNCTIONS, loss_config
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import backend.output_head as output_head
+import backend.train.output_head as output_head
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Offloading idle adapters (backend/residency.py): one server holds 1000 registered
+"""Offloading idle adapters (backend/lora/residency.py): one server holds 1000 registered
 adapters while at most MAX_RESIDENT_ADAPTERS sit on the accelerator, and an adapter that was
 moved out and back trains and samples exactly as if it had never left."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from backend.residency import Residency
+from backend.lora.residency import Residency
 
 CHAT = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]]
 

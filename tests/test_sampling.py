@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.decode import generate
-from backend.sampling import SampleRow
+from backend.sample.decode import generate
+from backend.sample.sampling import SampleRow
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit

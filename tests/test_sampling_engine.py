@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.decode import generate
-from backend.sampling import SampleRow
-from backend.sampling_engine import SamplingEngine
+from backend.sample.decode import generate
+from backend.sample.engine import SamplingEngine
+from backend.sample.sampling import SampleRow
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
@@ -119,7 +119,7 @@ def test_rows_joining_later_see_the_adapters_current_weights(backend, adapters):
     the weights it had before (the stacked-weight cache is rebuilt when rows change)."""
     import torch
 
-    from backend.decode import DecodeBatch
+    from backend.sample.decode import DecodeBatch
 
     a, b = adapters[0], adapters[1]
     prompt = backend.render_prompts(["Hello!"])[0]
@@ -151,7 +151,7 @@ def test_rows_joining_later_see_the_adapters_current_weights(backend, adapters):
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(backend, engine, monkeypatch):
-    from backend.decode import DecodeBatch
+    from backend.sample.decode import DecodeBatch
 
     prompt = backend.render_prompts(["Hello!"])[0]
     row = SampleRow(None, prompt, SamplingParams(max_tokens=4, temperature=0))

@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from backend import AdamParams, FwdBwdRequest
-from backend.lora import use_adapters
+from backend.lora.layer import use_adapters
 
 CONV = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi Alice!"}]
 
@@ -46,8 +46,8 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
 def test_adapter_saved_by_the_server_gives_the_servers_loss_in_peft(server, client, cache_dir):
     from transformers import AutoTokenizer
 
-    from backend.builtin_tiny import ensure_builtin_tiny
-    from backend.examples import render_conversation
+    from backend.model.builtin_tiny import ensure_builtin_tiny
+    from backend.train.examples import render_conversation
 
     model_id = client.create_lora(rank=8, alpha=16, seed=4)
     for _ in range(3):

@@ -58,7 +58,7 @@ class Config:
     max_sequence_tokens: int = 8192  # tokens in one training sequence (and the model's context window)
     max_adapters_per_user: int = 1000  # trainable adapters one key may hold
     # adapters kept on the accelerator at once; the least recently used idle ones beyond
-    # wait in CPU memory (backend/residency.py)
+    # wait in CPU memory (backend/lora/residency.py)
     max_resident_adapters: int = 128
     max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies: 413
     # What a forward_backward may declare, checked on its tensors' headers before any is built

@@ -20,7 +20,7 @@ from pathlib import Path
 from flask import Blueprint, current_app, request, send_from_directory
 from flask.blueprints import BlueprintSetupState
 
-from backend.adapters import Adapter
+from backend.lora.adapters import Adapter
 from thinker.core.errors import BadRequestError, NotFoundError
 from thinker.http import auth
 from thinker.store.futures import COMPLETED, FutureRecord

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from backend import AdamParams, FwdBwdRequest, SamplingParams
-from backend.loss_functions import CHAT_LOSS_FUNCTIONS
+from backend.train.losses import CHAT_LOSS_FUNCTIONS
 from thinker.core.errors import (
     BadRequestError,
     InsufficientStorageError,

@@ -13,7 +13,8 @@ from typing import Any
 
 from flask import current_app, request
 
-from backend import HFBackend, adapters
+from backend import HFBackend
+from backend.lora import adapters
 from thinker.core.config import Config
 from thinker.core.errors import BadRequestError
 from thinker.http.auth import check_owner, owner

@@ -1,6 +1,6 @@
 """The durable adapter registry: every trainable adapter, in the ``adapters`` table.
 
-The backend keeps adapters in memory (backend/adapters.py); this records each one as it is
+The backend keeps adapters in memory (backend/lora/adapters.py); this records each one as it is
 created, trained and deleted, so that after a crash the server knows what it had:
 
 - with AUTOSAVE_EVERY_STEPS on, each adapter comes back under its own id from its newest

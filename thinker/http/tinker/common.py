@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
-from backend import adapters
+from backend.lora import adapters
 from thinker.core.errors import BadRequestError, NotFoundError
 from thinker.http.auth import check_owner
 from thinker.http.schemas import parse_body

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future as ConcurrentFuture
 
-from backend import SamplingParams, adapters
+from backend import SamplingParams
+from backend.lora import adapters
 from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
 from thinker.http.auth import check_owner, owner
 from thinker.http.services import check_sampling_length

@@ -6,7 +6,7 @@ import time
 
 from flask import Response, jsonify, request
 
-from backend.lora import short_name
+from backend.lora.layer import short_name
 from thinker.core.errors import BadRequestError
 from thinker.http.auth import check_owner, owner
 from thinker.http.services import check_adapter_quota

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flask import request
 
 from backend import AdamParams, FwdBwdRequest
-from backend.loss_functions import loss_config
+from backend.train.losses import loss_config
 from thinker.core.errors import BadRequestError, ThinkerError
 from thinker.http.auth import owner
 from thinker.http.services import check_adapter_quota, check_sequence_lengths

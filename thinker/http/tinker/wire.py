@@ -16,7 +16,7 @@ import zstandard
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
-from backend.examples import Example
+from backend.train.examples import Example
 from thinker.core.errors import BadRequestError, PayloadTooLargeError, clip
 
 PROTOBUF = "application/x-protobuf"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from backend.builtin_tiny import build_tokenizer, write_model_once
+from backend.model.builtin_tiny import build_tokenizer, write_model_once
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's config.json, the fields that shape compute.
 SMOLLM2_135M = {

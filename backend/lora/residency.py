@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from backend.adapters import Adapter, LiveAdapters
+from backend.lora.adapters import Adapter, LiveAdapters
 
 
 class Residency:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.lora import MultiLoraLinear, Routing, use_adapters
-from backend.output_head import PLAIN_HEAD_MODELS
-from backend.sampling import Completion, SampleRow, check_prompts, choose_token
+from backend.lora.layer import MultiLoraLinear, Routing, use_adapters
+from backend.sample.sampling import Completion, SampleRow, check_prompts, choose_token
+from backend.train.output_head import PLAIN_HEAD_MODELS
 
 
 @dataclass

@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from backend.builtin_tiny import ensure_builtin_tiny
-from backend.lora import MultiLoraLinear, short_name, wrap_linear_layers
+from backend.lora.layer import MultiLoraLinear, short_name, wrap_linear_layers
+from backend.model.builtin_tiny import ensure_builtin_tiny
 from thinker.core.config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
 from thinker.core.errors import ConfigurationError
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from backend.adapters import Adapter, LiveAdapters, new_optimizer
-from backend.lora import MultiLoraLinear, short_name
-from backend.peft_files import load_optimizer_state, read_peft_adapter, save_optimizer, save_peft_adapter
+from backend.lora.adapters import Adapter, LiveAdapters, new_optimizer
+from backend.lora.layer import MultiLoraLinear, short_name
+from backend.lora.peft_files import load_optimizer_state, read_peft_adapter, save_optimizer, save_peft_adapter
 from thinker.core.errors import BadRequestError
 
 

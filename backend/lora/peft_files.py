@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from backend.adapters import Adapter
-from backend.lora import MultiLoraLinear
+from backend.lora.adapters import Adapter
+from backend.lora.layer import MultiLoraLinear
 
 _PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight")  # fullmatch
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backend.examples import Example
-from backend.lora import use_adapters
-from backend.loss_functions import LOSS_FUNCTIONS, get_loss_function
-from backend.output_head import head_target_logprobs
+from backend.lora.layer import use_adapters
+from backend.train.examples import Example
+from backend.train.losses import LOSS_FUNCTIONS, get_loss_function
+from backend.train.output_head import head_target_logprobs
 from thinker.core.errors import BadRequestError
 
 

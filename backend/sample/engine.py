@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import failures
-from backend.decode import DecodeBatch, LiveRow
-from backend.sampling import Completion, SampleRow, check_prompts
+from backend.sample.decode import DecodeBatch, LiveRow
+from backend.sample.sampling import Completion, SampleRow, check_prompts
 
 log = logging.getLogger("thinker.sampling")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backend.lora import MultiLoraLinear, short_name
+from backend.lora.layer import MultiLoraLinear, short_name
 from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
 
 
