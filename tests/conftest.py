@@ -64,6 +64,26 @@ def backend(cache_dir, tmp_path_factory) -> HFBackend:
     return HFBackend(load_base_model(config), tmp_path_factory.mktemp("thinker-data"))
 
 
+def train_adapters(
+    backend: HFBackend, answers: list[str], ranks: list[int], alpha: float, seed: int, steps: int
+) -> list[str]:
+    """One adapter per answer (rank ``ranks[i]``, seed ``seed + i``), trained ``steps`` steps to
+    answer "Hello!" with it: adapters that really differ, for sampling tests."""
+    from backend import AdamParams, FwdBwdRequest
+
+    ids = []
+    for i, answer in enumerate(answers):
+        adapter_id = backend.add_lora(ranks[i], alpha, None, seed + i)["model_id"]
+        examples = backend.render_conversations(
+            [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": answer}]]
+        )
+        for _ in range(steps):
+            backend.forward_backward([FwdBwdRequest(adapter_id, examples)])
+            backend.optim_step(adapter_id, AdamParams(learning_rate=5e-3))
+        ids.append(adapter_id)
+    return ids
+
+
 class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = int(env.get("PORT") or free_port())  # PORT: restart where clients already point

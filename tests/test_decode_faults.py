@@ -16,10 +16,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from backend import AdamParams, FwdBwdRequest, SamplingParams
+from backend import FwdBwdRequest, SamplingParams
 from backend.sample.decode import generate
 from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow
+from tests.conftest import train_adapters
 from thinker.core.errors import RequestFailedError
 
 pytestmark = pytest.mark.unit
@@ -29,17 +30,7 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, stop_at_eos=False)  # ever
 
 @pytest.fixture(scope="module")
 def adapter_ids(backend) -> list[str]:
-    ids = []
-    for i, answer in enumerate(["Hi Alice!", "Hello there, Bob"]):
-        adapter_id = backend.add_lora(4, 8.0, None, 90 + i)["model_id"]
-        examples = backend.render_conversations(
-            [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": answer}]]
-        )
-        for _ in range(20):
-            backend.forward_backward([FwdBwdRequest(adapter_id, examples)])
-            backend.optim_step(adapter_id, AdamParams(learning_rate=5e-3))
-        ids.append(adapter_id)
-    return ids
+    return train_adapters(backend, ["Hi Alice!", "Hello there, Bob"], ranks=[4, 4], alpha=8.0, seed=90, steps=20)
 
 
 @pytest.fixture

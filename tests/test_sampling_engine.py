@@ -6,10 +6,11 @@ import threading
 
 import pytest
 
-from backend import AdamParams, FwdBwdRequest, SamplingParams
+from backend import SamplingParams
 from backend.sample.decode import generate
 from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow
+from tests.conftest import train_adapters
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
@@ -17,17 +18,8 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def adapters(backend) -> list[str]:
-    ids = []
-    for i, answer in enumerate(["Hi Alice!", "Hello there, Bob", "Carol"]):
-        adapter_id = backend.add_lora([4, 8, 16][i], 16.0, None, 70 + i)["model_id"]
-        examples = backend.render_conversations(
-            [[{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": answer}]]
-        )
-        for _ in range(60):
-            backend.forward_backward([FwdBwdRequest(adapter_id, examples)])
-            backend.optim_step(adapter_id, AdamParams(learning_rate=5e-3))
-        ids.append(adapter_id)
-    return ids
+    answers = ["Hi Alice!", "Hello there, Bob", "Carol"]
+    return train_adapters(backend, answers, ranks=[4, 8, 16], alpha=16.0, seed=70, steps=60)
 
 
 @pytest.fixture
