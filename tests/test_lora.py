@@ -322,3 +322,76 @@ def test_one_routing_serves_the_body_and_a_head_that_sees_one_token_per_row(back
         with torch.no_grad(), use_adapters([adapter_id]):
             alone = backend.model(input_ids=tokens[b : b + 1]).logits[0, -1]
         torch.testing.assert_close(last[b], alone, rtol=0, atol=1e-5)
+
+
+# ---- a Conv1D model end to end: GPT-2 ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_backend(tmp_path_factory):
+    """A tiny random GPT-2 (Conv1D layers: weight (in, out)) served in this process."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from backend.hf_backend import HFBackend
+    from backend.model.builtin_tiny import build_tokenizer, write_model_once
+    from backend.model.loading import load_base_model
+    from thinker.core.config import Config
+
+    def build():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=260, n_positions=128, n_embd=32, n_layer=2, n_head=2, eos_token_id=2)
+        return GPT2LMHeadModel(config), build_tokenizer()
+
+    folder = write_model_once(tmp_path_factory.mktemp("models") / "gpt2-tiny", build)
+    cache = tmp_path_factory.mktemp("gpt2-cache")
+    loaded = load_base_model(Config(base_model=str(folder), thinker_cache_dir=str(cache), device="cpu"))
+    return HFBackend(loaded, tmp_path_factory.mktemp("gpt2-data"))
+
+
+def test_gpt2_conv1d_adapters_train_fused_and_export_to_peft(gpt2_backend, tmp_path):
+    backend = gpt2_backend
+    assert {"c_attn", "c_proj", "c_fc"} <= set(backend.loaded.target_modules)
+    ids = [_make_adapter(backend, rank, 8.0, seed=40 + rank) for rank in (4, 8)]
+    examples = backend.render_conversations(CONVERSATIONS)
+    requests = [FwdBwdRequest(ids[0], examples[:1]), FwdBwdRequest(ids[1], examples[1:])]
+    fused = backend.forward_backward(requests)
+    fused_grads = {a: _grads(backend, a) for a in ids}
+    for request, fused_result in zip(requests, fused, strict=True):
+        _zero(backend, *ids)
+        alone = backend.forward_backward([request])[0]
+        assert alone["loss"] == pytest.approx(fused_result["loss"], abs=1e-5)
+        for g_alone, g_fused in zip(_grads(backend, request.adapter_id), fused_grads[request.adapter_id], strict=True):
+            torch.testing.assert_close(g_fused, g_alone, rtol=0, atol=1e-5)
+    _zero(backend, *ids)
+
+    # The PEFT export of a Conv1D adapter loads into PEFT and gives the server's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from backend.lora.peft_files import save_peft_adapter
+
+    adapter = backend.adapters.get(ids[1])
+    folder = save_peft_adapter(adapter, backend.loaded.lora_layers, backend.loaded.path, tmp_path / "export")
+    tokens = torch.tensor([backend.render_prompts(["Hello there"])[0]])
+    with torch.no_grad(), use_adapters([ids[1]]):
+        served = backend.model(input_ids=tokens).logits
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backend.loaded.path), str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits, served, rtol=0, atol=1e-5)
+
+
+def test_gpt2_decode_batch_of_mixed_adapters_matches_each_row_alone(gpt2_backend):
+    """Interleaved rows (index segments) and a head that sees one token per row, on Conv1D."""
+    from backend.sample.decode import generate
+    from backend.sample.sampling import SampleRow, SamplingParams
+
+    backend = gpt2_backend
+    x, y = (_make_adapter(backend, rank, 8.0, seed=90 + rank, targets=["c_attn", "c_fc", "lm_head"]) for rank in (4, 8))
+    params = SamplingParams(max_tokens=5, temperature=0.0, stop_at_eos=False)
+    prompts = backend.render_prompts(["Hi", "A longer prompt", "Yo", "Hey"])
+    rows = [SampleRow(a, p, params) for a, p in zip([x, None, y, x], prompts, strict=True)]
+
+    def run(batch):
+        return [c.tokens for c in generate(backend.model, backend.tokenizer, batch, backend.eos_ids, 128, "cpu")]
+
+    assert run(rows) == [run([row])[0] for row in rows]
