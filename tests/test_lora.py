@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from backend import FwdBwdRequest
 from backend.lora.layer import MultiLoraLinear, wrap_linear_layers
-from backend.lora.routing import Routing, Segment, use_adapters
+from backend.lora.routing import Routing, use_adapters
 from backend.model.loading import wrap_for_lora
 
 pytestmark = pytest.mark.unit
@@ -60,7 +60,7 @@ def test_routing_gives_each_adapter_its_tokens():
     assert interleaved["a"].index_S.tolist() == [0, 1, 6, 7] and interleaved["b"].contiguous
     with pytest.raises(RuntimeError, match="covers 4 rows but the layer's input has 7 tokens"):
         Routing.build(["a", None, "b", "a"]).segments(7)
-    assert Routing.build(["a", "a"]).segments(7)["a"] == Segment(0, 7)  # one adapter: any token count
+    assert Routing.build(["a", "a"]).segments(7)["a"].covers(7)  # one adapter: any token count
     assert Routing.build([None, None]).uniform and not Routing.build([None]).segments(3)
 
 
@@ -184,7 +184,7 @@ def test_bf16_compute_copies_are_kept_refreshed_and_released():
 
     def expected() -> torch.Tensor:
         a, b = layer.lora_A["r8"].to(torch.bfloat16), layer.lora_B["r8"].to(torch.bfloat16)
-        return layer.base(x_NI).addmm_(x_NI @ a.t(), b.t(), alpha=layer.scaling["r8"])  # bf16 throughout
+        return layer.base(x_NI).addmm_((x_NI @ a.t()) * layer.scaling["r8"], b.t())  # bf16 throughout
 
     with torch.no_grad(), use_adapters(["r8"]):
         first = layer(x_NI)

@@ -101,27 +101,18 @@ class MultiLoraLinear(nn.Module):
         self._compute.pop(adapter_id, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (..., out)
         routing = current_routing()
-        if routing is None:
-            return out
-        targeted = [a for a in routing.adapters if a in self.lora_A]
+        targeted = [a for a in routing.adapters if a in self.lora_A] if routing is not None else []
         if not targeted:  # no routed adapter targets this layer: the base output, untouched
-            return out
+            return self.base(x)
         x_NI = x.reshape(-1, self.in_features)
         segments = routing.segments(x_NI.shape[0])  # the coverage check, here only
-        out_NO = out.view(-1, self.out_features)  # in-place below: linear's backward needs x, not out
-        for adapter_id in targeted:
-            seg = segments[adapter_id]
-            a_RI, b_OR = self._weights(adapter_id, x.dtype)
-            scale = self.scaling[adapter_id]
-            if seg.contiguous:
-                h_SR = x_NI[seg.start : seg.end] @ a_RI.t()  # (S, in) @ (in, r)
-                out_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t(), alpha=scale)  # += scale * (S, r) @ (r, out)
-            else:
-                h_SR = x_NI.index_select(0, seg.index_S) @ a_RI.t()
-                out_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t(), alpha=scale)
-        return out
+        routed = [segments[a] for a in targeted]
+        scales = [self.scaling[a] for a in targeted]
+        weights = [w for a in targeted for w in self._weights(a, x.dtype)]  # A_0, B_0, A_1, B_1, ...
+        out_NO = self.base(x_NI)  # (N, out)
+        out_NO = SegmentedLora.apply(routed, scales, out_NO, x_NI, *weights)
+        return out_NO.view(*x.shape[:-1], self.out_features)
 
     def _weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's A (r, in) and B (out, r) in ``dtype``, without a copy when the
@@ -137,6 +128,58 @@ class MultiLoraLinear(nn.Module):
             slot = (key, a.detach().to(dtype), b.detach().to(dtype))
             self._compute[adapter_id] = slot
         return slot[1], slot[2]
+
+
+class SegmentedLora(torch.autograd.Function):
+    """``y[S_i] += scale_i * (x[S_i] @ A_i^T) @ B_i^T`` for every segment i, in place on y,
+    with a backward of its own: it keeps only x (already kept by the base layer: a view,
+    no copy) and each h_i = scale_i * x[S_i] @ A_i^T (|S_i| x r_i), and writes each
+    segment's gradients straight into their rows, where autograd's in-place updates of
+    views would clone the whole (N, out) gradient once per segment."""
+
+    @staticmethod
+    def forward(ctx, segments, scales, y_NO, x_NI, *weights):  # weights: A_0 (r, in), B_0 (out, r), A_1, ...
+        hs = []
+        for i, seg in enumerate(segments):
+            a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
+            h_SR = _rows(x_NI, seg) @ a_RI.t()  # shrink: (S, in) @ (in, r)
+            h_SR.mul_(scales[i])  # scaled on the small side
+            if seg.contiguous:
+                y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t())  # expand: += (S, r) @ (r, out)
+            else:
+                y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
+            hs.append(h_SR)
+        ctx.mark_dirty(y_NO)
+        ctx.segments, ctx.scales = segments, scales
+        ctx.save_for_backward(x_NI, *hs, *weights)
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, g_NO):
+        x_NI, *rest = ctx.saved_tensors
+        n = len(ctx.segments)
+        hs, weights = rest[:n], rest[n:]
+        wants_x = ctx.needs_input_grad[3]
+        g_x_NI = torch.zeros_like(x_NI) if wants_x else None
+        grads: list[torch.Tensor | None] = []
+        for i, seg in enumerate(ctx.segments):
+            a_RI, b_OR, h_SR = weights[2 * i], weights[2 * i + 1], hs[i]
+            g_SO = _rows(g_NO, seg)
+            g_h_SR = (g_SO @ b_OR) * ctx.scales[i]  # (S, r): the gradient of the unscaled x[S] @ A^T
+            g_a = g_h_SR.t() @ _rows(x_NI, seg) if ctx.needs_input_grad[4 + 2 * i] else None  # (r, in)
+            g_b = g_SO.t() @ h_SR if ctx.needs_input_grad[5 + 2 * i] else None  # (out, r)
+            grads += [g_a, g_b]
+            if wants_x:
+                if seg.contiguous:
+                    g_x_NI[seg.start : seg.end].addmm_(g_h_SR, a_RI)
+                else:
+                    g_x_NI.index_add_(0, seg.index_S, g_h_SR @ a_RI)
+        return None, None, g_NO, g_x_NI, *grads
+
+
+def _rows(t_NF: torch.Tensor, seg) -> torch.Tensor:
+    """A segment's rows: a view when contiguous, else a gather."""
+    return t_NF[seg.start : seg.end] if seg.contiguous else t_NF.index_select(0, seg.index_S)
 
 
 def wrap_linear_layers(model: nn.Module, candidate_names: Sequence[str]) -> dict[str, MultiLoraLinear]:

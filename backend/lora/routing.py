@@ -34,16 +34,17 @@ import torch
 
 @dataclass(frozen=True)
 class Segment:
-    """The tokens one adapter owns in a (N, features) input: ``[start, end)`` when
-    ``index_S`` is None, else exactly the tokens listed in ``index_S`` (S of them)."""
+    """The S tokens one adapter owns in a (N, features) input, as ``index_S`` (ascending);
+    ``contiguous``: they are exactly ``[start, end)``."""
 
     start: int
     end: int
-    index_S: torch.Tensor | None = None
+    index_S: torch.Tensor
+    contiguous: bool
 
-    @property
-    def contiguous(self) -> bool:
-        return self.index_S is None
+    def covers(self, n_tokens: int) -> bool:
+        """Every token of the input: the layer can skip the scatter."""
+        return self.contiguous and self.start == 0 and self.end == n_tokens
 
 
 @dataclass
@@ -84,7 +85,8 @@ class Routing:
             return found
         B = len(self.row_adapters)
         if self.uniform:
-            found = {a: Segment(0, n_tokens) for a in self.adapters}  # every token, whatever N
+            everything = torch.arange(n_tokens, device=self.device)
+            found = {a: Segment(0, n_tokens, everything, True) for a in self.adapters}  # whatever N
         elif B == 0 or n_tokens % B:
             raise RuntimeError(f"LoRA routing covers {B} rows but the layer's input has {n_tokens} tokens")
         else:
@@ -95,11 +97,11 @@ class Routing:
     def _segment(self, adapter: str, T: int) -> Segment:
         rows = [b for b, a in enumerate(self.row_adapters) if a == adapter]
         first, last = rows[0], rows[-1]
-        if last - first + 1 == len(rows):  # one run of rows: one run of tokens, no gather
-            return Segment(first * T, (last + 1) * T)
+        if last - first + 1 == len(rows):  # one run of rows: one run of tokens
+            return Segment(first * T, (last + 1) * T, torch.arange(first * T, (last + 1) * T, device=self.device), True)
         rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
         index_S = (rows_R[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)  # (R*T,)
-        return Segment(first * T, (last + 1) * T, index_S)
+        return Segment(first * T, (last + 1) * T, index_S, False)
 
 
 _routing: ContextVar[Routing | None] = ContextVar("thinker_lora_routing", default=None)
