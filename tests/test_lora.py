@@ -395,3 +395,38 @@ def test_gpt2_decode_batch_of_mixed_adapters_matches_each_row_alone(gpt2_backend
         return [c.tokens for c in generate(backend.model, backend.tokenizer, batch, backend.eos_ids, 128, "cpu")]
 
     assert run(rows) == [run([row])[0] for row in rows]
+
+
+def test_moe_shared_expert_sees_flattened_tokens_and_mixed_rows_match_each_row_alone():
+    """Qwen2-MoE's shared expert gets (B*T, H): the reported 'covers 2 rows but the batch
+    has 112' failure, for every request once any adapter existed."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2,
+    )
+    model = Qwen2MoeForCausalLM(config).eval().requires_grad_(False)
+    layers, names, _ = wrap_for_lora(model)
+    assert any("shared_expert" in path for path in layers)
+    generator = torch.Generator().manual_seed(1)
+    for adapter_id, (rank, targets) in {"x": (4, None), "y": (8, {"gate_proj", "up_proj", "down_proj"})}.items():
+        for path, layer in layers.items():
+            if path != "lm_head" and (targets is None or path.rsplit(".", 1)[1] in targets):
+                layer.add_adapter(adapter_id, rank, 8.0, generator)
+                with torch.no_grad():
+                    layer.lora_B[adapter_id].normal_(std=0.1, generator=generator)
+    ids_BT = torch.randint(0, 64, (3, 7), generator=generator)
+    rows = ["x", None, "y"]
+    with torch.no_grad(), use_adapters(Routing.build(rows, tokens_per_row=7)):
+        fused = model(input_ids=ids_BT).logits
+    for b, adapter_id in enumerate(rows):
+        with torch.no_grad(), use_adapters([adapter_id]):
+            alone = model(input_ids=ids_BT[b : b + 1]).logits
+        torch.testing.assert_close(fused[b : b + 1], alone, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        base = model(input_ids=ids_BT[:2]).logits
+        with use_adapters(Routing.build([None, "nobody"])):  # an adapter no layer has: the base model
+            torch.testing.assert_close(model(input_ids=ids_BT[:2]).logits, base, rtol=0, atol=0)

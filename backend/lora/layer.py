@@ -14,22 +14,24 @@ for every adapter i routed in the pass that targets this layer, owning tokens S_
     h_i = x[S_i] @ A_i^T                 # (|S_i|, r_i)     A_i: (r_i, in)
     y[S_i] += scale_i * h_i @ B_i^T      # (|S_i|, out)     B_i: (out, r_i), scale_i = alpha_i / r_i
 
-Tokens in no segment (rows on the base model) keep y = base(x). Each adapter's weights
-are read once per call, by the matmuls themselves: no per-row or per-token weight copies,
-no padding to the largest rank, and autograd keeps only h_i (|S_i| x r_i) and a view of
-x per adapter. A loop over the pass's adapters was measured against
-``torch.nn.functional.grouped_mm`` by rank bucket (bench/bench_lora_layer.py): grouped_mm
-needs the adapters' weights stacked per call (a copy, kept for backward) and one rank per
-group, and gained nothing at these shapes.
+Tokens in no segment (rows on the base model) keep y = base(x). ``SegmentedLora`` runs
+this as one autograd node per layer: each adapter's weights are read once, by the matmuls
+themselves (no per-row or per-token weight copies, no padding to the largest rank), the
+expand adds into the base output's rows in place, and backward keeps only x (which the
+base layer keeps anyway) and each h_i. A loop over the pass's adapters was measured
+against ``torch.nn.functional.grouped_mm`` with one call per distinct rank
+(bench/bench_lora_layer.py, CPU fp32): grouped_mm needs the adapters' weights stacked per
+call (a copy that its backward keeps), the tokens permuted by rank, and was no faster;
+see docs/lora-core.md.
 
 Weights: the fp32 masters (what the optimizer steps) are the ``lora_A``/``lora_B``
 parameters. When the activations are fp32 (CPU), the masters ARE the compute weights
-(no copy at all). On a bf16 model the branch computes in bf16 like PEFT does (PEFT casts
-x to the adapter's dtype; here the adapter is cast to x's): with grad, a cast inside the
-graph (its backward saves nothing, and the gradient lands on the fp32 master); without
-grad (sampling, every decode step) a per-layer slot buffer of compute-dtype copies,
-refreshed lazily when the master's version, storage or dtype changed (an optimizer step,
-a checkpoint load, a residency move) and released when the adapter leaves the device.
+(no copy at all). On a bf16 model the branch computes in bf16 (docs/lora-core.md compares
+this with PEFT's numerics): with grad, a cast inside the graph (its backward keeps
+nothing, and the gradient lands on the fp32 master); without grad (sampling, every
+decode step) a per-layer slot buffer of compute-dtype copies, refreshed lazily when the
+master's version, storage or dtype changed (an optimizer step, a checkpoint load, a
+residency move) and released when the adapter leaves the device.
 """
 
 from __future__ import annotations
