@@ -175,9 +175,9 @@ def test_conv1d_and_biased_heads_are_wrapped():
 
 
 def test_bf16_compute_copies_are_kept_refreshed_and_released():
-    """A bf16 model computes the branch in bf16 from fp32 masters: without grad from a slot
-    buffer kept across calls and rebuilt when the master changes; with grad the gradient
-    reaches the fp32 master."""
+    """A bf16 model computes the branch in bf16 from fp32 masters, through a slot buffer
+    kept across calls and rebuilt when the master changes; the gradient reaches the fp32
+    master."""
     layer = _stack()[0]
     layer.base.to(torch.bfloat16)
     x_NI = torch.randn(4, 16, dtype=torch.bfloat16)
@@ -198,10 +198,17 @@ def test_bf16_compute_copies_are_kept_refreshed_and_released():
         assert layer._compute["r8"][1] is not buffer
     layer.release_compute_copy("r8")
     assert "r8" not in layer._compute
+    x_leaf = x_NI.clone().requires_grad_()
     with use_adapters(["r8"]):
-        layer(x_NI).float().sum().backward()
-    assert layer.lora_B["r8"].grad.dtype == torch.float32 and layer.lora_B["r8"].grad.any()
-    assert "r8" not in layer._compute  # training casts inside the graph, no buffer
+        layer(x_leaf).float().sum().backward()
+    assert layer._compute["r8"][1].dtype == torch.bfloat16  # training reads the slot buffer too
+    got = [layer.lora_A["r8"].grad, layer.lora_B["r8"].grad, x_leaf.grad]
+    assert [g.dtype for g in got] == [torch.float32, torch.float32, torch.bfloat16]
+    a, b, x_ref = (t.detach().clone().requires_grad_() for t in (layer.lora_A["r8"], layer.lora_B["r8"], x_NI))
+    branch = (x_ref @ a.to(torch.bfloat16).t()) * layer.scaling["r8"] @ b.to(torch.bfloat16).t()
+    (layer.base(x_ref) + branch).float().sum().backward()
+    for g, want in zip(got, [a.grad, b.grad, x_ref.grad], strict=True):  # PEFT-style autograd, cast in the graph
+        torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_wrap_linear_layers_wraps_conv1d_by_name():

@@ -27,11 +27,10 @@ see docs/lora-core.md.
 Weights: the fp32 masters (what the optimizer steps) are the ``lora_A``/``lora_B``
 parameters. When the activations are fp32 (CPU), the masters ARE the compute weights
 (no copy at all). On a bf16 model the branch computes in bf16 (docs/lora-core.md compares
-this with PEFT's numerics): with grad, a cast inside the graph (its backward keeps
-nothing, and the gradient lands on the fp32 master); without grad (sampling, every
-decode step) a per-layer slot buffer of compute-dtype copies, refreshed lazily when the
-master's version, storage or dtype changed (an optimizer step, a checkpoint load, a
-residency move) and released when the adapter leaves the device.
+this with PEFT's numerics) from a per-layer slot buffer of compute-dtype copies, made on
+first use and remade only when the master's version, storage or dtype changed (an
+optimizer step, a checkpoint load, a residency move), released when the adapter leaves
+the device; training reads the same buffers, and its gradients land on the fp32 masters.
 """
 
 from __future__ import annotations
@@ -111,9 +110,10 @@ class MultiLoraLinear(nn.Module):
         segments = routing.segments(x_NI.shape[0])  # the coverage check, here only
         routed = [segments[a] for a in targeted]
         scales = [self.scaling[a] for a in targeted]
-        weights = [w for a in targeted for w in self._weights(a, x.dtype)]  # A_0, B_0, A_1, B_1, ...
+        masters = [w for a in targeted for w in (self.lora_A[a], self.lora_B[a])]  # A_0, B_0, A_1, B_1, ...
+        computes = [w for a in targeted for w in self._weights(a, x.dtype)]  # the same, in x's dtype
         out_NO = self.base(x_NI)  # (N, out)
-        out_NO = SegmentedLora.apply(routed, scales, out_NO, x_NI, *weights)
+        out_NO = SegmentedLora.apply(routed, scales, computes, out_NO, x_NI, *masters)
         return out_NO.view(*x.shape[:-1], self.out_features)
 
     def _weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +122,6 @@ class MultiLoraLinear(nn.Module):
         a, b = self.lora_A[adapter_id], self.lora_B[adapter_id]
         if a.dtype == dtype:
             return a, b
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return a.to(dtype), b.to(dtype)  # in the graph: the gradient reaches the fp32 master
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)
         slot = self._compute.get(adapter_id)
         if slot is None or slot[0] != key:
@@ -137,10 +135,16 @@ class SegmentedLora(torch.autograd.Function):
     with a backward of its own: it keeps only x (already kept by the base layer: a view,
     no copy) and each h_i = scale_i * x[S_i] @ A_i^T (|S_i| x r_i), and writes each
     segment's gradients straight into their rows, where autograd's in-place updates of
-    views would clone the whole (N, out) gradient once per segment."""
+    views would clone the whole (N, out) gradient once per segment.
+
+    ``weights`` are the compute-dtype A_0 (r, in), B_0 (out, r), A_1, ... (the layer's slot
+    buffers, or the masters themselves when the dtypes agree); ``masters`` are the fp32
+    parameters they were made from: the inputs autograd differentiates, whose gradients
+    come back in their own dtype. The slot buffers are held on ctx, not saved: they are
+    replaced, never written in place, so the layer's cache keeps them alive and unchanged."""
 
     @staticmethod
-    def forward(ctx, segments, scales, y_NO, x_NI, *weights):  # weights: A_0 (r, in), B_0 (out, r), A_1, ...
+    def forward(ctx, segments, scales, weights, y_NO, x_NI, *masters):
         hs = []
         for i, seg in enumerate(segments):
             a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
@@ -152,31 +156,31 @@ class SegmentedLora(torch.autograd.Function):
                 y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
             hs.append(h_SR)
         ctx.mark_dirty(y_NO)
-        ctx.segments, ctx.scales = segments, scales
-        ctx.save_for_backward(x_NI, *hs, *weights)
+        ctx.segments, ctx.scales, ctx.weights = segments, scales, weights
+        ctx.master_dtypes = [m.dtype for m in masters]
+        ctx.save_for_backward(x_NI, *hs)
         return y_NO
 
     @staticmethod
     def backward(ctx, g_NO):
-        x_NI, *rest = ctx.saved_tensors
-        n = len(ctx.segments)
-        hs, weights = rest[:n], rest[n:]
-        wants_x = ctx.needs_input_grad[3]
+        x_NI, *hs = ctx.saved_tensors
+        weights, dtypes = ctx.weights, ctx.master_dtypes
+        wants_x = ctx.needs_input_grad[4]
         g_x_NI = torch.zeros_like(x_NI) if wants_x else None
         grads: list[torch.Tensor | None] = []
         for i, seg in enumerate(ctx.segments):
             a_RI, b_OR, h_SR = weights[2 * i], weights[2 * i + 1], hs[i]
             g_SO = _rows(g_NO, seg)
             g_h_SR = (g_SO @ b_OR) * ctx.scales[i]  # (S, r): the gradient of the unscaled x[S] @ A^T
-            g_a = g_h_SR.t() @ _rows(x_NI, seg) if ctx.needs_input_grad[4 + 2 * i] else None  # (r, in)
-            g_b = g_SO.t() @ h_SR if ctx.needs_input_grad[5 + 2 * i] else None  # (out, r)
-            grads += [g_a, g_b]
+            g_a = (g_h_SR.t() @ _rows(x_NI, seg)).to(dtypes[2 * i]) if ctx.needs_input_grad[5 + 2 * i] else None
+            g_b = (g_SO.t() @ h_SR).to(dtypes[2 * i + 1]) if ctx.needs_input_grad[6 + 2 * i] else None
+            grads += [g_a, g_b]  # (r, in), (out, r)
             if wants_x:
                 if seg.contiguous:
                     g_x_NI[seg.start : seg.end].addmm_(g_h_SR, a_RI)
                 else:
                     g_x_NI.index_add_(0, seg.index_S, g_h_SR @ a_RI)
-        return None, None, g_NO, g_x_NI, *grads
+        return None, None, None, g_NO, g_x_NI, *grads
 
 
 def _rows(t_NF: torch.Tensor, seg) -> torch.Tensor:
