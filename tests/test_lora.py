@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from backend import FwdBwdRequest
+from backend import AdamParams, FwdBwdRequest
 from backend.lora.layer import MultiLoraLinear, wrap_linear_layers
 from backend.lora.routing import Routing, use_adapters
 from backend.model.loading import wrap_for_lora
@@ -437,3 +437,32 @@ def test_moe_shared_expert_sees_flattened_tokens_and_mixed_rows_match_each_row_a
         base = model(input_ids=ids_BT[:2]).logits
         with use_adapters(Routing.build([None, "nobody"])):  # an adapter no layer has: the base model
             torch.testing.assert_close(model(input_ids=ids_BT[:2]).logits, base, rtol=0, atol=0)
+
+
+def test_a_fused_optimizer_step_reaches_the_bf16_slot_buffers(backend):
+    """Fused AdamW writes the weights without bumping their version counters: the step
+    itself must release the stepped adapter's buffers, or sampling would use old weights."""
+    layer = _stack()[0]
+    layer.base.to(torch.bfloat16)
+    x_NI = torch.randn(4, 16, dtype=torch.bfloat16)
+    masters = [layer.lora_A["r8"], layer.lora_B["r8"]]
+    optimizer = torch.optim.AdamW(masters, lr=0.1, fused=True)
+    with torch.no_grad(), use_adapters(["r8"]):
+        before = layer(x_NI)
+    for p in masters:
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in masters]
+    optimizer.step()
+    assert [p._version for p in masters] == versions  # why versions alone cannot tell
+    layer.release_compute_copy("r8")  # what the backend's after-step hook does
+    with torch.no_grad(), use_adapters(["r8"]):
+        assert not torch.equal(layer(x_NI), before)
+
+    # The backend wires it: a step releases the adapter's buffers in every layer it has.
+    adapter_id = _make_adapter(backend, 4, 8.0, seed=123)
+    adapter = backend.adapters.get(adapter_id)
+    first = backend.loaded.lora_layers[adapter.layer_names[0]]
+    released = first._released.get(adapter_id, 0)
+    backend.forward_backward([FwdBwdRequest(adapter_id, backend.render_conversations(CONVERSATIONS[:1]))])
+    backend.optim_step(adapter_id, AdamParams(learning_rate=1e-3))
+    assert first._released.get(adapter_id, 0) == released + 1

@@ -178,7 +178,8 @@ class LiveAdapters:
             hook(adapter)
 
     def release_compute_copies(self, adapter: Adapter) -> None:
-        """Drop the adapter's compute-dtype slot buffers (it is leaving the device)."""
+        """Drop the adapter's compute-dtype slot buffers: it is leaving the device, or it just
+        stepped (a fused optimizer step changes weights without bumping their versions)."""
         for name in adapter.layer_names:
             self._layers[name].release_compute_copy(adapter.id)
 

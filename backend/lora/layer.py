@@ -17,8 +17,8 @@ for every adapter i routed in the pass that targets this layer, owning tokens S_
 Tokens in no segment (rows on the base model) keep y = base(x). ``SegmentedLora`` runs
 this as one autograd node per layer: each adapter's weights are read once, by the matmuls
 themselves (no per-row or per-token weight copies, no padding to the largest rank), the
-expand adds into the base output's rows in place, and backward keeps only x (which the
-base layer keeps anyway) and each h_i. A loop over the pass's adapters was measured
+expand adds into the base output's rows in place, and backward keeps only x (a view:
+A's gradient needs it) and each h_i. A loop over the pass's adapters was measured
 against ``torch.nn.functional.grouped_mm`` with one call per distinct rank
 (bench/bench_lora_layer.py, CPU fp32): grouped_mm needs the adapters' weights stacked per
 call (a copy that its backward keeps), the tokens permuted by rank, and was no faster;
@@ -28,9 +28,10 @@ Weights: the fp32 masters (what the optimizer steps) are the ``lora_A``/``lora_B
 parameters. When the activations are fp32 (CPU), the masters ARE the compute weights
 (no copy at all). On a bf16 model the branch computes in bf16 (docs/lora-core.md compares
 this with PEFT's numerics) from a per-layer slot buffer of compute-dtype copies, made on
-first use and remade only when the master's version, storage or dtype changed (an
-optimizer step, a checkpoint load, a residency move), released when the adapter leaves
-the device; training reads the same buffers, and its gradients land on the fp32 masters.
+first use and remade when the master's version, storage or dtype changed (a checkpoint
+load, a residency move) or the buffer was released (after every optimizer step: fused
+AdamW leaves version counters alone; and when the adapter leaves the device); training
+reads the same buffers, and its gradients land on the fp32 masters.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class MultiLoraLinear(nn.Module):
         # Slot buffers: adapter -> (key of the masters it was made from, A, B) in a compute
         # dtype other than the masters' (bf16 on GPU). Empty on an fp32 model.
         self._compute: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # adapter -> how many times its buffer was released: part of the buffer's key, so a
+        # copy made from weights read before a release is never taken for a current one.
+        self._released: dict[str, int] = {}
 
     def add_adapter(self, adapter_id: str, rank: int, alpha: float, generator: torch.Generator) -> None:
         """Create A with PEFT's default init (Kaiming-uniform) and B = 0, so a new adapter
@@ -96,9 +100,12 @@ class MultiLoraLinear(nn.Module):
         self.lora_A.pop(adapter_id, None)
         self.lora_B.pop(adapter_id, None)
         self._compute.pop(adapter_id, None)
+        self._released.pop(adapter_id, None)
 
     def release_compute_copy(self, adapter_id: str) -> None:
-        """Drop the adapter's slot buffer (it left the device, or will be rebuilt anyway)."""
+        """Drop the adapter's slot buffer: it left the device, or its weights changed in a
+        way their version counters do not show (a fused AdamW step does not bump them)."""
+        self._released[adapter_id] = self._released.get(adapter_id, 0) + 1
         self._compute.pop(adapter_id, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +129,7 @@ class MultiLoraLinear(nn.Module):
         a, b = self.lora_A[adapter_id], self.lora_B[adapter_id]
         if a.dtype == dtype:
             return a, b
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)
+        key = (self._released.get(adapter_id, 0), a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)
         slot = self._compute.get(adapter_id)
         if slot is None or slot[0] != key:
             slot = (key, a.detach().to(dtype), b.detach().to(dtype))
@@ -132,10 +139,11 @@ class MultiLoraLinear(nn.Module):
 
 class SegmentedLora(torch.autograd.Function):
     """``y[S_i] += scale_i * (x[S_i] @ A_i^T) @ B_i^T`` for every segment i, in place on y,
-    with a backward of its own: it keeps only x (already kept by the base layer: a view,
-    no copy) and each h_i = scale_i * x[S_i] @ A_i^T (|S_i| x r_i), and writes each
-    segment's gradients straight into their rows, where autograd's in-place updates of
-    views would clone the whole (N, out) gradient once per segment.
+    with a backward of its own: it keeps only x (a view, no copy; A's gradient needs it,
+    though the frozen base layer alone would not keep it) and each
+    h_i = scale_i * x[S_i] @ A_i^T (|S_i| x r_i), and writes each segment's gradients
+    straight into their rows, where autograd's in-place updates of views would clone the
+    whole (N, out) gradient once per segment.
 
     ``weights`` are the compute-dtype A_0 (r, in), B_0 (out, r), A_1, ... (the layer's slot
     buffers, or the masters themselves when the dtypes agree); ``masters`` are the fp32
