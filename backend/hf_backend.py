@@ -83,7 +83,8 @@ class HFBackend:
         self.eos_ids = {int(t) for t in eos if t is not None}
         self.sampler: SamplingEngine | None = None  # the shared decode loop, when batching
         # called with the adapter after each optimizer step, in its turn (autosave, registry)
-        self.after_step_hooks: list = []
+        # (first: the LoRA layers' bf16 slot buffers of the stepped adapter are stale now)
+        self.after_step_hooks: list = [self.adapters.release_compute_copies]
         head = loaded.model.get_output_embeddings()
         self.plain_head = type(loaded.model).__name__ in PLAIN_HEAD_MODELS and getattr(head, "bias", None) is None
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])

@@ -1,4 +1,6 @@
-"""Multi-adapter LoRA routing: mixed batches, gradient isolation, thread isolation."""
+"""Multi-adapter LoRA: token routing, the segmented layer against a per-adapter reference,
+Conv1D and biased heads, compute-dtype slot buffers, and routing on the whole model
+(mixed batches, gradient isolation, thread isolation)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,13 @@ import threading
 
 import pytest
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from backend import FwdBwdRequest
-from backend.lora.layer import Routing, use_adapters
+from backend import AdamParams, FwdBwdRequest
+from backend.lora.layer import MultiLoraLinear, wrap_linear_layers
+from backend.lora.routing import Routing, use_adapters
+from backend.model.loading import wrap_for_lora
 
 pytestmark = pytest.mark.unit
 
@@ -43,11 +49,174 @@ def _zero(backend, *adapter_ids: str) -> None:
         backend.adapters.get(adapter_id).optimizer.zero_grad(set_to_none=True)
 
 
-def test_routing_gives_each_row_its_adapters_slot():
-    routing = Routing.build(["a", "a", None, "b", "a"])
+def test_routing_gives_each_adapter_its_tokens():
+    routing = Routing.build(["a", "a", None, "b", "b"])  # every adapter's rows in one run
     assert routing.adapters == ("a", "b") and not routing.uniform
-    assert routing.slots_B.tolist() == [1, 1, 0, 2, 1]
-    assert Routing.build(["a", "a"]).uniform and Routing.build([None]).uniform
+    segments = routing.segments(5 * 3)  # 3 tokens per row
+    assert (segments["a"].start, segments["a"].end, segments["a"].contiguous) == (0, 6, True)
+    assert (segments["b"].start, segments["b"].end) == (9, 15)
+    assert routing.segments(15) is segments  # built once per token count, then reused
+    interleaved = Routing.build(["a", None, "b", "a"]).segments(8)  # 2 tokens per row
+    assert interleaved["a"].index_S.tolist() == [0, 1, 6, 7] and interleaved["b"].contiguous
+    with pytest.raises(RuntimeError, match="covers 4 rows but the layer's input has 7 tokens"):
+        Routing.build(["a", None, "b", "a"]).segments(7)
+    assert Routing.build(["a", "a"]).segments(7)["a"].covers(7)  # one adapter: any token count
+    assert Routing.build([None, None]).uniform and not Routing.build([None]).segments(3)
+
+
+# ---- the layer alone, against PEFT's formula adapter by adapter ------------------------------
+
+# (rank, alpha, which of the three layers it targets)
+SPECS = {"r4": (4, 8.0, (0, 1, 2)), "r8": (8, 16.0, (0, 1, 2)), "r16": (16, 4.0, (0, 2))}
+
+
+def _stack(seed: int = 0) -> list[MultiLoraLinear]:
+    """A Linear, a Conv1D (weight (in, out)) and a head-like Linear with a bias, each wrapped,
+    with the adapters of SPECS (B non-zero so every adapter changes the output)."""
+    torch.manual_seed(seed)
+    bases = [nn.Linear(16, 24), Conv1D(32, 24), nn.Linear(32, 20, bias=True)]
+    for conv in bases[1:2]:
+        nn.init.normal_(conv.weight, std=0.2)
+    layers = [MultiLoraLinear(base.requires_grad_(False), f"l{i}") for i, base in enumerate(bases)]
+    generator = torch.Generator().manual_seed(seed)
+    for adapter_id, (rank, alpha, targets) in SPECS.items():
+        for i in targets:
+            layers[i].add_adapter(adapter_id, rank, alpha, generator)
+            with torch.no_grad():
+                layers[i].lora_B[adapter_id].normal_(generator=generator)
+    return layers
+
+
+def _reference(layers: list[MultiLoraLinear], x_BTI: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+    """PEFT's y = W x + s * B (A x), one row at a time with that row's adapter alone."""
+    outs = []
+    for b, adapter_id in enumerate(rows):
+        h = x_BTI[b]
+        for layer in layers:
+            y = layer.base(h)
+            if adapter_id in layer.lora_A:
+                a, bb = layer.lora_A[adapter_id], layer.lora_B[adapter_id]
+                y = y + layer.scaling[adapter_id] * ((h @ a.t()) @ bb.t())
+            h = y
+        outs.append(h)
+    return torch.stack(outs)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference, relative to the largest value (fp32 sums in another order differ
+    by a few ulps of the largest terms)."""
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1.0)) if got.numel() else 0.0
+
+
+def _grads_of(layers: list[MultiLoraLinear]) -> dict[str, torch.Tensor]:
+    found = {}
+    for i, layer in enumerate(layers):
+        for name, params in (("A", layer.lora_A), ("B", layer.lora_B)):
+            for adapter_id, p in params.items():
+                found[f"{i}.{name}.{adapter_id}"] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                p.grad = None
+    return found
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        ["r4", "r4", "r8", None, "r16", "r16"],  # each adapter in one run: contiguous segments
+        ["r4", None, "r16", "r8", "r4", "r16"],  # interleaved: index segments
+        ["r8", "r8", "r8", "r8", "r8", "r8"],  # one adapter
+    ],
+)
+@pytest.mark.parametrize("flatten", [False, True])  # (B, T, in) like most models, (B*T, in) like OPT's fc1
+def test_segmented_layers_match_each_adapter_alone_with_gradients(rows, flatten):
+    layers = _stack()
+    B, T = len(rows), 5
+    x_BTI = torch.randn(B, T, 16, generator=torch.Generator().manual_seed(3))
+    weights_BTO = torch.randn(B, T, 20, generator=torch.Generator().manual_seed(4))
+
+    with use_adapters(Routing.build(rows, tokens_per_row=T)):
+        h = x_BTI.reshape(B * T, 16) if flatten else x_BTI
+        for layer in layers:
+            h = layer(h)
+    fused_BTO = h.reshape(B, T, 20)
+    (fused_BTO * weights_BTO).sum().backward()
+    fused_grads = _grads_of(layers)
+
+    reference_BTO = _reference(layers, x_BTI, rows)
+    (reference_BTO * weights_BTO).sum().backward()
+    reference_grads = _grads_of(layers)
+
+    assert _relative_error(fused_BTO.detach(), reference_BTO.detach()) <= 1e-6
+    for key, grad in reference_grads.items():
+        assert _relative_error(fused_grads[key], grad) <= 1e-6, key
+        if key.rsplit(".", 1)[1] not in rows:  # an adapter with no rows gets no gradient
+            assert not fused_grads[key].any(), key
+
+
+def test_a_layer_no_routed_adapter_targets_returns_the_base_output_whatever_its_shape():
+    """OPT's fc1/fc2 and an MoE's shared expert see (B*T, in); tokens an MoE routes to an
+    expert are any number. Without a routed adapter on the layer, nothing is checked."""
+    layer = _stack()[2]  # r4 and r8 target it, r16 too: route adapters it does not have
+    layer.remove_adapter("r16")
+    x_NI = torch.randn(112, 32)
+    with torch.no_grad(), use_adapters(Routing.build([None, "r16"])):  # 2 rows, 112 tokens
+        assert torch.equal(layer(x_NI), layer.base(x_NI))
+
+
+def test_conv1d_and_biased_heads_are_wrapped():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model.lm_head = nn.Linear(16, 64, bias=True)  # a head with a bias still takes LoRA
+    layers, names, head = wrap_for_lora(model)
+    assert names == ["c_attn", "c_fc", "c_proj"] and head == "lm_head"
+    attn = layers["transformer.h.0.attn.c_attn"]
+    assert attn.fan_in_fan_out and (attn.in_features, attn.out_features) == (16, 48)
+    assert not layers["lm_head"].fan_in_fan_out and layers["lm_head"].base.bias is not None
+
+
+def test_bf16_compute_copies_are_kept_refreshed_and_released():
+    """A bf16 model computes the branch in bf16 from fp32 masters, through a slot buffer
+    kept across calls and rebuilt when the master changes; the gradient reaches the fp32
+    master."""
+    layer = _stack()[0]
+    layer.base.to(torch.bfloat16)
+    x_NI = torch.randn(4, 16, dtype=torch.bfloat16)
+
+    def expected() -> torch.Tensor:
+        a, b = layer.lora_A["r8"].to(torch.bfloat16), layer.lora_B["r8"].to(torch.bfloat16)
+        return layer.base(x_NI).addmm_((x_NI @ a.t()) * layer.scaling["r8"], b.t())  # bf16 throughout
+
+    with torch.no_grad(), use_adapters(["r8"]):
+        first = layer(x_NI)
+        buffer = layer._compute["r8"][1]
+        assert buffer.dtype == torch.bfloat16 and layer.lora_A["r8"].dtype == torch.float32
+        layer(x_NI)
+        assert layer._compute["r8"][1] is buffer  # kept: no cast per call
+        torch.testing.assert_close(first, expected(), rtol=0, atol=0)
+        layer.lora_B["r8"].mul_(2)  # an optimizer step, in place
+        torch.testing.assert_close(layer(x_NI), expected(), rtol=0, atol=0)
+        assert layer._compute["r8"][1] is not buffer
+    layer.release_compute_copy("r8")
+    assert "r8" not in layer._compute
+    x_leaf = x_NI.clone().requires_grad_()
+    with use_adapters(["r8"]):
+        layer(x_leaf).float().sum().backward()
+    assert layer._compute["r8"][1].dtype == torch.bfloat16  # training reads the slot buffer too
+    got = [layer.lora_A["r8"].grad, layer.lora_B["r8"].grad, x_leaf.grad]
+    assert [g.dtype for g in got] == [torch.float32, torch.float32, torch.bfloat16]
+    a, b, x_ref = (t.detach().clone().requires_grad_() for t in (layer.lora_A["r8"], layer.lora_B["r8"], x_NI))
+    branch = (x_ref @ a.to(torch.bfloat16).t()) * layer.scaling["r8"] @ b.to(torch.bfloat16).t()
+    (layer.base(x_ref) + branch).float().sum().backward()
+    for g, want in zip(got, [a.grad, b.grad, x_ref.grad], strict=True):  # PEFT-style autograd, cast in the graph
+        torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_wrap_linear_layers_wraps_conv1d_by_name():
+    model = nn.Sequential()
+    model.add_module("c_fc", Conv1D(8, 4))
+    model.add_module("other", nn.Linear(8, 8))
+    assert list(wrap_linear_layers(model, ["c_fc"])) == ["c_fc"]
+    assert isinstance(model.c_fc, MultiLoraLinear) and isinstance(model.other, nn.Linear)
 
 
 def test_new_adapter_leaves_the_base_model_unchanged(backend):
@@ -147,18 +316,153 @@ def test_interleaved_rows_of_different_ranks_match_each_row_alone(backend):
         torch.testing.assert_close(fused[b : b + 1], alone, rtol=0, atol=1e-5)
 
 
-def test_cached_routing_weights_match_uncached(backend):
-    """With a weight cache (as the decode loop uses), repeated forwards give the uncached
-    result, including when the rows list the adapters exactly in slot order."""
-    x, y = (_make_adapter(backend, rank, 8.0, seed=80 + rank) for rank in (4, 8))
-    order = tuple(sorted((x, y)))
-    tokens = torch.tensor(backend.render_prompts(["abcd", "wxyz"]))
-    with torch.no_grad(), use_adapters(list(order)):
-        expected = backend.model(input_ids=tokens).logits
-    with torch.no_grad(), use_adapters(list(reversed(order))):
-        expected_reversed = backend.model(input_ids=tokens).logits
-    cache: dict = {}
-    for rows, want in [(order, expected), (order[::-1], expected_reversed), (order, expected)]:
-        routing = Routing.build(list(rows), "cpu", order, cache)  # one cache, as rows come and go
-        with torch.no_grad(), use_adapters(routing):
-            torch.testing.assert_close(backend.model(input_ids=tokens).logits, want, rtol=0, atol=1e-6)
+def test_one_routing_serves_the_body_and_a_head_that_sees_one_token_per_row(backend):
+    """Decode-style: the routing is built for the prompt's length; the head (logits_to_keep=1)
+    sees one token per row and gets segments of its own from the same object."""
+    x, y = (_make_adapter(backend, rank, 8.0, seed=80 + rank, targets=["q_proj", "lm_head"]) for rank in (4, 8))
+    tokens = torch.tensor(backend.render_prompts(["abcd", "wxyz", "klmn"]))
+    rows = [x, None, y]
+    routing = Routing.build(rows, "cpu", tokens_per_row=tokens.shape[1])
+    with torch.no_grad(), use_adapters(routing):
+        last = backend.model(input_ids=tokens, logits_to_keep=1).logits[:, -1]
+    for b, adapter_id in enumerate(rows):
+        with torch.no_grad(), use_adapters([adapter_id]):
+            alone = backend.model(input_ids=tokens[b : b + 1]).logits[0, -1]
+        torch.testing.assert_close(last[b], alone, rtol=0, atol=1e-5)
+
+
+# ---- a Conv1D model end to end: GPT-2 ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_backend(tmp_path_factory):
+    """A tiny random GPT-2 (Conv1D layers: weight (in, out)) served in this process."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from backend.hf_backend import HFBackend
+    from backend.model.builtin_tiny import build_tokenizer, write_model_once
+    from backend.model.loading import load_base_model
+    from thinker.core.config import Config
+
+    def build():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=260, n_positions=128, n_embd=32, n_layer=2, n_head=2, eos_token_id=2)
+        return GPT2LMHeadModel(config), build_tokenizer()
+
+    folder = write_model_once(tmp_path_factory.mktemp("models") / "gpt2-tiny", build)
+    cache = tmp_path_factory.mktemp("gpt2-cache")
+    loaded = load_base_model(Config(base_model=str(folder), thinker_cache_dir=str(cache), device="cpu"))
+    return HFBackend(loaded, tmp_path_factory.mktemp("gpt2-data"))
+
+
+def test_gpt2_conv1d_adapters_train_fused_and_export_to_peft(gpt2_backend, tmp_path):
+    backend = gpt2_backend
+    assert {"c_attn", "c_proj", "c_fc"} <= set(backend.loaded.target_modules)
+    ids = [_make_adapter(backend, rank, 8.0, seed=40 + rank) for rank in (4, 8)]
+    examples = backend.render_conversations(CONVERSATIONS)
+    requests = [FwdBwdRequest(ids[0], examples[:1]), FwdBwdRequest(ids[1], examples[1:])]
+    fused = backend.forward_backward(requests)
+    fused_grads = {a: _grads(backend, a) for a in ids}
+    for request, fused_result in zip(requests, fused, strict=True):
+        _zero(backend, *ids)
+        alone = backend.forward_backward([request])[0]
+        assert alone["loss"] == pytest.approx(fused_result["loss"], abs=1e-5)
+        for g_alone, g_fused in zip(_grads(backend, request.adapter_id), fused_grads[request.adapter_id], strict=True):
+            torch.testing.assert_close(g_fused, g_alone, rtol=0, atol=1e-5)
+    _zero(backend, *ids)
+
+    # The PEFT export of a Conv1D adapter loads into PEFT and gives the server's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from backend.lora.peft_files import save_peft_adapter
+
+    adapter = backend.adapters.get(ids[1])
+    folder = save_peft_adapter(adapter, backend.loaded.lora_layers, backend.loaded.path, tmp_path / "export")
+    tokens = torch.tensor([backend.render_prompts(["Hello there"])[0]])
+    with torch.no_grad(), use_adapters([ids[1]]):
+        served = backend.model(input_ids=tokens).logits
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backend.loaded.path), str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits, served, rtol=0, atol=1e-5)
+
+
+def test_gpt2_decode_batch_of_mixed_adapters_matches_each_row_alone(gpt2_backend):
+    """Interleaved rows (index segments) and a head that sees one token per row, on Conv1D."""
+    from backend.sample.decode import generate
+    from backend.sample.sampling import SampleRow, SamplingParams
+
+    backend = gpt2_backend
+    x, y = (_make_adapter(backend, rank, 8.0, seed=90 + rank, targets=["c_attn", "c_fc", "lm_head"]) for rank in (4, 8))
+    params = SamplingParams(max_tokens=5, temperature=0.0, stop_at_eos=False)
+    prompts = backend.render_prompts(["Hi", "A longer prompt", "Yo", "Hey"])
+    rows = [SampleRow(a, p, params) for a, p in zip([x, None, y, x], prompts, strict=True)]
+
+    def run(batch):
+        return [c.tokens for c in generate(backend.model, backend.tokenizer, batch, backend.eos_ids, 128, "cpu")]
+
+    assert run(rows) == [run([row])[0] for row in rows]
+
+
+def test_moe_shared_expert_sees_flattened_tokens_and_mixed_rows_match_each_row_alone():
+    """Qwen2-MoE's shared expert gets (B*T, H): the reported 'covers 2 rows but the batch
+    has 112' failure, for every request once any adapter existed."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2,
+    )
+    model = Qwen2MoeForCausalLM(config).eval().requires_grad_(False)
+    layers, names, _ = wrap_for_lora(model)
+    assert any("shared_expert" in path for path in layers)
+    generator = torch.Generator().manual_seed(1)
+    for adapter_id, (rank, targets) in {"x": (4, None), "y": (8, {"gate_proj", "up_proj", "down_proj"})}.items():
+        for path, layer in layers.items():
+            if path != "lm_head" and (targets is None or path.rsplit(".", 1)[1] in targets):
+                layer.add_adapter(adapter_id, rank, 8.0, generator)
+                with torch.no_grad():
+                    layer.lora_B[adapter_id].normal_(std=0.1, generator=generator)
+    ids_BT = torch.randint(0, 64, (3, 7), generator=generator)
+    rows = ["x", None, "y"]
+    with torch.no_grad(), use_adapters(Routing.build(rows, tokens_per_row=7)):
+        fused = model(input_ids=ids_BT).logits
+    for b, adapter_id in enumerate(rows):
+        with torch.no_grad(), use_adapters([adapter_id]):
+            alone = model(input_ids=ids_BT[b : b + 1]).logits
+        torch.testing.assert_close(fused[b : b + 1], alone, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        base = model(input_ids=ids_BT[:2]).logits
+        with use_adapters(Routing.build([None, "nobody"])):  # an adapter no layer has: the base model
+            torch.testing.assert_close(model(input_ids=ids_BT[:2]).logits, base, rtol=0, atol=0)
+
+
+def test_a_fused_optimizer_step_reaches_the_bf16_slot_buffers(backend):
+    """Fused AdamW writes the weights without bumping their version counters: the step
+    itself must release the stepped adapter's buffers, or sampling would use old weights."""
+    layer = _stack()[0]
+    layer.base.to(torch.bfloat16)
+    x_NI = torch.randn(4, 16, dtype=torch.bfloat16)
+    masters = [layer.lora_A["r8"], layer.lora_B["r8"]]
+    optimizer = torch.optim.AdamW(masters, lr=0.1, fused=True)
+    with torch.no_grad(), use_adapters(["r8"]):
+        before = layer(x_NI)
+    for p in masters:
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in masters]
+    optimizer.step()
+    assert [p._version for p in masters] == versions  # why versions alone cannot tell
+    layer.release_compute_copy("r8")  # what the backend's after-step hook does
+    with torch.no_grad(), use_adapters(["r8"]):
+        assert not torch.equal(layer(x_NI), before)
+
+    # The backend wires it: a step releases the adapter's buffers in every layer it has.
+    adapter_id = _make_adapter(backend, 4, 8.0, seed=123)
+    adapter = backend.adapters.get(adapter_id)
+    first = backend.loaded.lora_layers[adapter.layer_names[0]]
+    released = first._released.get(adapter_id, 0)
+    backend.forward_backward([FwdBwdRequest(adapter_id, backend.render_conversations(CONVERSATIONS[:1]))])
+    backend.optim_step(adapter_id, AdamParams(learning_rate=1e-3))
+    assert first._released.get(adapter_id, 0) == released + 1

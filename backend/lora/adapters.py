@@ -177,6 +177,12 @@ class LiveAdapters:
         for hook in self.removed_hooks:
             hook(adapter)
 
+    def release_compute_copies(self, adapter: Adapter) -> None:
+        """Drop the adapter's compute-dtype slot buffers: it is leaving the device, or it just
+        stepped (a fused optimizer step changes weights without bumping their versions)."""
+        for name in adapter.layer_names:
+            self._layers[name].release_compute_copy(adapter.id)
+
     def pin(self, adapter_id: str) -> None:
         with self._lock:
             adapter = self.get(adapter_id)

@@ -1,193 +1,209 @@
-"""Multi-adapter LoRA on a shared base model, routed per batch row.
+"""Multi-adapter LoRA on a shared base model: one wrapped layer, tokens routed by segment.
 
-PEFT's ``set_adapter()`` flips one global "active adapter" on the model, so two threads
+PEFT's ``set_adapter()`` flips one global "active adapter" on the model, so two users
 training different adapters on one model would train each other's. Here each target
-``nn.Linear`` is wrapped in a ``MultiLoraLinear`` that holds every adapter's own A/B
-(its own rank and scaling) and reads which adapter each row uses from a ``ContextVar``
-set for the duration of one forward call. Context variables are per thread, so
-concurrent forwards on different threads never see each other's routing.
+layer (``nn.Linear``, or transformers' ``Conv1D`` whose weight is stored (in, out)) is
+wrapped in a ``MultiLoraLinear`` that holds every adapter's own A/B (its own rank and
+scaling) and applies to each token the adapter the pass's ``Routing`` gives it
+(backend/lora/routing.py).
 
-One call may mix rows of many adapters: their A/B are stacked (zero-padded to the
-largest rank, which adds exactly nothing) and every row is routed to its own adapter by
-one batched matrix product, not a loop over rows or adapters. Only adapters that had
-rows get gradients.
+Semantics, with x the layer input flattened to (N, in) and y = base(x) of shape (N, out),
+for every adapter i routed in the pass that targets this layer, owning tokens S_i
+(a contiguous range [s_i, e_i) in the common case, else an index list):
 
-Math per adapter (PEFT's): y = W x + (alpha / r) * B (A x), with A (r, in), B (out, r).
+    h_i = x[S_i] @ A_i^T                 # (|S_i|, r_i)     A_i: (r_i, in)
+    y[S_i] += scale_i * h_i @ B_i^T      # (|S_i|, out)     B_i: (out, r_i), scale_i = alpha_i / r_i
+
+Tokens in no segment (rows on the base model) keep y = base(x). ``SegmentedLora`` runs
+this as one autograd node per layer: each adapter's weights are read once, by the matmuls
+themselves (no per-row or per-token weight copies, no padding to the largest rank), the
+expand adds into the base output's rows in place, and backward keeps only x (a view:
+A's gradient needs it) and each h_i. A loop over the pass's adapters was measured
+against ``torch.nn.functional.grouped_mm`` with one call per distinct rank
+(bench/bench_lora_layer.py, CPU fp32): grouped_mm needs the adapters' weights stacked per
+call (a copy that its backward keeps), the tokens permuted by rank, and was no faster;
+see docs/lora-core.md.
+
+Weights: the fp32 masters (what the optimizer steps) are the ``lora_A``/``lora_B``
+parameters. When the activations are fp32 (CPU), the masters ARE the compute weights
+(no copy at all). On a bf16 model the branch computes in bf16 (docs/lora-core.md compares
+this with PEFT's numerics) from a per-layer slot buffer of compute-dtype copies, made on
+first use and remade when the master's version, storage or dtype changed (a checkpoint
+load, a residency move) or the buffer was released (after every optimizer step: fused
+AdamW leaves version counters alone; and when the adapter leaves the device); training
+reads the same buffers, and its gradients land on the fp32 masters.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from backend.lora.routing import Routing, current_routing, use_adapters
 
-@dataclass
-class Routing:
-    """Which adapter each row of one forward call uses."""
-
-    row_adapters: tuple[str | None, ...]  # (B,) adapter id per row; None: base model only
-    adapters: tuple[str, ...]  # the distinct adapters, in slot order (slot 0 is "none")
-    slots_B: torch.Tensor | None  # (B,) long slot per row; None when every row uses one adapter
-    # Stacked weights per layer, reusable while the adapters' weights cannot change (for
-    # instance across the decode steps of one sampling batch); None: build per call.
-    weight_cache: dict | None = field(default=None)
-
-    @property
-    def uniform(self) -> bool:
-        return self.slots_B is None
-
-    @classmethod
-    def build(
-        cls,
-        row_adapters: Sequence[str | None],
-        device: torch.device | str = "cpu",
-        adapter_order: Sequence[str] | None = None,
-        weight_cache: dict | None = None,
-    ) -> Routing:
-        rows = tuple(row_adapters)
-        distinct = tuple(adapter_order) if adapter_order is not None else tuple(dict.fromkeys(a for a in rows if a))
-        if len(set(rows)) <= 1:
-            return cls(rows, distinct, None, weight_cache)
-        slot_of = {a: i + 1 for i, a in enumerate(distinct)}
-        slots = torch.tensor([slot_of[a] if a else 0 for a in rows], dtype=torch.long, device=device)
-        return cls(rows, distinct, slots, weight_cache)
+__all__ = ["MultiLoraLinear", "Routing", "is_lora_target", "short_name", "use_adapters", "wrap_linear_layers"]
 
 
-_routing: ContextVar[Routing | None] = ContextVar("thinker_lora_routing", default=None)
-
-
-@contextmanager
-def use_adapters(
-    row_adapters: Sequence[str | None] | Routing, device: torch.device | str = "cpu"
-) -> Iterator[Routing]:
-    """Route this thread's forward calls: row i uses ``row_adapters[i]`` (None: base)."""
-    routing = row_adapters if isinstance(row_adapters, Routing) else Routing.build(row_adapters, device)
-    token = _routing.set(routing)
+def _conv1d_type() -> type | None:
     try:
-        yield routing
-    finally:
-        _routing.reset(token)
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency; be safe anyway
+        return None
+    return Conv1D
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's c_attn, c_proj, c_fc)."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 class MultiLoraLinear(nn.Module):
-    """An ``nn.Linear`` plus any number of LoRA adapters, chosen per row by the routing."""
+    """A linear layer (``nn.Linear`` or ``Conv1D``) plus any number of LoRA adapters."""
 
-    def __init__(self, base: nn.Linear, name: str) -> None:
+    def __init__(self, base: nn.Module, name: str) -> None:
         super().__init__()
         self.base = base
         self.name = name  # module path in the base model, e.g. model.layers.0.self_attn.q_proj
+        # Conv1D keeps its weight as (in, out): PEFT calls this fan_in_fan_out. The LoRA
+        # matrices keep PEFT's layout either way: A (r, in), B (out, r).
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        in_features, out_features = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
+        self.in_features, self.out_features = int(in_features), int(out_features)
         # Plain dicts, not ParameterDicts: adapters come and go while other threads run
         # forwards, and the base model's parameter list must never change under them.
         self.lora_A: dict[str, nn.Parameter] = {}
         self.lora_B: dict[str, nn.Parameter] = {}
         self.scaling: dict[str, float] = {}
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+        # Slot buffers: adapter -> (key of the masters it was made from, A, B) in a compute
+        # dtype other than the masters' (bf16 on GPU). Empty on an fp32 model.
+        self._compute: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # adapter -> how many times its buffer was released: part of the buffer's key, so a
+        # copy made from weights read before a release is never taken for a current one.
+        self._released: dict[str, int] = {}
 
     def add_adapter(self, adapter_id: str, rank: int, alpha: float, generator: torch.Generator) -> None:
         """Create A with PEFT's default init (Kaiming-uniform) and B = 0, so a new adapter
         leaves the base model's outputs unchanged."""
-        weight = self.base.weight
+        device = self.base.weight.device
         a = torch.empty(rank, self.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A[adapter_id] = nn.Parameter(a.to(weight.device))
-        self.lora_B[adapter_id] = nn.Parameter(
-            torch.zeros(self.out_features, rank, dtype=torch.float32, device=weight.device)
-        )
+        self.lora_A[adapter_id] = nn.Parameter(a.to(device))
+        self.lora_B[adapter_id] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=device))
         self.scaling[adapter_id] = alpha / rank
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.scaling.pop(adapter_id, None)
         self.lora_A.pop(adapter_id, None)
         self.lora_B.pop(adapter_id, None)
+        self._compute.pop(adapter_id, None)
+        self._released.pop(adapter_id, None)
+
+    def release_compute_copy(self, adapter_id: str) -> None:
+        """Drop the adapter's slot buffer: it left the device, or its weights changed in a
+        way their version counters do not show (a fused AdamW step does not bump them)."""
+        self._released[adapter_id] = self._released.get(adapter_id, 0) + 1
+        self._compute.pop(adapter_id, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (B, T, out)
-        routing = _routing.get()
-        if routing is None or not self.lora_A:
-            return out
-        if len(routing.row_adapters) != x.shape[0]:
-            raise RuntimeError(f"LoRA routing covers {len(routing.row_adapters)} rows but the batch has {x.shape[0]}")
-        if routing.uniform:
-            adapter_id = routing.row_adapters[0] if routing.row_adapters else None
-            a = self.lora_A.get(adapter_id) if adapter_id else None
-            if a is None:
-                return out
-            h = x @ a.to(x.dtype).t()  # (B, T, r)
-            b_scaled = self.lora_B[adapter_id].to(x.dtype) * self.scaling[adapter_id]  # (out, r): scale the small side
-            # out + h @ B^T in one pass over the (B, T, out) output
-            return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), b_scaled.t()).view_as(out)
-        rows = self._routed_rows(routing, x.dtype)
-        if rows is None:  # none of the batch's adapters targets this layer
-            return out
-        a_BRI, b_BOR = rows
-        h_BTR = torch.bmm(x, a_BRI.transpose(1, 2))  # (B, T, in) @ (B, in, R) -> (B, T, R)
-        return torch.baddbmm(out, h_BTR, b_BOR.transpose(1, 2))  # out + (B, T, R) @ (B, R, O)
+        routing = current_routing()
+        targeted = [a for a in routing.adapters if a in self.lora_A] if routing is not None else []
+        if not targeted:  # no routed adapter targets this layer: the base output, untouched
+            return self.base(x)
+        x_NI = x.reshape(-1, self.in_features)
+        segments = routing.segments(x_NI.shape[0])  # the coverage check, here only
+        routed = [segments[a] for a in targeted]
+        scales = [self.scaling[a] for a in targeted]
+        masters = [w for a in targeted for w in (self.lora_A[a], self.lora_B[a])]  # A_0, B_0, A_1, B_1, ...
+        computes = [w for a in targeted for w in self._weights(a, x.dtype)]  # the same, in x's dtype
+        out_NO = self.base(x_NI)  # (N, out)
+        out_NO = SegmentedLora.apply(routed, scales, computes, out_NO, x_NI, *masters)
+        return out_NO.view(*x.shape[:-1], self.out_features)
 
-    def _routed_rows(self, routing: Routing, dtype: torch.dtype):
-        """Each row's own A (B, R, in) and scaled B (B, out, R), gathered from the stack."""
-        cache, key = routing.weight_cache, ("rows", self.name, routing.row_adapters)
-        if cache is not None and key in cache:
-            return cache[key]
-        stacked = self._stacked(routing, dtype)
-        rows = None if stacked is None else (stacked[0][routing.slots_B], stacked[1][routing.slots_B])
-        if cache is not None:
-            cache[key] = rows
-        return rows
+    def _weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A (r, in) and B (out, r) in ``dtype``, without a copy when the
+        masters already are in it (see the module docstring)."""
+        a, b = self.lora_A[adapter_id], self.lora_B[adapter_id]
+        if a.dtype == dtype:
+            return a, b
+        key = (self._released.get(adapter_id, 0), a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)
+        slot = self._compute.get(adapter_id)
+        if slot is None or slot[0] != key:
+            slot = (key, a.detach().to(dtype), b.detach().to(dtype))
+            self._compute[adapter_id] = slot
+        return slot[1], slot[2]
 
-    def _stacked(self, routing: Routing, dtype: torch.dtype):
-        """Every routed adapter's A and scaled B, zero-padded to the largest rank and
-        stacked by slot (slot 0, and adapters that do not target this layer, are zeros):
-        A (S, R, in), B * scaling (S, out, R)."""
-        cache, key = routing.weight_cache, ("stack", self.name, routing.adapters)
-        if cache is not None and key in cache:
-            return cache[key]
-        present = [a for a in routing.adapters if a in self.lora_A]
-        if not present:
-            result = None
-        else:
-            rank = max(self.lora_A[a].shape[0] for a in present)
-            weight = self.base.weight
-            zeros_a = weight.new_zeros(rank, self.in_features, dtype=dtype)
-            zeros_b = weight.new_zeros(self.out_features, rank, dtype=dtype)
-            a_list, b_list = [zeros_a], [zeros_b]
-            for adapter_id in routing.adapters:
-                a = self.lora_A.get(adapter_id)
-                if a is None:
-                    a_list.append(zeros_a)
-                    b_list.append(zeros_b)
-                    continue
-                pad = rank - a.shape[0]
-                b_scaled = self.lora_B[adapter_id].to(dtype) * self.scaling[adapter_id]
-                a_list.append(F.pad(a.to(dtype), (0, 0, 0, pad)))  # extra rows of A: zero
-                b_list.append(F.pad(b_scaled, (0, pad)))  # extra columns of B: zero
-            result = (torch.stack(a_list), torch.stack(b_list))
-        if cache is not None:
-            cache[key] = result
-        return result
+
+class SegmentedLora(torch.autograd.Function):
+    """``y[S_i] += scale_i * (x[S_i] @ A_i^T) @ B_i^T`` for every segment i, in place on y,
+    with a backward of its own: it keeps only x (a view, no copy; A's gradient needs it,
+    though the frozen base layer alone would not keep it) and each
+    h_i = scale_i * x[S_i] @ A_i^T (|S_i| x r_i), and writes each segment's gradients
+    straight into their rows, where autograd's in-place updates of views would clone the
+    whole (N, out) gradient once per segment.
+
+    ``weights`` are the compute-dtype A_0 (r, in), B_0 (out, r), A_1, ... (the layer's slot
+    buffers, or the masters themselves when the dtypes agree); ``masters`` are the fp32
+    parameters they were made from: the inputs autograd differentiates, whose gradients
+    come back in their own dtype. The slot buffers are held on ctx, not saved: they are
+    replaced, never written in place, so the layer's cache keeps them alive and unchanged."""
+
+    @staticmethod
+    def forward(ctx, segments, scales, weights, y_NO, x_NI, *masters):
+        hs = []
+        for i, seg in enumerate(segments):
+            a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
+            h_SR = _rows(x_NI, seg) @ a_RI.t()  # shrink: (S, in) @ (in, r)
+            h_SR.mul_(scales[i])  # scaled on the small side
+            if seg.contiguous:
+                y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t())  # expand: += (S, r) @ (r, out)
+            else:
+                y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
+            hs.append(h_SR)
+        ctx.mark_dirty(y_NO)
+        ctx.segments, ctx.scales, ctx.weights = segments, scales, weights
+        ctx.master_dtypes = [m.dtype for m in masters]
+        ctx.save_for_backward(x_NI, *hs)
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, g_NO):
+        x_NI, *hs = ctx.saved_tensors
+        weights, dtypes = ctx.weights, ctx.master_dtypes
+        wants_x = ctx.needs_input_grad[4]
+        g_x_NI = torch.zeros_like(x_NI) if wants_x else None
+        grads: list[torch.Tensor | None] = []
+        for i, seg in enumerate(ctx.segments):
+            a_RI, b_OR, h_SR = weights[2 * i], weights[2 * i + 1], hs[i]
+            g_SO = _rows(g_NO, seg)
+            g_h_SR = (g_SO @ b_OR) * ctx.scales[i]  # (S, r): the gradient of the unscaled x[S] @ A^T
+            g_a = (g_h_SR.t() @ _rows(x_NI, seg)).to(dtypes[2 * i]) if ctx.needs_input_grad[5 + 2 * i] else None
+            g_b = (g_SO.t() @ h_SR).to(dtypes[2 * i + 1]) if ctx.needs_input_grad[6 + 2 * i] else None
+            grads += [g_a, g_b]  # (r, in), (out, r)
+            if wants_x:
+                if seg.contiguous:
+                    g_x_NI[seg.start : seg.end].addmm_(g_h_SR, a_RI)
+                else:
+                    g_x_NI.index_add_(0, seg.index_S, g_h_SR @ a_RI)
+        return None, None, None, g_NO, g_x_NI, *grads
+
+
+def _rows(t_NF: torch.Tensor, seg) -> torch.Tensor:
+    """A segment's rows: a view when contiguous, else a gather."""
+    return t_NF[seg.start : seg.end] if seg.contiguous else t_NF.index_select(0, seg.index_S)
 
 
 def wrap_linear_layers(model: nn.Module, candidate_names: Sequence[str]) -> dict[str, MultiLoraLinear]:
-    """Replace every ``nn.Linear`` whose last name is in ``candidate_names`` (never the
-    output head) by a MultiLoraLinear; returns them keyed by module path."""
+    """Replace every linear layer (``nn.Linear`` or ``Conv1D``) whose last name is in
+    ``candidate_names`` by a MultiLoraLinear; returns them keyed by module path."""
     wanted = set(candidate_names)
-    found: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    found: list[tuple[nn.Module, str, str, nn.Module]] = []
     for path, module in model.named_modules():
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear) and child_name in wanted:
+            if child_name in wanted and is_lora_target(child):
                 full = f"{path}.{child_name}" if path else child_name
                 found.append((module, child_name, full, child))
     layers: dict[str, MultiLoraLinear] = {}

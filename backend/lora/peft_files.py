@@ -36,6 +36,8 @@ def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base
         target_modules=list(adapter.target_modules),
         lora_dropout=0.0,
         bias="none",
+        # GPT-2's Conv1D stores its weight (in, out); PEFT needs to be told (A/B keep its layout).
+        fan_in_fan_out=any(layers[name].fan_in_fan_out for name in adapter.layer_names),
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     ).save_pretrained(str(folder))

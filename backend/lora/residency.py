@@ -81,6 +81,7 @@ class Residency:
             adapter = self.registry.find(adapter_id)
             if adapter is not None:
                 _move(adapter, torch.device("cpu"), pin=self.device.type == "cuda")
+                self.registry.release_compute_copies(adapter)  # its bf16 slot buffers leave too
             del self._resident[adapter_id]
             self.offloads += 1
             excess -= 1

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from backend.lora.layer import MultiLoraLinear, short_name, wrap_linear_layers
+from backend.lora.layer import MultiLoraLinear, is_lora_target, short_name, wrap_linear_layers
 from backend.model.builtin_tiny import ensure_builtin_tiny
 from thinker.core.config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
 from thinker.core.errors import ConfigurationError
@@ -170,23 +170,9 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
     model.to(device)
     model.eval()  # no dropout: LoRA training here is deterministic given the data
     model.requires_grad_(False)
-    head = model.get_output_embeddings()
-    names = sorted(
-        {
-            short_name(path_)
-            for path_, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head
-        }
-    )
+    layers, names, head_name = wrap_for_lora(model)
     if not names:
-        raise ConfigurationError(f"{name} has no nn.Linear layers for LoRA to target")
-    layers = wrap_linear_layers(model, names)
-    head_name = None
-    if isinstance(head, nn.Linear) and getattr(head, "bias", None) is None:
-        # The output head takes LoRA too (Tinker's train_unembed), but only when asked.
-        head_path = next(path_ for path_, module in model.named_modules() if module is head)
-        head_name = short_name(head_path)
-        layers.update(wrap_linear_layers(model, [head_name]))
+        raise ConfigurationError(f"{name} has no linear layers (nn.Linear or Conv1D) for LoRA to target")
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     return LoadedModel(
         model=model,
@@ -200,3 +186,22 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
         target_modules=names,
         head_module=head_name,
     )
+
+
+def wrap_for_lora(model: nn.Module) -> tuple[dict[str, MultiLoraLinear], list[str], str | None]:
+    """Wrap every linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) and the output head for
+    LoRA. Returns the wrapped layers by path, the short names adapters may target (the head
+    apart) and the head's short name (None when the head is not a linear layer)."""
+    head = model.get_output_embeddings()
+    names = sorted(
+        {short_name(path) for path, module in model.named_modules() if is_lora_target(module) and module is not head}
+    )
+    layers = wrap_linear_layers(model, names) if names else {}
+    head_name = None
+    if isinstance(head, nn.Linear):
+        # The output head takes LoRA too (Tinker's train_unembed), but only when asked; its
+        # bias (if any) stays in the base output, exactly as PEFT treats it.
+        head_path = next(path for path, module in model.named_modules() if module is head)
+        head_name = short_name(head_path)
+        layers.update(wrap_linear_layers(model, [head_name]))
+    return layers, names, head_name

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.lora.layer import MultiLoraLinear, Routing, use_adapters
+from backend.lora.layer import MultiLoraLinear
+from backend.lora.routing import Routing, use_adapters
 from backend.sample.sampling import Completion, SampleRow, check_prompts, choose_token
 from backend.train.output_head import PLAIN_HEAD_MODELS
 
@@ -51,13 +52,14 @@ class DecodeBatch:
         self.cache = None
         self.mask_BL: torch.Tensor | None = None  # (B, L) 1 where a cached position is real
         self.next_tokens: list[int] = []  # (B,) the token each row feeds next
-        # Stacked adapter weights for the current rows. Rebuilt whenever rows join or leave:
-        # an adapter's weights can only change (optim_step) after all its rows have left.
-        self._weight_cache: dict = {}
         # Llama-style heads (logits = head(last hidden state), see losses.PLAIN_HEAD_MODELS)
         # wrapped for LoRA: the last position's logits are computed here.
         head = model.get_output_embeddings()
-        self._plain_head = type(model).__name__ in PLAIN_HEAD_MODELS and isinstance(head, MultiLoraLinear)
+        self._plain_head = (
+            type(model).__name__ in PLAIN_HEAD_MODELS
+            and isinstance(head, MultiLoraLinear)
+            and getattr(head.base, "bias", None) is None  # the shortcut below is weight-only
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,7 +83,6 @@ class DecodeBatch:
             return
         from transformers import DynamicCache
 
-        self._weight_cache = {}
         pad = self.tokenizer.pad_token_id
         width = max(len(r.row.prompt_tokens) for r in new_rows)
         ids_BL = torch.full((len(new_rows), width), pad, dtype=torch.long)
@@ -150,7 +151,6 @@ class DecodeBatch:
         """After a failed step over the whole batch (cache back at its old length): run
         it on halves, recursively; rows that fail alone leave the batch via on_fail.
         Returns the survivors' logits (B', V), the batch reduced to them; None if none."""
-        self._weight_cache = {}  # the parts route other row sets: no stacked weights kept for them
         done: list[tuple[int, int, object, torch.Tensor]] = []  # (start, stop, part's cache, logits)
         failed: list[tuple[int, Exception]] = []
         self._run_parts(0, len(self.rows), ids_B1, mask_BL, error, done, failed)
@@ -183,7 +183,7 @@ class DecodeBatch:
         for a, b in ((start, middle), (middle, stop)):
             part = self._part_cache(a, b)
             try:
-                logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], mask_BL[a:b], part, keep_weights=False)
+                logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], mask_BL[a:b], part)
             except Exception as exc:  # noqa: BLE001
                 _drop_frames(exc)
                 del part
@@ -205,10 +205,11 @@ class DecodeBatch:
             part.layers.append(view)
         return part
 
-    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache, keep_weights: bool = True) -> torch.Tensor:
-        adapters = tuple(sorted({r.row.adapter_id for r in rows if r.row.adapter_id}))
-        weight_cache = self._weight_cache if keep_weights else None
-        routing = Routing.build([r.row.adapter_id for r in rows], self.device, adapters, weight_cache)
+    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
+        # The step's routing, built once: its token segments serve every layer (the head,
+        # which sees one token per row, gets its own on first use).
+        routing = Routing.build([r.row.adapter_id for r in rows], self.device, tokens_per_row=ids_BL.shape[1])
+        adapters = routing.adapters
         positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1]:]
         with use_adapters(routing):
             if not self._plain_head:
@@ -273,7 +274,6 @@ class DecodeBatch:
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.device)
         self.rows = [self.rows[j] for j in keep]
-        self._weight_cache = {}
         if not keep:
             self.cache = self.mask_BL = None
             return

@@ -92,7 +92,7 @@ def prompt_logprobs(
 ) -> tuple[list[float | None], list[list[tuple[int, float]] | None] | None]:
     """log p(tokens[t] | tokens[:t]) for every prompt position (None at 0, which has no
     context), and when ``topk`` > 0 the ``topk`` likeliest tokens at each position."""
-    from backend.lora.layer import use_adapters
+    from backend.lora.routing import use_adapters
 
     ids_1T = torch.tensor([list(tokens)], device=device)
     with use_adapters([adapter_id], device):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backend.lora.layer import use_adapters
+from backend.lora.routing import Routing, use_adapters
 from backend.train.examples import Example
 from backend.train.losses import LOSS_FUNCTIONS, get_loss_function
 from backend.train.output_head import head_target_logprobs
@@ -93,7 +93,8 @@ def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, request
     positions_BT = torch.arange(T, device=device).expand(B, T)
 
     wants_grad = any(q.backward and q.adapter_id for q in requests)
-    with torch.set_grad_enabled(wants_grad), use_adapters([adapter for _, adapter, _ in rows], device):
+    routing = Routing.build([adapter for _, adapter, _ in rows], device, tokens_per_row=T)  # once per pass
+    with torch.set_grad_enabled(wants_grad), use_adapters(routing):
         logprobs_BTK = _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
         losses, start = [], 0
         for request in requests:
