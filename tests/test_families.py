@@ -20,6 +20,7 @@ from backend.model.tiny_families import FAMILIES, ensure_family_model
 from backend.sample.decode import DecodeBatch, generate
 from backend.sample.sampling import SampleRow
 from thinker.core.config import Config
+from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 
@@ -30,16 +31,23 @@ MOE = {"qwen2-moe", "qwen3-moe", "mixtral", "gpt-oss", "deepseek-v3"}
 
 
 @pytest.fixture(scope="session")
-def family_backends(tmp_path_factory):
+def family_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+def family_config(family: str, root, **fields) -> Config:
+    folder = ensure_family_model(family, root / "models")  # written once per session
+    return Config(base_model=str(folder), thinker_cache_dir=str(root / "cache"), device="cpu", **fields)
+
+
+@pytest.fixture(scope="session")
+def family_backends(family_root):
     """One backend per family, loaded on first use and kept for the session."""
-    root = tmp_path_factory.mktemp("families")
     backends: dict[str, HFBackend] = {}
 
     def get(family: str) -> HFBackend:
         if family not in backends:
-            folder = ensure_family_model(family, root / "models")
-            config = Config(base_model=str(folder), thinker_cache_dir=str(root / "cache"), device="cpu")
-            backends[family] = HFBackend(load_base_model(config), root / f"data-{family}")
+            backends[family] = HFBackend(load_base_model(family_config(family, family_root)), family_root / family)
         return backends[family]
 
     yield get
@@ -68,6 +76,7 @@ def _full_forward_logprobs(backend: HFBackend, adapter_id: str | None, tokens: l
 def test_family_lora_life_cycle(family, family_backends):
     backend = family_backends(family)
     loaded = backend.loaded
+    assert bool(loaded.fused_experts) == (family in MOE)
     default = backend.add_lora(4, 8.0, None, 1)["model_id"]
     everything = backend.add_lora(4, 8.0, backend.allowed_targets(), 2)["model_id"]
 
@@ -149,3 +158,69 @@ def test_hybrid_decode_step_failing_for_one_row_leaves_the_others_exact(family_b
     assert [row.completion.tokens for row in live[:-1]] == [c.tokens for c in expected]
     for row, undisturbed in zip(live[:-1], expected, strict=True):
         torch.testing.assert_close(torch.tensor(row.completion.logprobs), torch.tensor(undisturbed.logprobs))
+
+
+@pytest.mark.parametrize(
+    ("family", "mlp_targets"),
+    [
+        ("qwen2-moe", {"gate_proj", "up_proj", "down_proj", "shared_expert_gate"}),  # the shared expert
+        ("qwen3-moe", set()),
+        ("mixtral", set()),
+        ("gpt-oss", set()),
+        ("deepseek-v3", set()),  # dense/shared MLP: peft would load their LoRA onto the experts
+    ],
+)
+def test_moe_models_name_what_lora_cannot_target(family, mlp_targets, family_backends):
+    backend = family_backends(family)
+    loaded = backend.loaded
+    assert set(loaded.target_modules) - ATTENTION[family] == mlp_targets
+    expert_name = loaded.fused_experts[0].rsplit(".", 1)[-1]  # e.g. gate_up_proj
+    if expert_name not in loaded.target_modules:
+        with pytest.raises(BadRequestError, match="fused MoE expert weights"):
+            backend.add_lora(4, 8.0, [expert_name], 0)
+    if family == "deepseek-v3":
+        with pytest.raises(BadRequestError, match="peft maps gate_proj to the fused experts"):
+            backend.add_lora(4, 8.0, ["gate_proj"], 0)
+
+
+ATTENTION = {
+    "qwen2-moe": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "qwen3-moe": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "gpt-oss": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "deepseek-v3": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
+}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe"])
+def test_over_http_train_mlp_on_fused_experts_is_refused_and_the_head_is_a_target(family, family_root, tmp_path):
+    """Tinker's train_mlp on a model whose MLP is only fused experts: a 400 naming them (it
+    would train nothing there); where a shared expert exists it is trained. The seed's
+    /add_lora accepts the output head's name, as the engine does."""
+    from app import close_app, create_app
+
+    app = create_app(family_config(family, family_root, thinker_data_dir=str(tmp_path), max_workers=1))
+    try:
+        client = app.test_client()
+        name = app.extensions["thinker"].backend.loaded.name
+        session = client.post("/api/v1/create_session", json={}).get_json()["session_id"]
+
+        def create(seq: int, **lora) -> object:
+            body = {"session_id": session, "model_seq_id": seq, "base_model": name, "lora_config": {"rank": 4, **lora}}
+            return client.post("/api/v1/create_model", json=body)
+
+        answer = create(0)
+        if family == "mixtral":
+            assert answer.status_code == 400
+            assert "fused MoE expert weights" in answer.get_json()["error"]
+            assert "train_mlp=False" in answer.get_json()["error"]
+            assert create(1, train_mlp=False).status_code == 200
+        else:
+            assert answer.status_code == 200, answer.get_json()
+        head = app.extensions["thinker"].backend.loaded.head_module
+        answer = client.post("/add_lora", json={"rank": 4, "target_modules": [head, "q_proj"]})
+        assert answer.status_code == 200, answer.get_json()
+        refused = client.post("/add_lora", json={"rank": 4, "target_modules": ["gate_up_proj"]})
+        assert refused.status_code == 400 and "fused MoE expert weights" in refused.get_json()["error"]
+    finally:
+        close_app(app)

@@ -15,7 +15,7 @@ import torch
 
 from backend.model.builtin_tiny import build_tokenizer, write_model_once
 
-VERSION = "v2"  # bump when a recipe changes so old cache folders are not reused
+VERSION = "v3"  # bump when a recipe changes so old cache folders are not reused
 
 _COMMON = {  # the fields most families share (Llama's names)
     "hidden_size": 64,
@@ -61,6 +61,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
             **_MOE,
             "n_routed_experts": 4,
             "n_shared_experts": 1,
+            "num_key_value_heads": 4,  # MLA expands its latent to every head (as the real config has)
             "first_k_dense_replace": 1,  # layer 0 dense, layer 1 MoE
             "n_group": 1,
             "topk_group": 1,
