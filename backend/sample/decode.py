@@ -99,7 +99,7 @@ class DecodeBatch:
             ids_BL[i, width - n:] = torch.tensor(live.row.prompt_tokens)
             mask_BL[i, width - n:] = 1
         ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
-        cache = kv_cache.new_cache(self.model)
+        cache = kv_cache.new_cache(self.model, self._recurrent)
         logits_BV = self._forward(new_rows, ids_BL, mask_BL, cache)
         keep, tokens = self._advance(new_rows, logits_BV)
         if not keep:
