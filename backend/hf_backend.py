@@ -132,8 +132,10 @@ class HFBackend:
         targets = list(target_modules) if target_modules else list(self.loaded.target_modules)
         unknown = sorted(set(targets) - set(self.allowed_targets()))
         if unknown:
+            why = self.loaded.why_not_targets(unknown)
             raise BadRequestError(
                 f"target_modules: {unknown} are not linear layers of this model; allowed: {self.allowed_targets()}"
+                + (f" ({why})" if why else "")
             )
         adapter = self.adapters.create(rank, alpha, targets, seed, adapter_id=adapter_id, owner=owner)
         return adapter.describe()

@@ -27,7 +27,9 @@ def test_saved_adapter_reproduces_server_logits_in_peft(backend):
 
     config = json.loads((Path(saved["path"]) / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 12.0
-    assert set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    # exact module paths (a short name would let peft pick other modules of that name)
+    assert set(config["target_modules"]) == set(backend.adapters.get(adapter_id).layer_names)
+    assert {path.rsplit(".", 1)[-1] for path in config["target_modules"]} == {"q_proj", "v_proj", "down_proj"}
 
     tokens = examples[0].input_tokens[None]
     with torch.no_grad(), use_adapters([adapter_id]):

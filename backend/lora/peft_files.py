@@ -1,7 +1,11 @@
 """Adapters on disk in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The files load with ``peft.PeftModel.from_pretrained(base_model, folder)`` onto the same
-base model and give the logits the server gives.
+base model and give the logits the server gives. ``target_modules`` lists the exact module
+paths the adapter has weights in, not short names: peft matches a short name against every
+module of that name, and in transformers 5 some of those are not the layers the server
+wrapped (DeepSeek-V3's ``gate_proj`` also names parts of its fused experts), so a
+short-name export would load and silently leave the trained MLP LoRA unapplied.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from backend.lora.adapters import Adapter
-from backend.lora.layer import MultiLoraLinear
+from backend.lora.layer import MultiLoraLinear, short_name
 
 _PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight")  # fullmatch
 
@@ -33,7 +37,7 @@ def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base
     LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.alpha,
-        target_modules=list(adapter.target_modules),
+        target_modules=list(adapter.layer_names),  # exact paths (see the module docstring)
         lora_dropout=0.0,
         bias="none",
         # GPT-2's Conv1D stores its weight (in, out); PEFT needs to be told (A/B keep its layout).
@@ -46,8 +50,12 @@ def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base
 
 def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A PEFT adapter folder's config (adapter_config.json) and tensors keyed by module
-    path and matrix: {"model.layers.0.self_attn.q_proj": {"A": ..., "B": ...}}."""
+    path and matrix: {"model.layers.0.self_attn.q_proj": {"A": ..., "B": ...}}. The config's
+    ``target_modules`` come back as short names (what adapters are configured by), whether
+    the folder lists exact paths (our exports) or short names (older ones, other tools)."""
     config = json.loads((folder / "adapter_config.json").read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted({short_name(target) for target in config["target_modules"]})
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
         match = _PEFT_KEY.fullmatch(key)
@@ -63,3 +71,26 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def load_optimizer_state(folder: Path) -> dict:
     return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def peft_remapped(model: torch.nn.Module, paths: list[str]) -> set[str]:
+    """The module ``paths`` peft would not put LoRA on if an export listed them.
+
+    peft (0.21) rewrites the config of adapters for some transformers-5 MoE architectures
+    when it loads one (a compatibility step for adapters trained on transformers 4): on
+    DeepSeek-V3, for one, every ``gate_proj``/``up_proj``/``down_proj`` target, however
+    exactly spelled, is moved to the fused experts. Asked here of peft itself, so a peft
+    that stops doing so frees those layers again."""
+    if not paths:
+        return set()
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a peft without the step: nothing is rewritten
+        return set()
+    config = LoraConfig(r=1, target_modules=list(paths))
+    try:
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+    except Exception:  # noqa: BLE001 - peft refuses the set outright: none of it would load as written
+        return set(paths)
+    kept = config.target_modules if isinstance(config.target_modules, set | list) else set()
+    return set(paths) - set(kept)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from backend.lora.layer import MultiLoraLinear, is_lora_target, short_name, wrap_linear_layers
+from backend.lora.peft_files import peft_remapped
 from backend.model.builtin_tiny import ensure_builtin_tiny
 from thinker.core.config import BUILTIN_TINY, DEFAULT_BASE_MODEL, DEVICE_PATTERN, Config
 from thinker.core.errors import ConfigurationError
@@ -38,6 +39,14 @@ class LoadedModel:
     fallback_reason: str | None = None
     target_modules: list[str] = field(default_factory=list)  # short names adapters may target
     head_module: str | None = None  # short name of the output head when LoRA may target it too
+    # Weights LoRA cannot target here, short name -> why (fused MoE experts, layers peft would
+    # remap on load); named in the 400 that refuses them (see ``why_not_targets``)
+    unsupported: dict[str, str] = field(default_factory=dict)
+    fused_experts: list[str] = field(default_factory=list)  # paths of fused 3-D expert weights
+
+    def why_not_targets(self, names) -> str:
+        """Why these short names are not LoRA targets of this model ("" when none is known)."""
+        return "; ".join(f"{name}: {self.unsupported[name]}" for name in sorted(names) if name in self.unsupported)
 
     @property
     def public_name(self) -> str:
@@ -173,6 +182,7 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
     layers, names, head_name = wrap_for_lora(model)
     if not names:
         raise ConfigurationError(f"{name} has no linear layers (nn.Linear or Conv1D) for LoRA to target")
+    names, unsupported, experts = _restrict_targets(model, layers, names)
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     return LoadedModel(
         model=model,
@@ -185,6 +195,8 @@ def _load(name: str, device: torch.device, config: Config, local_files_only: boo
         lora_layers=layers,
         target_modules=names,
         head_module=head_name,
+        unsupported=unsupported,
+        fused_experts=experts,
     )
 
 
@@ -205,3 +217,34 @@ def wrap_for_lora(model: nn.Module) -> tuple[dict[str, MultiLoraLinear], list[st
         head_name = short_name(head_path)
         layers.update(wrap_linear_layers(model, [head_name]))
     return layers, names, head_name
+
+
+def _restrict_targets(
+    model: nn.Module, layers: dict[str, MultiLoraLinear], names: list[str]
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """Take from the targets the layers whose LoRA an export could not carry to peft (peft
+    would put it elsewhere: see peft_files.peft_remapped), unwrapping them again, and note
+    the fused expert weights, which are no linear layers. Returns the targets left, the
+    short names refused with why, and the fused experts' paths."""
+    experts = [path for path, param in model.named_parameters() if param.dim() == 3 and "expert" in path]
+    unsupported = {}
+    if experts:
+        example = experts[0]
+        for name in sorted({short_name(path) for path in experts} - set(names)):
+            unsupported[name] = (
+                f"fused MoE expert weights (3-D parameters such as {example}), not linear layers: LoRA on "
+                "experts is not supported yet"
+            )
+    remapped = peft_remapped(model, [path for path in layers if short_name(path) in names])
+    dropped = {short_name(path) for path in remapped}
+    model_type = getattr(model.config, "model_type", "this model")
+    for name in sorted(dropped):
+        unsupported[name] = (
+            f"peft maps {name} to the fused experts of {model_type} when it loads an adapter, so LoRA on "
+            "the dense/shared MLP could not be exported; LoRA on experts is not supported yet"
+        )
+    if dropped:
+        for path in [path for path in layers if short_name(path) in dropped]:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, layers.pop(path).base)
+    return [name for name in names if name not in dropped], unsupported, experts

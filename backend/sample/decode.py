@@ -1,7 +1,8 @@
 """A batch of rows decoding together: one KV cache, rows joining and leaving at any step.
 
 Rows are left-padded so every row's next token sits in the last column. New rows are
-prefilled as a group and merged into the running batch (caches left-padded to a common
+prefilled as a group (one by one on hybrid models, whose recurrent layers must never see
+a pad: see kv_cache.py) and merged into the running batch (caches left-padded to a common
 length, padding masked out); finished rows are dropped from the cache at once, so they
 stop costing compute, and columns that are padding for every remaining row are trimmed.
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from backend.lora.layer import MultiLoraLinear
 from backend.lora.routing import Routing, use_adapters
+from backend.sample import kv_cache
 from backend.sample.sampling import Completion, SampleRow, check_prompts, choose_token
 from backend.train.output_head import PLAIN_HEAD_MODELS
 
@@ -60,6 +62,8 @@ class DecodeBatch:
             and isinstance(head, MultiLoraLinear)
             and getattr(head.base, "bias", None) is None  # the shortcut below is weight-only
         )
+        # Hybrid models (recurrent/linear-attention layers besides attention ones, e.g. Qwen3.5)
+        self._recurrent = kv_cache.has_recurrent(kv_cache.new_cache(model))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,8 +85,12 @@ class DecodeBatch:
         """Prefill ``new_rows`` together and merge the ones still going into the batch."""
         if not new_rows:
             return
-        from transformers import DynamicCache
-
+        if self._recurrent and len(new_rows) > 1:
+            # A left pad fed through a recurrent layer would change its state (a padding mask
+            # only makes that harmless for some models): each row is prefilled alone.
+            for live in new_rows:
+                self.admit([live])
+            return
         pad = self.tokenizer.pad_token_id
         width = max(len(r.row.prompt_tokens) for r in new_rows)
         ids_BL = torch.full((len(new_rows), width), pad, dtype=torch.long)
@@ -92,12 +100,12 @@ class DecodeBatch:
             ids_BL[i, width - n:] = torch.tensor(live.row.prompt_tokens)
             mask_BL[i, width - n:] = 1
         ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
-        cache = DynamicCache()
+        cache = kv_cache.new_cache(self.model, self._recurrent)
         logits_BV = self._forward(new_rows, ids_BL, mask_BL, cache)
         keep, tokens = self._advance(new_rows, logits_BV)
         if not keep:
             return
-        cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        kv_cache.select_rows(cache, torch.tensor(keep, device=self.device))
         mask_BL = mask_BL[keep]
         survivors = [new_rows[j] for j in keep]
         if self.cache is None:
@@ -117,13 +125,15 @@ class DecodeBatch:
         length = self.mask_BL.shape[1]
         mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.rows), 1)], dim=1)
         ids_B1 = torch.tensor(self.next_tokens, device=self.device).unsqueeze(1)
+        held = kv_cache.hold_states(self.cache)  # recurrent states change in place: keep the old ones
         try:
             logits_BV = self._forward(self.rows, ids_B1, mask_BL, self.cache)
             self.mask_BL = mask_BL
+            held = []  # the old states are not needed any more
         except Exception as exc:  # noqa: BLE001 - retried on parts of the batch; the culprit fails alone
             _drop_frames(exc)
-            for layer in self.cache.layers:  # layers the failed pass already grew go back to ``length``
-                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+            kv_cache.truncate(self.cache, length)  # layers the failed pass already grew go back to ``length``
+            kv_cache.restore_states(held)
             logits_BV = self._step_in_parts(ids_B1, mask_BL, exc)
             if logits_BV is None:
                 return
@@ -160,11 +170,7 @@ class DecodeBatch:
         self.next_tokens = [self.next_tokens[j] for j in ok]
         if ok:
             # The parts' grown caches, stacked back in batch order; the old cache goes with them.
-            for i, layer in enumerate(self.cache.layers):
-                grown = [part.layers[i] for _, _, part, _ in done]
-                layer.keys, layer.values = torch.cat([g.keys for g in grown]), torch.cat([g.values for g in grown])
-                for g in grown:  # freed layer by layer, so the peak stays near one extra layer
-                    g.keys = g.values = None
+            kv_cache.stack_parts(self.cache, [part for _, _, part, _ in done])
             self.mask_BL = mask_BL[torch.tensor(ok, device=self.device)]
             logits_BV = torch.cat([logits for _, _, _, logits in done])
         else:
@@ -181,7 +187,7 @@ class DecodeBatch:
             return
         middle = (start + stop) // 2
         for a, b in ((start, middle), (middle, stop)):
-            part = self._part_cache(a, b)
+            part = kv_cache.part_view(self.cache, a, b)
             try:
                 logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], mask_BL[a:b], part)
             except Exception as exc:  # noqa: BLE001
@@ -190,20 +196,6 @@ class DecodeBatch:
                 self._run_parts(a, b, ids_B1, mask_BL, exc, done, failed)
                 continue
             done.append((a, b, part, logits_BV))
-
-    def _part_cache(self, start: int, stop: int):
-        """A cache of rows [start, stop) that shares this batch's memory: a forward grows
-        it into new tensors and leaves this batch's cache as it was."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        part = DynamicCache()
-        for layer in self.cache.layers:
-            view = DynamicLayer()
-            view.lazy_initialization(layer.keys, layer.values)
-            view.keys, view.values = layer.keys[start:stop], layer.values[start:stop]  # (b, heads, L, head_dim)
-            part.layers.append(view)
-        return part
 
     def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
         # The step's routing, built once: its token segments serve every layer (the head,
@@ -277,12 +269,11 @@ class DecodeBatch:
         if not keep:
             self.cache = self.mask_BL = None
             return
-        self.cache.batch_select_indices(index)
+        kv_cache.select_rows(self.cache, index)
         mask_BL = self.mask_BL[index]
         first = int(mask_BL.any(dim=0).long().argmax())  # leading columns nobody needs
         if first > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            kv_cache.trim_left(self.cache, first)
             mask_BL = mask_BL[:, first:]
         self.mask_BL = mask_BL
 
@@ -290,10 +281,7 @@ class DecodeBatch:
         """Append another cache's rows: left-pad both to one length, then stack rows."""
         length = max(self.mask_BL.shape[1], mask_BL.shape[1])
         pad_old, pad_new = length - self.mask_BL.shape[1], length - mask_BL.shape[1]
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            # (B, heads, L, head_dim): pad dimension -2 on the left
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_old, 0)), F.pad(theirs.keys, (0, 0, pad_new, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_old, 0)), F.pad(theirs.values, (0, 0, pad_new, 0))])
+        kv_cache.merge(self.cache, cache, pad_old, pad_new)
         self.mask_BL = torch.cat([F.pad(self.mask_BL, (pad_old, 0)), F.pad(mask_BL, (pad_new, 0))])
 
 

@@ -64,10 +64,14 @@ def add_lora():
         raise BadRequestError(f"base_model: {req.base_model!r} is not served here; allowed: {s.backend.base_names()}")
     check_limit("rank", req.rank, s.config.max_lora_rank)
     check_adapter_quota()
-    allowed = s.backend.loaded.target_modules
+    allowed = s.backend.allowed_targets()  # the output head too, as the engine allows
     if req.target_modules and not set(req.target_modules) <= set(allowed):
         unknown = sorted(set(req.target_modules) - set(allowed))
-        raise BadRequestError(f"target_modules: {unknown} are not linear layers of this model; allowed: {allowed}")
+        why = s.backend.loaded.why_not_targets(unknown)
+        raise BadRequestError(
+            f"target_modules: {unknown} are not linear layers of this model; allowed: {allowed}"
+            + (f" ({why})" if why else "")
+        )
     who = owner()
     future = s.pool.submit(
         None, "add_lora", lambda: s.backend.add_lora(req.rank, req.alpha, req.target_modules, req.seed, owner=who)

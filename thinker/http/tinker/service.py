@@ -113,7 +113,15 @@ def _layer_groups() -> dict[str, str]:
 def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list[str]:
     """Short names of the layers to put LoRA on, from Tinker's three switches."""
     wanted = {"mlp": train_mlp, "attn": train_attn, "unembed": train_unembed}
-    chosen = sorted(name for name, group in _layer_groups().items() if wanted[group])
+    groups = _layer_groups()
+    experts = services().backend.loaded.fused_experts
+    if train_mlp and experts and "mlp" not in groups.values():
+        # The MLP is all fused experts: train_mlp would silently train nothing there.
+        raise BadRequestError(
+            f"lora_config.train_mlp: this model's MLP is fused MoE expert weights ({experts[0]}, ...), and LoRA "
+            "on experts is not supported yet; pass train_mlp=False (see docs/model-families.md)"
+        )
+    chosen = sorted(name for name, group in groups.items() if wanted[group])
     if not chosen:
         raise BadRequestError("lora_config: train_mlp, train_attn and train_unembed select no layer of this model")
     return chosen
