@@ -10,7 +10,6 @@ run at the HTTP edge.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -23,7 +22,7 @@ from backend import failures
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.lora import state as adapter_state
 from backend.lora.adapters import Adapter, LiveAdapters
-from backend.lora.optimizer import AdamParams, clip_gradients, fused_adamw_step, gradient_norms
+from backend.lora.optimizer import AdamParams, adamw_steps
 from backend.lora.peft_files import save_peft_adapter
 from backend.lora.residency import Residency
 from backend.model.loading import LoadedModel
@@ -288,27 +287,11 @@ class HFBackend:
                 found.append((i, self._trainable(adapter_id), adam))
             except ThinkerError as exc:
                 outcomes[i] = exc
-        norms = gradient_norms([adapter for _, adapter, _ in found])
-        values = torch.stack([n.float().to(norms[0].device) for n in norms]).tolist() if norms else []  # one sync
-        stepping: list[tuple[int, Adapter, AdamParams, float]] = []
-        clipped: list[tuple[Adapter, torch.Tensor, float]] = []
-        for (i, adapter, adam), norm, value in zip(found, norms, values, strict=True):
-            if math.isfinite(value):
-                stepping.append((i, adapter, adam, value))
-                if adam.grad_clip_norm > 0:
-                    clipped.append((adapter, norm, adam.grad_clip_norm))
+        stepped = adamw_steps([(adapter, adam) for _, adapter, adam in found])
+        for (i, adapter, adam), value in zip(found, stepped, strict=True):
+            if isinstance(value, BaseException):
+                outcomes[i] = value
                 continue
-            adapter.optimizer.zero_grad(set_to_none=True)
-            # What the client sent overflowed (huge advantages or weights): a user error.
-            outcomes[i] = BadRequestError(
-                f"the accumulated gradient of {adapter.id} is not finite (norm {value}); the step was "
-                "refused and the gradients were discarded. Scale the loss inputs down"
-            )
-        if clipped:
-            clip_gradients(*zip(*clipped, strict=True))
-        fused_adamw_step([(adapter, adam) for _, adapter, adam, _ in stepping])
-        for i, adapter, adam, value in stepping:
-            adapter.optimizer.zero_grad(set_to_none=True)
             adapter.step += 1
             adapter.last_used_at = time.time()
             for hook in self.after_step_hooks:

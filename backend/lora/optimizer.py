@@ -16,14 +16,17 @@ adapters with one ``_foreach_norm`` and read back with one device sync.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from backend.lora.adapters import Adapter
+from thinker.core.errors import BadRequestError
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,35 @@ class AdamParams:
         return (self.learning_rate, self.beta1, self.beta2, self.eps, self.weight_decay)
 
 
+def adamw_steps(steps: Sequence[tuple[Adapter, AdamParams]]) -> list[float | BadRequestError]:
+    """Step each (distinct, trainable) adapter and drop its gradients: its gradient norm, or
+    the error that refused its step (a non-finite gradient: nothing moves, the gradients go).
+    Clipping is each adapter's own (``grad_clip_norm``); one device sync for all the norms."""
+    norms = gradient_norms([adapter for adapter, _ in steps])
+    values = torch.stack([n.float().to(norms[0].device) for n in norms]).tolist() if norms else []
+    outcomes: list[float | BadRequestError] = []
+    stepping, clipped = [], []
+    for (adapter, adam), norm, value in zip(steps, norms, values, strict=True):
+        if math.isfinite(value):
+            stepping.append((adapter, adam))
+            if adam.grad_clip_norm > 0:
+                clipped.append((adapter, norm, adam.grad_clip_norm))
+            outcomes.append(value)
+        else:
+            # What the client sent overflowed (huge advantages or weights): a user error.
+            outcomes.append(BadRequestError(
+                f"the accumulated gradient of {adapter.id} is not finite (norm {value}); the step was "
+                "refused and the gradients were discarded. Scale the loss inputs down"
+            ))  # fmt: skip
+    if clipped:
+        clip_gradients(*zip(*clipped, strict=True))
+    fused_adamw_step(stepping)
+    for adapter, _ in steps:
+        for p in adapter.params:
+            p.grad = None
+    return outcomes
+
+
 def grads_of(adapter: Adapter) -> list[torch.Tensor]:
     return [p.grad for p in adapter.params if p.grad is not None]
 
@@ -55,15 +87,13 @@ def gradient_norms(adapters: Sequence[Adapter]) -> list[torch.Tensor]:
     flat = [g for grads in per_adapter for g in grads]
     if not flat:
         return [torch.zeros(()) for _ in adapters]
-    if len({(g.device, g.dtype) for g in flat}) > 1:  # mixed placement: no shared launch
+    if len(_group_tensors_by_device_and_dtype([flat])) > 1:  # mixed placement: no shared launch
         return [torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(()) for grads in per_adapter]
-    tensor_norms = torch._foreach_norm(flat, 2.0)
+    norms_G = torch.stack(torch._foreach_norm(flat, 2.0))  # G: every gradient tensor of every adapter
     norms, start = [], 0
     for grads in per_adapter:
-        if not grads:
-            norms.append(torch.zeros((), device=flat[0].device))
-            continue
-        norms.append(torch.linalg.vector_norm(torch.stack(tensor_norms[start : start + len(grads)]), 2.0))
+        # the slice holds what get_total_norm stacks for this adapter alone: the same numbers
+        norms.append(torch.linalg.vector_norm(norms_G[start : start + len(grads)], 2.0))
         start += len(grads)
     return norms
 
@@ -94,33 +124,35 @@ def fused_adamw_step(steps: Sequence[tuple[Adapter, AdamParams]]) -> None:
             group.update(
                 lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
             )
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = groups[adam.kernel_key]
         for p in adapter.params:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue  # as torch's AdamW: no gradient, no step (its counter stays)
-            state = _state_for(optimizer, p)
-            params, grads, exp_avgs, exp_avg_sqs, state_steps = groups[(adam.kernel_key, p.device, p.dtype)]
+            state = optimizer.state[p] or _new_state(optimizer, p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
-    for ((lr, beta1, beta2, eps, weight_decay), _, _), (params, grads, m, v, state_steps) in groups.items():
-        torch._foreach_add_(state_steps, 1)
-        torch._fused_adamw_(
-            params, grads, m, v, [], state_steps,
-            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-            maximize=False, grad_scale=None, found_inf=None,
-        )  # fmt: skip
+    for (lr, beta1, beta2, eps, weight_decay), tensors in groups.items():
+        if not tensors[0]:
+            continue  # none of these adapters has a gradient
+        for (params, grads, m, v, state_steps), _ in _group_tensors_by_device_and_dtype(tensors).values():
+            torch._foreach_add_(state_steps, 1)
+            torch._fused_adamw_(
+                params, grads, m, v, [], state_steps,
+                amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
 
 
-def _state_for(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:
-    """``p``'s AdamW state, made as ``AdamW(fused=True)`` makes it on first use: a float32
-    step counter on the parameter's device and zero moments."""
+def _new_state(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:
+    """``p``'s AdamW state as ``AdamW(fused=True)`` makes it on first use: a float32 step
+    counter on the parameter's device and zero moments. (A loaded state_dict gets its
+    counters moved beside the parameters by the fused optimizer's load_state_dict.)"""
     state = optimizer.state[p]
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    elif state["step"].device != p.device:  # a counter kept on the CPU (an unfused optimizer's state)
-        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
