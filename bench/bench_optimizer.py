@@ -73,6 +73,24 @@ def timed(fns: list[Callable[[], object]], prepare: Callable[[], object], device
     return [statistics.median(t) for t in times]
 
 
+def count_launches(fn: Callable[[], object], prepare: Callable[[], object]) -> int:
+    """How many fused AdamW kernel launches ``fn`` makes (on an accelerator each is a launch
+    over its tensor list; the old loop also read each adapter's norm back: one sync each)."""
+    real, calls = torch._fused_adamw_, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    prepare()
+    torch._fused_adamw_ = counted
+    try:
+        fn()
+    finally:
+        torch._fused_adamw_ = real
+    return len(calls)
+
+
 def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
     ids = [backend.add_lora(rank, 2.0 * rank, None, 100 + i)["model_id"] for i in range(16)]
     generator = torch.Generator().manual_seed(rank)
@@ -84,7 +102,7 @@ def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
     tensors = len(backend.adapters.get(ids[0]).params)
     adam = AdamParams(learning_rate=1e-4, grad_clip_norm=1.0)
     print(f"\nrank {rank}: {numel / 1e6:.2f}M parameters in {tensors} tensors per adapter")
-    print(f"{'adapters':>8} {'old loop (ms)':>14} {'fused (ms)':>11} {'old/fused':>9}")
+    print(f"{'adapters':>8} {'old loop (ms)':>14} {'fused (ms)':>11} {'old/fused':>9}   AdamW launches old/new")
     results = {}
     for n in (1, 16):
         chosen = ids[:n]
@@ -103,7 +121,8 @@ def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
 
         old, new = timed([old_loop, fused], prepare, backend.device, reps)
         results[n] = (old, new)
-        print(f"{n:>8} {1000 * old:>14.2f} {1000 * new:>11.2f} {old / new:>8.2f}x")
+        launches = (count_launches(old_loop, prepare), count_launches(fused, prepare))
+        print(f"{n:>8} {1000 * old:>14.2f} {1000 * new:>11.2f} {old / new:>8.2f}x   {launches[0]}/{launches[1]}")
     (old1, new1), (old16, new16) = results[1], results[16]
     print(f"16 vs 1 adapter: old loop {old16 / old1:.2f}x, fused {new16 / new1:.2f}x (target <= 3x)")
     for a in ids:
