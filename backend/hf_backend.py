@@ -10,11 +10,10 @@ run at the HTTP edge.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +21,8 @@ import torch
 from backend import failures
 from backend.compute_thread import ComputeThread, InlineRunner
 from backend.lora import state as adapter_state
-from backend.lora.adapters import LiveAdapters
+from backend.lora.adapters import Adapter, LiveAdapters
+from backend.lora.optimizer import AdamParams, adamw_steps
 from backend.lora.peft_files import save_peft_adapter
 from backend.lora.residency import Residency
 from backend.model.loading import LoadedModel
@@ -48,16 +48,6 @@ def on_compute_thread(method):
         return self.compute.run(method, self, *args)
 
     return run
-
-
-@dataclass(frozen=True)
-class AdamParams:
-    learning_rate: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0  # <= 0: no clipping
 
 
 class HFBackend:
@@ -200,8 +190,10 @@ class HFBackend:
         """One forward(+backward) over the rows of every request. Each request's loss is
         computed on its own rows with its own loss function, exactly as if it ran alone,
         and its gradients accumulate on its own adapter. Returns a result or an exception per request: a
-        request that cannot run fails alone, and if the fused pass itself fails (out of
-        memory, say) each request is retried on its own."""
+        request that cannot run fails alone. If the fused pass runs out of memory, each request
+        is retried on its own (only the too-big one fails); any other failure of the shared pass
+        fails its requests with that error, without rerunning them (a retry would only fail again,
+        at the cost of one pass per request). A failed pass adds no gradient anywhere."""
         outcomes: list[dict | BaseException | None] = [None] * len(requests)
         runnable = []
         for r, request in enumerate(requests):
@@ -218,8 +210,10 @@ class HFBackend:
             except Exception as exc:  # noqa: BLE001
                 if len(runnable) == 1:
                     results = [failures.explain(exc, describe_size(requests[runnable[0]]))]
-                else:
+                elif failures.is_out_of_memory(exc):
                     results = [self.forward_backward([requests[r]])[0] for r in runnable]
+                else:
+                    results = [exc] * len(runnable)
             for r, result in zip(runnable, results, strict=True):
                 outcomes[r] = result
         return outcomes
@@ -235,18 +229,11 @@ class HFBackend:
             return self._fused_pass_resident(requests)
 
     def _fused_pass_resident(self, requests: Sequence[FwdBwdRequest]) -> list[dict | BaseException]:
-        trained = {q.adapter_id for q in requests if q.backward and q.adapter_id}
-        params = [p for adapter_id in trained for p in self.adapters.get(adapter_id).params]
-        before = [None if p.grad is None else p.grad.clone() for p in params]
-        try:
-            head_VH = self._plain_head_for(requests)
-            results = fused_pass(self.model, head_VH, self.tokenizer.pad_token_id, self.device, requests)
-        except BaseException:
-            # A half-done backward must not leave partial gradients behind (the requests
-            # may be retried one by one).
-            for p, grad in zip(params, before, strict=True):
-                p.grad = grad
-            raise
+        # Gradients go to these only, and only once the whole pass has succeeded (fused_pass),
+        # so a failed pass needs no copy of the accumulated gradients to roll back to.
+        params = {q.adapter_id: self.adapters.get(q.adapter_id).params for q in requests if q.backward and q.adapter_id}
+        head_VH = self._plain_head_for(requests)
+        results = fused_pass(self.model, head_VH, self.tokenizer.pad_token_id, self.device, requests, params=params)
         for request, result in zip(requests, results, strict=True):
             if request.adapter_id:
                 self.adapters.get(request.adapter_id).last_used_at = time.time()
@@ -268,38 +255,57 @@ class HFBackend:
 
     @on_compute_thread
     def optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
-        with self.residency.using([adapter_id]):
-            return self._optim_step(adapter_id, adam)
+        outcome = self._optim_steps([(adapter_id, adam)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-    def _optim_step(self, adapter_id: str, adam: AdamParams) -> dict:
-        adapter = self._trainable(adapter_id)
-        grads = [p.grad for p in adapter.params if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one foreach pass
-        if not math.isfinite(grad_norm):
-            adapter.optimizer.zero_grad(set_to_none=True)
-            # What the client sent overflowed (huge advantages or weights): a user error.
-            raise BadRequestError(
-                f"the accumulated gradient of {adapter_id} is not finite (norm {grad_norm}); the step was "
-                "refused and the gradients were discarded. Scale the loss inputs down"
-            )
-        if adam.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, torch.tensor(grad_norm))
-        for group in adapter.optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
-            )
-        adapter.optimizer.step()
-        adapter.optimizer.zero_grad(set_to_none=True)
-        adapter.step += 1
-        adapter.last_used_at = time.time()
-        for hook in self.after_step_hooks:
-            hook(adapter)
-        return {
-            "model_id": adapter_id,
-            "step": adapter.step,
-            "learning_rate": adam.learning_rate,
-            "grad_norm": grad_norm,
-        }
+    @on_compute_thread
+    def optim_steps(self, steps: Sequence[tuple[str, AdamParams]]) -> list[dict | BaseException]:
+        """Several adapters' optimizer steps in one job: one fused AdamW launch for all of
+        them (see lora/optimizer.py), results in order; each gets its result or the exception
+        that failed it. An adapter named twice steps twice, in order."""
+        return self._optim_steps(steps)
+
+    def _optim_steps(self, steps: Sequence[tuple[str, AdamParams]]) -> list[dict | BaseException]:
+        outcomes: list[dict | BaseException | None] = [None] * len(steps)
+        pending = list(range(len(steps)))
+        while pending:  # waves of distinct adapters: a repeated one waits for the next wave
+            wave, later, seen = [], [], set()
+            for i in pending:
+                (later if steps[i][0] in seen else wave).append(i)
+                seen.add(steps[i][0])
+            with self.residency.using(steps[i][0] for i in wave):
+                for i, outcome in zip(wave, self._step_wave([steps[i] for i in wave]), strict=True):
+                    outcomes[i] = outcome
+            pending = later
+        return outcomes
+
+    def _step_wave(self, steps: Sequence[tuple[str, AdamParams]]) -> list[dict | BaseException]:
+        """Step distinct, resident adapters together."""
+        outcomes: list[dict | BaseException | None] = [None] * len(steps)
+        found: list[tuple[int, Adapter, AdamParams]] = []
+        for i, (adapter_id, adam) in enumerate(steps):
+            try:
+                found.append((i, self._trainable(adapter_id), adam))
+            except ThinkerError as exc:
+                outcomes[i] = exc
+        stepped = adamw_steps([(adapter, adam) for _, adapter, adam in found])
+        for (i, adapter, adam), value in zip(found, stepped, strict=True):
+            if isinstance(value, BaseException):
+                outcomes[i] = value
+                continue
+            adapter.step += 1
+            adapter.last_used_at = time.time()
+            for hook in self.after_step_hooks:
+                hook(adapter)
+            outcomes[i] = {
+                "model_id": adapter.id,
+                "step": adapter.step,
+                "learning_rate": adam.learning_rate,
+                "grad_norm": value,
+            }
+        return outcomes
 
     def sample_rows(
         self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams
@@ -309,18 +315,6 @@ class HFBackend:
             seed = None if params.seed is None else params.seed + i  # reproducible, yet distinct per prompt
             rows.append(SampleRow(adapter_id, tokens, replace(params, seed=seed)))
         return rows
-
-    @on_compute_thread
-    def optim_steps(self, steps: Sequence[tuple[str, AdamParams]]) -> list[dict | BaseException]:
-        """Several adapters' optimizer steps in one job (one hand-off to the compute thread),
-        in order; each gets its result or the exception that failed it."""
-        outcomes: list[dict | BaseException] = []
-        for adapter_id, adam in steps:
-            try:
-                outcomes.append(self.optim_step(adapter_id, adam))
-            except ThinkerError as exc:
-                outcomes.append(exc)
-        return outcomes
 
     @on_compute_thread
     def prompt_logprobs(self, adapter_id: str | None, tokens: Sequence[int], topk: int):

@@ -59,8 +59,10 @@ class Adapter:
 
 
 def new_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.AdamW:
-    """An adapter's AdamW, with no moments yet; lr is set from each optim_step's adam_params.
-    fused: one kernel over all tensors (3x faster than the per-tensor loop for 400 small ones)."""
+    """An adapter's AdamW, with no moments yet: the keeper of its state (moments and step
+    counters, saved as optimizer.pt in torch's state_dict format). Steps do not call its
+    ``step()``: lora/optimizer.py steps many adapters' states in one fused launch, with the
+    kernel ``fused=True`` selects (so the state is laid out as that kernel wants it)."""
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from backend.failures import is_out_of_memory
 from backend.lora.routing import Routing, use_adapters
 from backend.train.examples import Example
 from backend.train.losses import LOSS_FUNCTIONS, get_loss_function
@@ -70,10 +71,17 @@ def check_request(request: FwdBwdRequest, vocab: int, context_length: int) -> No
         raise BadRequestError("data: every weight is zero, so there is no loss to average")
 
 
-def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, requests: Sequence[FwdBwdRequest]) -> list:
+def fused_pass(
+    model, head_VH: torch.Tensor | None, pad_id: int, device, requests: Sequence[FwdBwdRequest],
+    params: Mapping[str, Sequence[torch.Tensor]] | None = None,
+) -> list:
     """Run every request's rows in one pass; a result dict or an exception per request.
     ``head_VH``: the frozen output head's weight when logits are exactly hidden @ head.T
-    (so only the needed positions go through it), else None (the model's own logits)."""
+    (so only the needed positions go through it), else None (the model's own logits).
+    ``params``: the trained adapters' parameters, by adapter id. Their gradients are computed
+    into fresh buffers and added to ``.grad`` only at the very end: if the pass raises, every
+    adapter's accumulated gradient is exactly what it was. An adapter whose every request
+    failed or has a non-finite loss gets no gradient at all (not even zeros)."""
     rows = [(r, request.adapter_id, ex) for r, request in enumerate(requests) for ex in request.examples]
     started = time.perf_counter()
     B, T = len(rows), max(ex.length for _, _, ex in rows)
@@ -96,20 +104,31 @@ def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, request
     routing = Routing.build([adapter for _, adapter, _ in rows], device, tokens_per_row=T)  # once per pass
     with torch.set_grad_enabled(wants_grad), use_adapters(routing):
         logprobs_BTK = _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
-        losses, start = [], 0
+        losses: list[torch.Tensor | Exception] = []
+        start = 0
         for request in requests:
             end = start + len(request.examples)
-            losses.append(_request_loss(request, logprobs_BTK[start:end], mask_BT[start:end]))
+            try:
+                losses.append(_request_loss(request, logprobs_BTK[start:end], mask_BT[start:end]))
+            except Exception as exc:  # noqa: BLE001 - a request's own loss failing is its failure alone
+                if is_out_of_memory(exc):
+                    raise  # the whole pass's memory: the caller retries request by request
+                losses.append(exc)
             start = end
-    values = [float(loss.detach()) for loss in losses]
-    finite = [math.isfinite(v) for v in values]
-    trainable = [
-        loss for loss, q, ok in zip(losses, requests, finite, strict=True) if ok and q.backward and q.adapter_id
-    ]
-    if trainable:
+    values = [loss if isinstance(loss, Exception) else float(loss.detach()) for loss in losses]
+    finite = [not isinstance(v, Exception) and math.isfinite(v) for v in values]
+    trained = [(loss, q.adapter_id) for loss, q, ok in zip(losses, requests, finite, strict=True)
+               if ok and q.backward and q.adapter_id]  # fmt: skip
+    reached: list[torch.Tensor] = []
+    grads: Sequence[torch.Tensor | None] = ()
+    if trained:
+        for adapter_id in dict.fromkeys(a for _, a in trained):
+            if params is None or adapter_id not in params:
+                raise ValueError(f"fused_pass: request trains {adapter_id!r}, but its parameters were not given")
+            reached += params[adapter_id]
         # Requests are independent, so the sum's gradient on each adapter is its own loss's;
         # a request with a non-finite loss is left out and sends no gradient.
-        torch.stack(trainable).sum().backward()
+        grads = torch.autograd.grad(torch.stack([loss for loss, _ in trained]).sum(), reached, allow_unused=True)
     elapsed = time.perf_counter() - started
 
     results: list[dict | BaseException] = []
@@ -117,6 +136,9 @@ def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, request
     start = 0
     for r, request in enumerate(requests):
         end, start = start + len(request.examples), start + len(request.examples)
+        if isinstance(values[r], Exception):
+            results.append(values[r])
+            continue
         if not finite[r]:
             # The model's logprobs are finite, so the request's loss inputs overflowed: its error.
             results.append(BadRequestError(
@@ -139,7 +161,22 @@ def fused_pass(model, head_VH: torch.Tensor | None, pad_id: int, device, request
                 _unpad(logprobs_cpu[first + i], ex) for i, ex in enumerate(request.examples)
             ]
         results.append(result)
+    if grads:
+        _accumulate(reached, grads)  # last: nothing after it can fail and leave it half done
     return results
+
+
+@torch.no_grad()
+def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """``p.grad += g`` for each parameter the pass reached (as ``backward()`` would): the
+    fresh buffer itself where there was no gradient yet, one foreach add for the rest."""
+    reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+    adding = [(p.grad, g) for p, g in reached if p.grad is not None]
+    if adding:
+        torch._foreach_add_([acc for acc, _ in adding], [g for _, g in adding])
+    for p, g in reached:
+        if p.grad is None:
+            p.grad = g
 
 
 def _width(example: Example) -> int:
