@@ -95,6 +95,8 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     else:
         log.info("Fused batching: off (one request per pass)")
     log.info("Base model loaded on %s", loaded.device.type)
+    if (plan := getattr(backend.compute, "plan", None)) is not None:
+        log.info("%s", plan.describe())  # TORCH_THREADS, docs/threads.md
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes  # larger bodies: 413
