@@ -11,8 +11,8 @@ so jobs run on the worker threads themselves.
 
 How many threads torch's own parallel ops use is chosen here too (``TORCH_THREADS``,
 ``ThreadPlan``): on a machine shared with other busy processes, a team of OpenMP threads
-waits at every op's barrier for its slowest member, and a member that shares its core with
-a busy neighbour is slow; docs/threads.md has the measurements behind the default.
+waits at every op's barrier for its slowest member, and members that spin while they wait
+take the cores everyone needs; docs/threads.md has the measurements behind the default.
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def plan_threads(
 ) -> ThreadPlan:
     """Resolve ``TORCH_THREADS`` (``"auto"`` or a whole number >= 1, validated by Config).
 
-    auto: ``OMP_NUM_THREADS`` when it is set (the standard knob wins), else half the CPUs this
-    process may use, at least 1. Half, because a team of OpenMP threads is as fast as its
-    slowest member: with every core in the team, one busy neighbour (another process, or this
-    server's own HTTP and tokenizer threads) stalls every op, and on a shared 2-core machine
-    that made training 3-10x slower (docs/threads.md)."""
+    auto: ``OMP_NUM_THREADS`` when it is set (the standard knob wins); else every CPU this
+    process may use when OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``, which the server
+    sets before torch loads); else half of them, at least 1. A team of OpenMP threads is as
+    fast as its slowest member: threads that spin while they wait take the core a busy
+    neighbour needs, and on a shared 2-core machine 2 spinning threads made every op 10x
+    slower or worse; 2 passive ones were the fastest setting, quiet and busy (docs/threads.md)."""
     environ = os.environ if environ is None else environ
     cpus = cpus if cpus is not None else _usable_cpus()
     if setting.strip().lower() != "auto":
@@ -79,8 +80,12 @@ def plan_threads(
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
         return ThreadPlan(int(omp), 1, cpus, f"TORCH_THREADS=auto: OMP_NUM_THREADS={int(omp)}")
+    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return ThreadPlan(len(cpus), 1, cpus, f"TORCH_THREADS=auto: all {len(cpus)} CPUs, OpenMP waits passively")
     threads = max(1, len(cpus) // 2)
-    return ThreadPlan(threads, 1, cpus, f"TORCH_THREADS=auto: half of {len(cpus)} CPUs, at least 1")
+    return ThreadPlan(
+        threads, 1, cpus, f"TORCH_THREADS=auto: half of {len(cpus)} CPUs, at least 1, as OpenMP threads spin"
+    )
 
 
 def _usable_cpus() -> tuple[int, ...]:

@@ -150,7 +150,8 @@ def run_setting(setting: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=f"1,{os.cpu_count()},{os.cpu_count()}:PASSIVE,auto",
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--settings", default=f"1,{cores},{cores}:PASSIVE,auto:PASSIVE",
                         help="comma-separated TORCH_THREADS values, each optionally :OMP_WAIT_POLICY")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--reps", type=int, default=3)
@@ -166,7 +167,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    print(f"load average before: {os.getloadavg()}  CPUs: {os.cpu_count()}", flush=True)
+    print(f"load average before: {os.getloadavg()}  CPUs: {len(os.sched_getaffinity(0))}", flush=True)
     started = time.perf_counter()
     rows = []
     for setting in args.settings.split(","):

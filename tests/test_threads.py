@@ -48,8 +48,11 @@ def test_default_is_auto():
     [
         ("3", {}, (0, 1), 3, "TORCH_THREADS=3"),
         ("3", {"OMP_NUM_THREADS": "5"}, (0, 1), 3, "TORCH_THREADS=3"),  # an explicit number wins
-        ("auto", {"OMP_NUM_THREADS": "5"}, (0, 1), 5, "OMP_NUM_THREADS=5"),
-        ("auto", {}, (0, 1), 1, "half of 2 CPUs"),
+        ("auto", {"OMP_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE"}, (0, 1), 5, "OMP_NUM_THREADS=5"),
+        ("auto", {"OMP_WAIT_POLICY": "PASSIVE"}, (0, 1), 2, "all 2 CPUs, OpenMP waits passively"),
+        ("auto", {"OMP_WAIT_POLICY": "passive"}, tuple(range(16)), 16, "all 16 CPUs"),
+        ("auto", {}, (0, 1), 1, "half of 2 CPUs"),  # spinning OpenMP threads (libgomp's default)
+        ("auto", {"OMP_WAIT_POLICY": "ACTIVE"}, (0, 1), 1, "half of 2 CPUs"),
         ("auto", {}, (0,), 1, "half of 1 CPUs"),
         ("auto", {}, tuple(range(16)), 8, "half of 16 CPUs"),
         ("auto", {"OMP_NUM_THREADS": "junk"}, (0, 1, 2, 3), 2, "half of 4 CPUs"),
@@ -100,7 +103,9 @@ def _greedy(tokens: int):
 
 @pytest.mark.e2e
 def test_server_logs_its_threads_at_start_up(server):
-    expected = plan_threads(os.environ.get("TORCH_THREADS") or "auto")  # the server inherits this environment
+    # The server inherits this environment, and sets OMP_WAIT_POLICY=PASSIVE where it is unset.
+    environ = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    expected = plan_threads(os.environ.get("TORCH_THREADS") or "auto", environ)
     log = server.log()
     match = re.search(r"Torch threads: (\d+) intra-op, 1 inter-op, OMP_WAIT_POLICY=(\w+), CPUs [\d,-]+ \((.+)\)", log)
     assert match, f"no threads line in:\n{log}"

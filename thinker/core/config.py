@@ -41,8 +41,9 @@ class Config:
     thinker_data_dir: str = "thinker_data"
     # Force a device ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
-    # Threads torch's ops use on CPU: "auto" (OMP_NUM_THREADS when set, else half the CPUs this
-    # process may use, at least 1; measured in docs/threads.md) or a whole number >= 1.
+    # Threads torch's ops use on CPU: a whole number >= 1, or "auto": OMP_NUM_THREADS when set,
+    # else every CPU this process may use when OMP_WAIT_POLICY=PASSIVE (the server sets it),
+    # else half of them, at least 1 (measured in docs/threads.md).
     torch_threads: str = "auto"
     # Fuse pending work of different adapters into one pass (BATCHING=off: one request
     # per pass, as the seed server did).
