@@ -11,11 +11,13 @@ def load_backend(config, data_dir=None) -> HFBackend:
 
     On CPU that is one compute thread, from the very start: once a second thread has run
     torch's OpenMP parallel regions (even just while loading), libgomp sees more threads than
-    cores and every op slows down (a decode step of 8 rows took 2x as long)."""
-    from backend.compute_thread import ComputeThread, InlineRunner
+    cores and every op slows down (a decode step of 8 rows took 2x as long). That thread uses
+    ``config.torch_threads`` of torch's intra-op threads (``backend.compute.plan``)."""
+    from backend.compute_thread import ComputeThread, InlineRunner, plan_threads
     from backend.model.loading import pick_device
 
-    compute = ComputeThread() if pick_device(config.device).type == "cpu" else InlineRunner()
+    plan = plan_threads(config.torch_threads)
+    compute = ComputeThread(plan=plan) if pick_device(config.device).type == "cpu" else InlineRunner(plan)
     loaded = compute.run(load_base_model, config)
     data_dir = data_dir if data_dir is not None else config.thinker_data_dir
     return HFBackend(loaded, data_dir, compute=compute, max_resident_adapters=config.max_resident_adapters)

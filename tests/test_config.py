@@ -13,7 +13,9 @@ from thinker.core.errors import ConfigurationError
 pytestmark = pytest.mark.unit
 
 # A valid value for every string field whose values are checked (the rest take any text).
-STRING_VALUES = {"device": "cuda:1", "log_level": "DEBUG", "log_format": "json", "base_model": "builtin-tiny"}
+STRING_VALUES = {
+    "device": "cuda:1", "torch_threads": "3", "log_level": "DEBUG", "log_format": "json", "base_model": "builtin-tiny",
+}
 
 
 def _override(field: dataclasses.Field) -> tuple[str, object]:

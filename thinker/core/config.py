@@ -41,6 +41,10 @@ class Config:
     thinker_data_dir: str = "thinker_data"
     # Force a device ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
+    # Threads torch's ops use on CPU: a whole number >= 1, or "auto": OMP_NUM_THREADS when set,
+    # else every CPU this process may use when OMP_WAIT_POLICY=PASSIVE (the server sets it),
+    # else half of them, at least 1 (measured in docs/threads.md).
+    torch_threads: str = "auto"
     # Fuse pending work of different adapters into one pass (BATCHING=off: one request
     # per pass, as the seed server did).
     batching: bool = True
@@ -145,6 +149,9 @@ class Config:
             raise ConfigurationError(f"LOG_LEVEL must be {levels}, got {self.log_level!r}")
         if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigurationError(f"DEVICE={self.device!r} is not a device: use cpu, cuda, cuda:N or mps")
+        threads = self.torch_threads.strip().lower()
+        if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+            raise ConfigurationError(f"TORCH_THREADS must be auto or a whole number >= 1, got {self.torch_threads!r}")
         if self.log_format.lower() not in ("text", "json"):
             raise ConfigurationError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
 

@@ -1,0 +1,113 @@
+"""Torch's threads (TORCH_THREADS): parsed and validated, resolved to a plan, applied on the
+compute thread, and reported at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from backend import load_backend
+from backend.compute_thread import ComputeThread, ThreadPlan, plan_threads
+from thinker.core.config import Config
+from thinker.core.errors import ConfigurationError
+
+
+@pytest.fixture
+def keep_main_threads():
+    """Applying a plan also changes this thread's count: put it back for the tests after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("raw", ["auto", "AUTO", " auto ", "1", "3", "16"])
+def test_good_values_are_accepted(raw):
+    assert Config.from_env({"TORCH_THREADS": raw}).torch_threads == raw
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5", "2 threads", "max"])
+def test_bad_values_are_refused_naming_the_variable(raw):
+    says = rf"TORCH_THREADS must be auto or a whole number >= 1, got '{re.escape(raw)}'"
+    with pytest.raises(ConfigurationError, match=says):
+        Config.from_env({"TORCH_THREADS": raw})
+
+
+@pytest.mark.unit
+def test_default_is_auto():
+    assert Config().torch_threads == "auto" and Config.from_env({}).torch_threads == "auto"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("setting", "environ", "cpus", "threads", "why"),
+    [
+        ("3", {}, (0, 1), 3, "TORCH_THREADS=3"),
+        ("3", {"OMP_NUM_THREADS": "5"}, (0, 1), 3, "TORCH_THREADS=3"),  # an explicit number wins
+        ("auto", {"OMP_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE"}, (0, 1), 5, "OMP_NUM_THREADS=5"),
+        ("auto", {"OMP_WAIT_POLICY": "PASSIVE"}, (0, 1), 2, "all 2 CPUs, OpenMP waits passively"),
+        ("auto", {"OMP_WAIT_POLICY": "passive"}, tuple(range(16)), 16, "all 16 CPUs"),
+        ("auto", {}, (0, 1), 1, "half of 2 CPUs"),  # spinning OpenMP threads (libgomp's default)
+        ("auto", {"OMP_WAIT_POLICY": "ACTIVE"}, (0, 1), 1, "half of 2 CPUs"),
+        ("auto", {}, (0,), 1, "half of 1 CPUs"),
+        ("auto", {}, tuple(range(16)), 8, "half of 16 CPUs"),
+        ("auto", {"OMP_NUM_THREADS": "junk"}, (0, 1, 2, 3), 2, "half of 4 CPUs"),
+    ],
+)
+def test_plan_resolves_the_setting(setting, environ, cpus, threads, why):
+    plan = plan_threads(setting, environ, cpus)
+    assert (plan.intra_op, plan.inter_op, plan.cpus) == (threads, 1, cpus)
+    assert why in plan.why and why in plan.describe()
+
+
+@pytest.mark.unit
+def test_describe_names_threads_cpus_and_the_wait_policy(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    line = ThreadPlan(2, 1, (0, 1, 2, 5), "TORCH_THREADS=2").describe()
+    assert line == "Torch threads: 2 intra-op, 1 inter-op, OMP_WAIT_POLICY=PASSIVE, CPUs 0-2,5 (TORCH_THREADS=2)"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_compute_thread_applies_its_plan_first(threads, keep_main_threads):
+    compute = ComputeThread(plan=ThreadPlan(threads, 1, (0,), "test"))
+    try:
+        assert compute.run(torch.get_num_threads) == threads
+    finally:
+        compute.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("setting", ["1", "2"])
+def test_load_backend_runs_torch_with_the_configured_threads(setting, cache_dir, tmp_path, keep_main_threads):
+    """OMP_NUM_THREADS=1 (as the test lanes run) or not, the compute thread uses TORCH_THREADS."""
+    config = Config(base_model="builtin-tiny", thinker_cache_dir=str(cache_dir), device="cpu", torch_threads=setting)
+    backend = load_backend(config, tmp_path)
+    try:
+        assert backend.compute.plan.intra_op == int(setting)
+        assert backend.compute.run(torch.get_num_threads) == int(setting)
+        assert backend.complete(None, [[5, 6, 7]], _greedy(4))[0].tokens  # and model work runs there
+    finally:
+        backend.close()
+
+
+def _greedy(tokens: int):
+    from backend import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, temperature=0, stop_at_eos=False)
+
+
+@pytest.mark.e2e
+def test_server_logs_its_threads_at_start_up(server):
+    # The server inherits this environment, and sets OMP_WAIT_POLICY=PASSIVE where it is unset.
+    environ = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    expected = plan_threads(os.environ.get("TORCH_THREADS") or "auto", environ)
+    log = server.log()
+    match = re.search(r"Torch threads: (\d+) intra-op, 1 inter-op, OMP_WAIT_POLICY=(\w+), CPUs [\d,-]+ \((.+)\)", log)
+    assert match, f"no threads line in:\n{log}"
+    assert int(match[1]) == expected.intra_op and match[3] == expected.why
+    assert match[2] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
