@@ -49,13 +49,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def load(model: str, cache_dir: str, device: str | None, **settings) -> HFBackend:
-    """``model`` (builtin-tiny, or a real architecture with random weights) with the sampler
-    started; ``settings``: other Config fields."""
-    path = model if model == "builtin-tiny" else str(ensure_random_model(model, cache_dir))
+def load(
+    model: str, cache_dir: str, device: str | None, layers: int | None = None, sampler: bool = True, **settings
+) -> HFBackend:
+    """``model`` (builtin-tiny, or a real architecture with random weights, cut to ``layers``
+    decoder layers if given) with the sampler started; ``settings``: other Config fields."""
+    if model == "builtin-tiny":
+        path = model
+    else:
+        path = str(ensure_random_model(model, cache_dir, layers=layers))
     config = Config(base_model=path, thinker_cache_dir=cache_dir, device=device, **settings)
     backend = load_backend(config, Path(cache_dir) / "bench-data")
-    backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
+    if sampler:
+        backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
     return backend
 
 
