@@ -127,10 +127,11 @@ def lines(memory: dict[str, dict], args) -> list[str]:
         f"  saved for backward: fused {fused['saved_bytes'] / mb:.1f} MB, one adapter {one['saved_bytes'] / mb:.1f} MB"
         f" -> fused/one {fused['saved_bytes'] / one['saved_bytes']:.3f}",
     ]
-    if fused["peak_growth_bytes"] is not None and one["peak_growth_bytes"]:
+    grown, grown_one = fused["peak_growth_bytes"], one["peak_growth_bytes"]
+    if grown is not None and grown_one:
         out.append(
-            f"  peak memory growth in the pass: fused {fused['peak_growth_bytes'] / mb:.1f} MB, one adapter "
-            f"{one['peak_growth_bytes'] / mb:.1f} MB -> fused/one {fused['peak_growth_bytes'] / one['peak_growth_bytes']:.3f}"
+            f"  peak memory growth in the pass: fused {grown / mb:.1f} MB, one adapter {grown_one / mb:.1f} MB"
+            f" -> fused/one {grown / grown_one:.3f}"
             f" (RSS before: {fused['rss_before_bytes'] / mb:.0f} / {one['rss_before_bytes'] / mb:.0f} MB)"
         )
     out.append(
