@@ -68,8 +68,9 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
         "one_adapter": lambda: one_adapter_step(backend, one),
         "sequential": lambda: sequential_steps(backend, requests),
     }
-    print(f"warm-up: every mode once ({args.warmup})...", flush=True)
-    if args.warmup == "short":  # the same paths (mixed routing included) on 16-token sequences
+    warmup = args.warmup if args.warmup != "auto" else ("full" if backend.device.type == "cuda" else "short")
+    print(f"warm-up: every mode once ({warmup})...", flush=True)
+    if warmup == "short":  # the same paths (mixed routing included) on 16-token sequences
         _, short = make_requests(backend, ranks, [16] * args.adapters, seed=100)
         fused_step(backend, short)
         one_adapter_step(backend, one_adapter_request(short))
@@ -85,7 +86,7 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
     fused_flops = training_flops(shape, rows_of(backend, requests))
     one_flops = training_flops(shape, rows_of(backend, [one]))
     say(out, f"step: {args.model}, {args.adapters} requests on adapters of ranks {ranks}, one sequence each, "
-             f"lengths {lengths}")
+             f"lengths {lengths}; {warmup} warm-up, median of {args.reps}")
     say(out, f"  tokens: {real_tokens(requests)} real, {padded_tokens(requests)} padded in one pass "
              f"({padded_tokens(requests) / real_tokens(requests):.2f}x); loss on the second half of each sequence")
     flops = {"fused": fused_flops, "one_adapter": one_flops, "sequential": fused_flops}
@@ -131,8 +132,11 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--warmup", choices=("full", "short"), default="full",
-                        help="full: every mode once at the measured size; short: on 16-token sequences")
+    parser.add_argument("--warmup", choices=("auto", "full", "short"), default="auto",
+                        help="full: every mode once at the measured size; short: on 16-token sequences, "
+                             "which runs the same code paths (on CPU nothing is cached between passes "
+                             "but the code's own state); auto: short on CPU, full on a GPU (its allocator "
+                             "keeps what the first full-size pass grew)")
     parser.add_argument("--optim-adapters", type=int, default=16)
     parser.add_argument("--optim-rank", type=int, default=16)
     parser.add_argument("--memory-model", default="llama-1b")

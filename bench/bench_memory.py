@@ -68,6 +68,10 @@ def measure_one(args) -> dict:
         return t
 
     def run_pass() -> dict:
+        # Weights may be mapped from the model file and paged in on first use: read them all
+        # now, or the head's pages would count as memory the pass took.
+        for p in backend.model.parameters():
+            float(p.detach().sum())
         gc.collect()
         cuda = backend.device.type == "cuda"
         if cuda:
@@ -133,6 +137,11 @@ def lines(memory: dict[str, dict], args) -> list[str]:
             f"  peak memory growth in the pass: fused {grown / mb:.1f} MB, one adapter {grown_one / mb:.1f} MB"
             f" -> fused/one {grown / grown_one:.3f}"
             f" (RSS before: {fused['rss_before_bytes'] / mb:.0f} / {one['rss_before_bytes'] / mb:.0f} MB)"
+        )
+        rest, rest_one = grown - fused["grad_bytes"], grown_one - one["grad_bytes"]
+        out.append(
+            f"  the same less the adapter gradients: fused {rest / mb:.1f} MB, one adapter {rest_one / mb:.1f} MB"
+            f" -> fused/one {rest / rest_one:.3f}"
         )
     out.append(
         f"  adapter gradients left by the pass: fused {fused['grad_bytes'] / mb:.1f} MB, "
