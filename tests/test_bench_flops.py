@@ -26,8 +26,6 @@ def counted_flops(backend, requests) -> float:
         return counter.get_flop_counts()["Global"]
 
     counts = backend.compute.run(run)
-    for adapter_id in {r.adapter_id for r in requests}:
-        backend.adapters.get(adapter_id).optimizer.zero_grad(set_to_none=True)
     return float(sum(v for op, v in counts.items() if "attention" not in str(op)))
 
 
@@ -45,14 +43,16 @@ def adapter(backend):
     backend.remove_adapter(adapter_id)
 
 
-def test_the_count_matches_torch_flop_counter(backend, adapter):
-    """Base layers, LoRA and the head on loss positions, attention aside: within 5% (what
-    the count includes on top: the input gradient of layer 0's q/k/v, which nothing needs)."""
-    requests = [request(adapter, 48, 24)]
+def test_the_count_matches_torch_flop_counter(backend):
+    """A forward of the base model alone is half the training count without LoRA (forward
+    2 FLOPs per weight, backward 2 more), head at loss positions only: exactly what torch
+    counts (attention aside). LoRA layers are left out: how their products are split into
+    kernels is the layer's business, and their count is plain arithmetic (below)."""
+    forward = replace(request(None, 48, 24), backward=False)
     no_attention = replace(ModelShape.of(backend.model), layers=0)
-    assert training_flops(no_attention, rows_of(backend, requests)) == pytest.approx(
-        counted_flops(backend, requests), rel=0.05
-    )
+    rows = rows_of(backend, [forward])
+    assert rows == [Row(tokens=48, loss_tokens=25, lora_params=0)]
+    assert training_flops(no_attention, rows) == 2 * counted_flops(backend, [forward])
 
 
 def test_only_loss_positions_go_through_the_head(backend, adapter):
