@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--memory-adapters", type=int, default=16)
     parser.add_argument("--memory-rank", type=int, default=64)
     parser.add_argument("--memory-max-len", type=int, default=128)
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--parts", default="memory,step,optimizer", help="which of memory, step, optimizer to run")
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak for MFU (default: the GPU's datasheet bf16 peak; on CPU a measured fp32 matmul)")
@@ -155,7 +155,8 @@ def main() -> None:
     started = time.perf_counter()
     say(out, f"machine at start: {machine_line()}")
 
-    if not args.no_memory:
+    parts = set(args.parts.split(","))
+    if "memory" in parts:
         print("memory: two fresh processes...", flush=True)
         memory_args = SimpleNamespace(
             model=args.memory_model, layers=args.memory_layers, adapters=args.memory_adapters,
@@ -172,8 +173,10 @@ def main() -> None:
     peak = args.peak_tflops or device_peak_tflops(backend.device) or matmul
     source = "given" if args.peak_tflops else ("datasheet" if device_peak_tflops(backend.device) else "measured")
     say(out, f"peak for MFU: {peak:.3f} TFLOP/s ({source}); a big matmul here achieves {matmul:.3f} TFLOP/s")
-    step_bars(backend, args, peak, out)
-    optimizer_bar(backend, args, out)
+    if "step" in parts:
+        step_bars(backend, args, peak, out)
+    if "optimizer" in parts:
+        optimizer_bar(backend, args, out)
     backend.close()
     say(out, f"machine at end: {machine_line()}; {time.perf_counter() - started:.0f} s in all")
     folder = Path(args.out)
