@@ -14,7 +14,7 @@ and memory at a wide shape, each measurement in a fresh process (bench/bench_mem
 Every mode is warmed up first (the mixed-adapter path too), and the modes take turns in
 each of --reps repetitions; the figures are medians.
 
-    python bench/bench_fused.py                       # about 5 minutes on a 2-core CPU
+    python bench/bench_fused.py                       # about 5 minutes on an idle 2-core CPU
     python bench/bench_fused.py --peak-tflops 989 --device cuda
 """
 
