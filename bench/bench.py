@@ -37,25 +37,31 @@ from backend import AdamParams, FwdBwdRequest, HFBackend, SamplingParams, load_b
 from backend.model.random_models import ensure_random_model
 from backend.train.examples import Example
 from bench.bench_http import http_benchmarks, http_table
+from bench.flops import ModelShape, device_peak_tflops, rows_of, training_flops
 from thinker.core.config import Config
 from thinker.obs.progress import make_console, make_table, step_progress
 from worker_pool import BatchLimits, WorkerPool
 
 MODELS = ("builtin-tiny", "smollm2-135m")
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "4090": 165.0}
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def load(model: str, cache_dir: str, device: str | None, **settings) -> HFBackend:
-    """``model`` (builtin-tiny, or a real architecture with random weights) with the sampler
-    started; ``settings``: other Config fields."""
-    path = model if model == "builtin-tiny" else str(ensure_random_model(model, cache_dir))
+def load(
+    model: str, cache_dir: str, device: str | None, layers: int | None = None, sampler: bool = True, **settings
+) -> HFBackend:
+    """``model`` (builtin-tiny, or a real architecture with random weights, cut to ``layers``
+    decoder layers if given) with the sampler started; ``settings``: other Config fields."""
+    if model == "builtin-tiny":
+        path = model
+    else:
+        path = str(ensure_random_model(model, cache_dir, layers=layers))
     config = Config(base_model=path, thinker_cache_dir=cache_dir, device=device, **settings)
     backend = load_backend(config, Path(cache_dir) / "bench-data")
-    backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
+    if sampler:
+        backend.start_sampler(max_rows=64, window_s=Config().batch_window_ms / 1000)
     return backend
 
 
@@ -78,9 +84,10 @@ def random_example(rng: random.Random, length: int, vocab: int) -> Example:
     return Example.from_sequence(tokens, [1.0] * (length + 1))
 
 
-def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[str, float]:
-    """Trained tokens per second for each way of running N users' steps. Every mode goes
-    through a worker pool, as the server does, and its model work through the backend."""
+def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> tuple[dict[str, float], float]:
+    """Trained tokens per second for each way of running N users' steps, and the useful
+    FLOPs per trained token (bench/flops.py). Every mode goes through a worker pool, as the
+    server does, and its model work through the backend."""
     vocab = backend.model.get_input_embeddings().weight.shape[0]
     ids = [backend.add_lora(args.rank, 2.0 * args.rank, None, seed)["model_id"] for seed in range(n)]
     requests = [FwdBwdRequest(a, [random_example(rng, args.seq_len, vocab) for _ in range(args.batch)]) for a in ids]
@@ -121,11 +128,12 @@ def train_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[st
         modes["one_adapter"]()
     tokens = n * args.batch * args.seq_len
     result = {name: tokens / timed(fn, args.reps) for name, fn in modes.items()}
+    flops_per_token = training_flops(ModelShape.of(backend.model), rows_of(backend, requests)) / tokens
     for pool in (one_at_a_time, plain_pool, fused_pool):
         pool.shutdown()
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
-    return result
+    return result, flops_per_token
 
 
 def sample_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[str, float]:
@@ -157,21 +165,9 @@ def sample_modes(backend: HFBackend, n: int, args, rng: random.Random) -> dict[s
     return {name: counted[name] / seconds for name, seconds in result.items()}
 
 
-def trained_flops_per_token(backend: HFBackend) -> float:
-    """LoRA training on a frozen base: forward (2 FLOPs per weight) plus the backward pass
-    to the activations (2 more); the adapters' own FLOPs are negligible."""
-    params = sum(p.numel() for n, p in backend.model.named_parameters() if "embed_tokens" not in n)
-    head = backend.loaded.head_weight.numel()
-    return 4.0 * (params + head)
-
-
-def peak_tflops(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+def peak_tflops(args, backend: HFBackend) -> float | None:
+    """--peak-tflops, else a known GPU's datasheet peak; None on CPU (no MFU column)."""
+    return args.peak_tflops or device_peak_tflops(backend.device)
 
 
 TRAIN_SAMPLE_HEADERS = [
@@ -324,18 +320,18 @@ def main() -> None:
             log(f"loading {model}...")
             progress.update(task, description=f"{model}: loading")
             backend = load(model, args.cache_dir, args.device)
-            peak = peak_tflops(args) if backend.device.type == "cuda" else None
+            peak = peak_tflops(args, backend)
             results[model] = []
             for n in users:
                 log(f"{model} N={n}: training (sequential, threads, fused, one adapter)...")
                 progress.update(task, description=f"{model} N={n}: training")
-                train = train_modes(backend, n, args, rng)
+                train, flops_per_token = train_modes(backend, n, args, rng)
                 progress.advance(task)
                 log(f"{model} N={n}: sampling (one by one, fused)...")
                 progress.update(task, description=f"{model} N={n}: sampling")
                 sample = sample_modes(backend, n, args, rng)
                 progress.advance(task)
-                mfu = train["fused"] * trained_flops_per_token(backend) / (peak * 1e12) if peak else None
+                mfu = train["fused"] * flops_per_token / (peak * 1e12) if peak else None
                 results[model].append({"n": n, "train": train, "sample": sample, "mfu": mfu})
                 log(
                     "  train tok/s: "

@@ -285,3 +285,56 @@ def test_bench_adapters(cache_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "40 adapters of rank 8 on builtin-tiny" in result.stdout
     assert re.search(r"adapters resident / offloads / reloads\s*│\s*4 / 41 / 5", result.stdout), result.stdout
+
+
+STEP_LINE = re.compile(r"  \((a|b|c)\) [^:]+: (\d+\.\d{3}) s, (\d+) real tok/s, MFU (\d+\.\d)%$", re.M)
+RATIOS = re.compile(r"  a/b = (\d+\.\d{3}) \(bar <= 1\.05\), c/a = (\d+\.\d{3}) \(bar >= 1\)$", re.M)
+SCALE_ROW = re.compile(r"^\| (\d+) \| (\d+) \| (\d+\.\d{3}) \| (\d+\.\d{3}) \| (\d+\.\d\d)x \|", re.M)
+
+
+def ratio_of_shown(ratio: str, top: str, bottom: str) -> bool:
+    """Whether ``ratio`` (shown rounded) can be top / bottom, given that both were shown rounded."""
+    def half(shown: str) -> float:  # half a unit of the last digit shown
+        return 0.5 * 10 ** -len(shown.split(".")[1])
+
+    r, t, b = float(ratio), float(top), float(bottom)
+    lowest = (t - half(top)) / (b + half(bottom)) - half(ratio)
+    return lowest <= r <= (t + half(top)) / max(b - half(bottom), 1e-9) + half(ratio)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_gpu_script_smoke_run_on_cpu(cache_dir, tmp_path):
+    """bench/gpu.sh --device cpu --quick: the N sweep (bench_scale.py) and the fused-step bars
+    (bench_fused.py, memory in fresh processes included) run, and what they print holds
+    together: token counts of the lengths spread, ratios of the times shown, both files."""
+    out_dir = tmp_path / "gpu"
+    result = subprocess.run(
+        ["bash", "bench/gpu.sh", "--device", "cpu", "--quick"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "OUT": str(out_dir), "THINKER_CACHE_DIR": str(cache_dir)}, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+
+    rows = SCALE_ROW.findall(out)
+    assert [(n, tokens) for n, tokens, *_ in rows] == [("1", "64"), ("4", "160")]  # 64; 16+32+48+64
+    for _, _, fused, sequential, ratio in rows:
+        assert ratio_of_shown(ratio, sequential, fused), (ratio, sequential, fused)
+    scale_md = (out_dir / "scale.md").read_text().splitlines()
+    assert len(SCALE_ROW.findall("\n".join(scale_md))) == 2 and all(line in out.splitlines() for line in scale_md)
+
+    assert "lengths [32, 43, 53, 64]" in out
+    assert "tokens: 192 real, 256 padded in one pass (1.33x)" in out
+    steps = {mode: seconds for mode, seconds, _, _ in STEP_LINE.findall(out)}
+    assert set(steps) == {"a", "b", "c"}
+    for _, seconds, rate, _ in STEP_LINE.findall(out):
+        assert ratio_of_shown(f"{rate}.0", "192.0", seconds), (rate, seconds)
+    a_b, c_a = RATIOS.search(out).groups()
+    assert ratio_of_shown(a_b, steps["a"], steps["b"]) and ratio_of_shown(c_a, steps["c"], steps["a"]), out
+    assert re.search(r"optimizer: one step of 4 adapters \d+\.\d ms, of one \d+\.\d ms -> \d+\.\d\dx", out)
+    saved = re.search(r"saved for backward: fused (\d+\.\d) MB, one adapter (\d+\.\d) MB -> fused/one (\d\.\d{3})", out)
+    fused_mb, one_mb, ratio = map(float, saved.groups())
+    assert fused_mb > 0 and one_mb > 0 and ratio == pytest.approx(fused_mb / one_mb, rel=0.05)
+    assert "peak memory growth in the pass" in out and "load average" in out
+    fused_md = (out_dir / "fused.md").read_text().splitlines()
+    assert fused_md and all(line in out.splitlines() for line in fused_md)
