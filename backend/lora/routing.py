@@ -56,6 +56,8 @@ class Routing:
     device: torch.device
     # Token count N -> adapter -> its segment; filled once per N (see the module docstring).
     _segments: dict[int, dict[str, Segment]] = field(default_factory=dict, repr=False)
+    # Packed (``from_lengths``): the only token count the routing covers (rows differ in length).
+    packed_tokens: int | None = None
 
     @property
     def uniform(self) -> bool:
@@ -77,6 +79,36 @@ class Routing:
             routing.segments(len(rows) * tokens_per_row)
         return routing
 
+    @classmethod
+    def from_lengths(
+        cls, sequences: Sequence[tuple[str | None, int]], device: torch.device | str = "cpu"
+    ) -> Routing:
+        """Routing for sequences packed end to end in one (1, N) row: ``(adapter, length)``
+        each, in order. Sequence i owns tokens [sum of the lengths before it, + length)."""
+        adapters = tuple(a for a, _ in sequences)
+        routing = cls(adapters, tuple(dict.fromkeys(a for a in adapters if a)), torch.device(device))
+        n_tokens = sum(n for _, n in sequences)
+        routing.packed_tokens = n_tokens
+        if routing.uniform:
+            routing.segments(n_tokens)
+            return routing
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        start = 0
+        for adapter, n in sequences:
+            if adapter:
+                ranges.setdefault(adapter, []).append((start, start + n))
+            start += n
+        found = {}
+        for adapter, spans in ranges.items():
+            first, last = spans[0][0], spans[-1][1]
+            if sum(e - s for s, e in spans) == last - first:  # one run of tokens
+                found[adapter] = Segment(first, last, torch.arange(first, last, device=routing.device), True)
+            else:
+                index_S = torch.cat([torch.arange(s, e) for s, e in spans]).to(routing.device)
+                found[adapter] = Segment(first, last, index_S, False)
+        routing._segments[n_tokens] = found
+        return routing
+
     def segments(self, n_tokens: int) -> dict[str, Segment]:
         """adapter -> the tokens it owns in an input of ``n_tokens`` tokens.
         Raises if the rows cannot cover ``n_tokens`` (only asked by targeted layers)."""
@@ -84,6 +116,8 @@ class Routing:
         if found is not None:
             return found
         B = len(self.row_adapters)
+        if self.packed_tokens is not None and not self.uniform and n_tokens != self.packed_tokens:
+            raise RuntimeError(f"LoRA routing covers {self.packed_tokens} packed tokens but the input has {n_tokens}")
         if self.uniform:
             everything = torch.arange(n_tokens, device=self.device)
             found = {a: Segment(0, n_tokens, everything, True) for a in self.adapters}  # whatever N

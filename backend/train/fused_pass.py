@@ -20,6 +20,7 @@ from backend.lora.routing import Routing, use_adapters
 from backend.train.examples import Example
 from backend.train.losses import LOSS_FUNCTIONS, get_loss_function
 from backend.train.output_head import head_target_logprobs
+from backend.train.packing import PackedLayout, pack, packing_supported
 from thinker.core.errors import BadRequestError
 
 
@@ -98,12 +99,27 @@ def fused_pass(
         selected_BT[b, :n] = True if _needs_every_position(requests[r]) else _loss_positions(ex)
     inputs_BT, targets_BTK = inputs_BT.to(device), targets_BTK.to(device)
     mask_BT, selected_BT = mask_BT.to(device), selected_BT.to(device)
-    positions_BT = torch.arange(T, device=device).expand(B, T)
 
     wants_grad = any(q.backward and q.adapter_id for q in requests)
-    routing = Routing.build([adapter for _, adapter, _ in rows], device, tokens_per_row=T)  # once per pass
+    # Packed where the model keeps sequences apart (backend/train/packing.py), else padded.
+    # Either way the logprobs come back in the padded (B, T, K) layout the losses read.
+    packed = B > 1 and packing_supported(model)
+    if packed:
+        layout = pack([ex.length for _, _, ex in rows], device)
+        packed = len(layout.bins) < B  # else packing saves nothing: pad as before
+    if packed:
+        spans = [(rows[b][1] if b is not None else None, n) for b, n in layout.spans]
+        routing = Routing.from_lengths(spans, device)
+    else:
+        routing = Routing.build([adapter for _, adapter, _ in rows], device, tokens_per_row=T)  # once per pass
     with torch.set_grad_enabled(wants_grad), use_adapters(routing):
-        logprobs_BTK = _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
+        if packed:
+            logprobs_BTK = _packed_target_logprobs(
+                model, head_VH, inputs_BT, mask_BT, targets_BTK, selected_BT, layout, pad_id
+            )
+        else:
+            positions_BT = torch.arange(T, device=device).expand(B, T)
+            logprobs_BTK = _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT)
         losses: list[torch.Tensor | Exception] = []
         start = 0
         for request in requests:
@@ -218,6 +234,36 @@ def _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_B
         logprobs_NK = F.log_softmax((hidden_NH @ head_VH.t()).float(), dim=-1).gather(1, targets_NK)
     where_BTK = selected_BT.unsqueeze(2).expand(B, T, K)
     return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_BTH.device).masked_scatter(where_BTK, logprobs_NK)
+
+
+def _packed_target_logprobs(
+    model, head_VH, inputs_BT, mask_BT, targets_BTK, selected_BT, layout: PackedLayout, pad_id: int
+) -> torch.Tensor:
+    """``_target_logprobs`` with the rows' real tokens packed (backend/train/packing.py),
+    scattered back into the padded (B, T, K) layout."""
+    B, T, K = targets_BTK.shape
+    P, L = layout.positions_PL.shape
+    inputs_PL = torch.full((P * L,), pad_id, dtype=torch.long, device=inputs_BT.device)
+    inputs_PL[layout.flat_N] = inputs_BT[mask_BT]  # row-major: each sequence's real tokens in its place
+    # No attention mask and no cache: transformers then reads the sequence boundaries
+    # from the position ids and keeps each sequence's attention to itself.
+    kwargs = {"input_ids": inputs_PL.view(P, L), "position_ids": layout.positions_PL, "use_cache": False}
+    if head_VH is None:
+        logits_NV = model(**kwargs).logits.reshape(P * L, -1)[layout.flat_N]
+        targets_NK = targets_BTK[mask_BT]
+        logprobs_NK = F.log_softmax(logits_NV.float(), dim=-1).gather(1, targets_NK)
+        where_BTK = mask_BT.unsqueeze(2).expand(B, T, K)
+        logprobs_BTK = torch.zeros((B, T, K), dtype=torch.float32, device=logits_NV.device)
+        return logprobs_BTK.masked_scatter(where_BTK, logprobs_NK) * selected_BT.unsqueeze(2)
+    hidden_PLH = model.model(**kwargs).last_hidden_state
+    chosen_S = layout.flat_N[selected_BT[mask_BT]]  # selected positions are real ones, in the same order
+    hidden_SH, targets_SK = hidden_PLH.reshape(P * L, -1)[chosen_S], targets_BTK[selected_BT]
+    if K == 1:
+        logprobs_SK = head_target_logprobs(hidden_SH, head_VH, targets_SK[:, 0]).unsqueeze(1)
+    else:  # top-K targets: the full log-softmax at the selected positions
+        logprobs_SK = F.log_softmax((hidden_SH @ head_VH.t()).float(), dim=-1).gather(1, targets_SK)
+    where_BTK = selected_BT.unsqueeze(2).expand(B, T, K)
+    return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_PLH.device).masked_scatter(where_BTK, logprobs_SK)
 
 
 def _request_loss(request: FwdBwdRequest, logprobs_nTK: torch.Tensor, mask_nT: torch.Tensor) -> torch.Tensor:
