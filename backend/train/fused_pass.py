@@ -218,7 +218,6 @@ def _loss_positions(example: Example) -> torch.Tensor:
 
 def _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_BTK, selected_BT) -> torch.Tensor:
     """log p(target) at every selected position, 0 elsewhere: -> (B, T, K) fp32."""
-    B, T, K = targets_BTK.shape
     attention_BT = mask_BT.long()
     if head_VH is None:
         logits_BTV = model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT).logits
@@ -227,13 +226,20 @@ def _target_logprobs(model, head_VH, inputs_BT, mask_BT, positions_BT, targets_B
     # Only selected positions go through the output head (prompt tokens often don't).
     out = model.model(input_ids=inputs_BT, attention_mask=attention_BT, position_ids=positions_BT)
     hidden_BTH = out.last_hidden_state
-    hidden_NH, targets_NK = hidden_BTH[selected_BT], targets_BTK[selected_BT]
+    return _head_logprobs(hidden_BTH[selected_BT], head_VH, targets_BTK, selected_BT)
+
+
+def _head_logprobs(hidden_SH, head_VH, targets_BTK, selected_BT) -> torch.Tensor:
+    """log p(targets) at the selected positions from their hidden states (S, H), scattered
+    into the (B, T, K) layout (zeros elsewhere)."""
+    B, T, K = targets_BTK.shape
+    targets_SK = targets_BTK[selected_BT]
     if K == 1:
-        logprobs_NK = head_target_logprobs(hidden_NH, head_VH, targets_NK[:, 0]).unsqueeze(1)
+        logprobs_SK = head_target_logprobs(hidden_SH, head_VH, targets_SK[:, 0]).unsqueeze(1)
     else:  # top-K targets: the full log-softmax at the selected positions
-        logprobs_NK = F.log_softmax((hidden_NH @ head_VH.t()).float(), dim=-1).gather(1, targets_NK)
+        logprobs_SK = F.log_softmax((hidden_SH @ head_VH.t()).float(), dim=-1).gather(1, targets_SK)
     where_BTK = selected_BT.unsqueeze(2).expand(B, T, K)
-    return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_BTH.device).masked_scatter(where_BTK, logprobs_NK)
+    return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_SH.device).masked_scatter(where_BTK, logprobs_SK)
 
 
 def _packed_target_logprobs(
@@ -257,13 +263,7 @@ def _packed_target_logprobs(
         return logprobs_BTK.masked_scatter(where_BTK, logprobs_NK) * selected_BT.unsqueeze(2)
     hidden_PLH = model.model(**kwargs).last_hidden_state
     chosen_S = layout.flat_N[selected_BT[mask_BT]]  # selected positions are real ones, in the same order
-    hidden_SH, targets_SK = hidden_PLH.reshape(P * L, -1)[chosen_S], targets_BTK[selected_BT]
-    if K == 1:
-        logprobs_SK = head_target_logprobs(hidden_SH, head_VH, targets_SK[:, 0]).unsqueeze(1)
-    else:  # top-K targets: the full log-softmax at the selected positions
-        logprobs_SK = F.log_softmax((hidden_SH @ head_VH.t()).float(), dim=-1).gather(1, targets_SK)
-    where_BTK = selected_BT.unsqueeze(2).expand(B, T, K)
-    return torch.zeros((B, T, K), dtype=torch.float32, device=hidden_PLH.device).masked_scatter(where_BTK, logprobs_SK)
+    return _head_logprobs(hidden_PLH.reshape(P * L, -1)[chosen_S], head_VH, targets_BTK, selected_BT)
 
 
 def _request_loss(request: FwdBwdRequest, logprobs_nTK: torch.Tensor, mask_nT: torch.Tensor) -> torch.Tensor:
