@@ -108,6 +108,12 @@ def _wait(predicate, what: str, timeout: float = WAIT_S):
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
+def _next_poll(browser) -> None:
+    """Wait for the page's next poll of /dashboard/state (its "updated" clock changes)."""
+    before = browser.find_element("id", "updated").text
+    _wait(lambda: browser.find_element("id", "updated").text != before, "the next poll")
+
+
 def test_dashboard_shows_live_training(start_server, browser, tmp_path, capsys):
     server = start_server(THINKER_API_KEYS=f"{ALICE},{BOB}", MAX_WORKERS="2")
     with TinkerClient(server.url, api_key=ALICE) as alice, TinkerClient(server.url, api_key=BOB) as bob:
@@ -145,7 +151,7 @@ def test_dashboard_shows_live_training(start_server, browser, tmp_path, capsys):
 
         # A fuller curve for the picture, then the screenshot.
         _wait(lambda: _points_in(browser, watched) >= 16, "a longer curve for the screenshot")
-        time.sleep(1.6)  # one more poll so every chart shows the same moment
+        _next_poll(browser)  # one more poll so every chart shows the same moment
     finally:
         trainer.stop.set()
         trainer.join(timeout=30)
@@ -156,7 +162,7 @@ def test_dashboard_shows_live_training(start_server, browser, tmp_path, capsys):
     browser.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride", {"width": 1440, "height": height, "deviceScaleFactor": 1, "mobile": False}
     )
-    time.sleep(0.5)
+    _next_poll(browser)  # the charts redrawn for the new size
     shot = tmp_path / "dashboard.png"  # under pytest's tmp folders, never in the checkout
     assert browser.save_screenshot(str(shot))
     with capsys.disabled():

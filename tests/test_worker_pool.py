@@ -33,7 +33,7 @@ def test_jobs_of_one_key_run_in_submission_order_one_at_a_time(pool):
             running[key] += 1
             if running[key] > 1:
                 overlap.append(key)
-            time.sleep(random.random() * 0.003)
+            time.sleep(random.random() * 0.003)  # jitter to vary interleavings; no order depends on it
             log[key].append(i)
             running[key] -= 1
             return i
