@@ -59,6 +59,11 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     from thinker.store.diskspace import DiskReserve
     from worker_pool import BatchLimits, WorkerPool
 
+    if backend is None and config.executor == "ray":
+        from backend.cluster import ClusterBackend
+
+        log.info("Starting model workers on Ray (docs/cluster.md)...")
+        backend = ClusterBackend(config)
     if backend is None:
         log.info("Initializing HuggingFace backend...")
         backend = load_backend(config)
@@ -120,6 +125,10 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     if restored or lost:
         log.warning("after the restart: %d adapters restored from their newest checkpoint, %d lost", restored, lost)
     records.attach(backend)
+    if config.executor == "ray":
+        from thinker.http import workers
+
+        workers.install(app, records, restore=config.autosave_every_steps > 0)  # /admin/workers, fault recovery
     backend.adapters.max_per_owner = config.max_adapters_per_user  # (restored adapters are never refused)
     if config.autosave_every_steps:
         services = app.extensions["thinker"]

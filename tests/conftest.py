@@ -28,7 +28,7 @@ from thinker.core.config import Config  # noqa: E402
 # HTTP) and `-m browser` together run everything; `slow` (tens of seconds: its own server, a
 # restart, a soak, a model loaded in a subprocess) is added on top, so a quick run is
 # `-m "not slow and not browser"`.
-LANES = ("unit", "e2e", "browser")
+LANES = ("unit", "e2e", "browser", "ray")
 
 
 def lane_errors(items) -> list[str]:

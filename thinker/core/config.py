@@ -105,6 +105,19 @@ class Config:
     # key per line. None of either: open single-user mode (no key needed).
     thinker_api_keys: str | None = None
     thinker_api_keys_file: str | None = None
+    # Who runs the model: "local" (this process, one device) or "ray" (Ray actors, one engine
+    # per device; docs/cluster.md). The HTTP front end, keys, store and futures stay here.
+    executor: str = "local"
+    # EXECUTOR=ray: the Ray cluster to join ("auto", "ray://host:10001", host:port); None
+    # starts a local one in this process (stopped with the server).
+    ray_address: str | None = None
+    # EXECUTOR=ray: model workers to start; 0 means one per GPU the cluster has (at least 1).
+    workers: int = 0
+    # EXECUTOR=ray: CPUs each worker asks Ray for (and the torch threads it runs).
+    worker_cpus: float = 1.0
+    # Keys (comma-separated) allowed to add and drain workers at run time (/admin/workers);
+    # None: only in open single-user mode (no API keys) are they open.
+    admin_api_keys: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:
@@ -152,6 +165,12 @@ class Config:
         threads = self.torch_threads.strip().lower()
         if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
             raise ConfigurationError(f"TORCH_THREADS must be auto or a whole number >= 1, got {self.torch_threads!r}")
+        if self.executor not in ("local", "ray"):
+            raise ConfigurationError(f"EXECUTOR must be local or ray, got {self.executor!r}")
+        if self.workers < 0 or self.worker_cpus <= 0:
+            raise ConfigurationError(
+                f"WORKERS must be >= 0 and WORKER_CPUS > 0, got {self.workers} and {self.worker_cpus}"
+            )
         if self.log_format.lower() not in ("text", "json"):
             raise ConfigurationError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
 

@@ -167,6 +167,8 @@ class _StateCollector:
             yield _gauge("sampling_rows", "Rows in the shared decode batch", sampler["sampling_rows"])
             yield _gauge("sampling_waiting", "Sampling requests waiting to join the decode batch",
                          sampler["sampling_waiting"])
+        if hasattr(backend, "worker_table"):  # EXECUTOR=ray: one series per model worker
+            yield from _worker_gauges(backend.worker_table())
         device = backend.device
         if device.type == "cuda":
             import torch  # loaded already by the backend; imported here so CPU-only code paths never need it
@@ -177,6 +179,22 @@ class _StateCollector:
                 )
                 family.add_metric([str(device)], read(device))
                 yield family
+
+
+def _worker_gauges(table: list[dict]) -> Iterator[Metric]:
+    """Per model worker (EXECUTOR=ray): up, adapters placed, calls in flight."""
+    families = {
+        "up": GaugeMetricFamily(f"{NAMESPACE}_cluster_worker_up", "1 if the model worker is up", labels=["worker"]),
+        "adapters_placed": GaugeMetricFamily(
+            f"{NAMESPACE}_cluster_worker_adapters", "Adapters placed on the model worker", labels=["worker"]),
+        "queue": GaugeMetricFamily(
+            f"{NAMESPACE}_cluster_worker_calls", "Calls in flight to the model worker", labels=["worker"]),
+    }
+    for row in table:
+        families["up"].add_metric([row["name"]], 1.0 if row["state"] == "up" else 0.0)
+        families["adapters_placed"].add_metric([row["name"]], row["adapters_placed"])
+        families["queue"].add_metric([row["name"]], row["queue"])
+    yield from families.values()
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
