@@ -86,6 +86,10 @@ def test_health_shows_the_workers(cluster):
     assert len({w["pid"] for w in workers}) == 2  # two processes, one model each
     metrics = requests.get(f"{cluster.url}/metrics", timeout=30).text
     assert 'thinker_cluster_worker_up{worker="w1"} 1.0' in metrics
+    dashboard = requests.get(f"{cluster.url}/dashboard/state", headers={"X-API-Key": ALICE}, timeout=30).json()
+    assert [(w["name"], w["adapters_placed"], w["busy"]) for w in dashboard["workers"]] == [("w0", 0, False),
+                                                                                             ("w1", 0, False)]
+    assert requests.get(f"{cluster.url}/admin/workers", headers={"X-API-Key": ALICE}, timeout=30).status_code == 401
 
 
 def test_seed_api_end_to_end_and_users_isolated_on_different_workers(cluster):

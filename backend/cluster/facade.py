@@ -364,6 +364,7 @@ class ClusterBackend:
             "context_length": self.loaded.context_length,
             "target_modules": self.loaded.target_modules,
             "adapters": len(self.adapters),
+            "adapters_resident": self.residency.resident,  # on the workers' accelerators
             "executor": "ray",
             "model_workers": self.worker_table(),  # ("workers" is the pool's thread count)
         }

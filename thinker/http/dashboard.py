@@ -267,4 +267,5 @@ def state():
         "adapters": [_describe(a, since) for a in mine[:limit]],
         "adapters_total": len(mine),
         "recent_requests": activity.recent(visible),
+        "workers": info.get("model_workers", []),  # EXECUTOR=ray: device, adapters placed, queue, busy
     }

@@ -355,6 +355,21 @@
     )));
   }
 
+  // EXECUTOR=ray only: one row per model worker (no adapter ids: they are other users' too).
+  function drawWorkers(state) {
+    const list = state.workers || [];
+    $("workers-panel").hidden = list.length === 0;
+    document.querySelector("#workers tbody").replaceChildren(...list.map((w) => el("tr", {},
+      el("td", { class: "id", text: w.name }),
+      el("td", {}, el("span", { class: "badge " + (w.state === "up" ? "completed" : "failed"), text: w.state })),
+      el("td", { text: w.device }),
+      el("td", { class: "muted", text: `${w.host} · pid ${w.pid}` }),
+      el("td", { class: "num", text: String(w.adapters_placed) }),
+      el("td", { class: "num", text: String(w.queue) }),
+      el("td", { text: w.busy ? "busy" : "idle" }),
+    )));
+  }
+
   // ------------------------------------------------------------------ data
 
   // Fold an answer into the kept points (a full answer replaces them). Returns true when an
@@ -437,6 +452,7 @@
       drawLossChart();
       drawThroughputChart(state);
       drawRequests(state);
+      drawWorkers(state);
       setStatus(view.paused ? "paused" : "live", view.paused ? "Paused" : "Live");
       schedule();
     } catch (err) {
