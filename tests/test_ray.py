@@ -145,6 +145,28 @@ def test_official_sdk_smoke(cluster, monkeypatch):
         service.close("success").result()
 
 
+def test_a_busy_sampler_checkpoint_is_spread_over_workers(cluster, monkeypatch):
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    service = tinker.ServiceClient(base_url=cluster.url, api_key=SDK)
+    try:
+        training = service.create_lora_training_client(base_model="builtin-tiny", rank=4, seed=3).result()
+        path = training.save_weights_for_sampler("spread").result().path
+        sampler = service.create_sampling_client(model_path=path)
+        prompt, params = types.ModelInput.from_ints([5, 6, 7, 8]), types.SamplingParams(max_tokens=24, seed=4)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # many requests at once: once each copy has 2 in flight, one more worker loads it
+            answers = [f.result() for f in [sampler.sample(prompt, 1, params) for _ in range(12)]]
+            # the same seed gives the same tokens whichever copy served it
+            assert len({tuple(a.sequences[0].tokens) for a in answers}) == 1
+            copies = [w["name"] for w in admin(cluster, "GET")["workers"]
+                      if any("spread" in a for a in w["adapter_ids"])]
+            if len(copies) == 2:
+                break
+            assert time.monotonic() < deadline, copies
+    finally:
+        service.close("success").result()
+
+
 def test_killing_a_worker_fails_its_requests_clearly_and_training_goes_on(cluster):
     with client(cluster, ALICE) as alice, client(cluster, BOB) as bob:
         kept = alice.create_lora("builtin-tiny", rank=4, seed=5, timeout=TIMEOUT_S)

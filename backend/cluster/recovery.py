@@ -183,16 +183,17 @@ class Recovery:
         b.workers.kill(handle)
         self.note(f"worker {name} drained and stopped")
 
-    def maybe_replicate(self, adapter_id: str, homes: list[str]) -> None:
-        """Load a sampler checkpoint on one more worker when every copy is busy."""
+    def maybe_replicate(self, adapter_id: str, homes: list[str]) -> threading.Thread | None:
+        """Load a sampler checkpoint on one more worker when every copy is busy; the loading
+        thread (requests meanwhile go to the copies there are), or None."""
         b = self.backend
         if adapter_id not in self.sources or adapter_id in self._replicating:
-            return
+            return None
         if min(b.placement.busy(w) for w in homes) < REPLICATE_WHEN_BUSY:
-            return
+            return None
         spare = [w for w in b.placement.workers(UP) if w not in homes]
         if not spare:
-            return
+            return None
         target = b.placement.least_busy(spare)
         self._replicating.add(adapter_id)
 
@@ -211,4 +212,6 @@ class Recovery:
             finally:
                 self._replicating.discard(adapter_id)
 
-        threading.Thread(target=load, name="thinker-cluster-replica", daemon=True).start()
+        thread = threading.Thread(target=load, name="thinker-cluster-replica", daemon=True)
+        thread.start()
+        return thread

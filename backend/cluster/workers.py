@@ -22,6 +22,20 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: worker processes i
 ACTOR_CONCURRENCY = 64
 
 
+def runtime_env() -> dict:
+    """Worker processes import our modules from this checkout (one machine) or from the same
+    path where the code is installed (several machines)."""
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
+
+
+def start_local_ray(num_cpus: float) -> None:
+    """A Ray instance inside this process, offering ``num_cpus`` logical CPUs (may exceed the
+    real ones: CPU workers then share cores), stopped when this process calls shutdown or exits."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(), log_to_driver=True)
+
+
 @dataclass
 class Handle:
     """One started worker as the facade sees it."""
@@ -43,14 +57,12 @@ class RayWorkers:
         self.config = config
         self.started_ray = False
         if not ray.is_initialized():
-            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
             if config.ray_address:
                 # Joining: every machine must have this code and its requirements installed
                 # (docs/cluster.md); the working dir is not shipped.
-                ray.init(address=config.ray_address, runtime_env=env, log_to_driver=True)
+                ray.init(address=config.ray_address, runtime_env=runtime_env(), log_to_driver=True)
             else:
-                cpus = max(os.cpu_count() or 1, int((config.workers or 1) * config.worker_cpus) + 2)
-                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+                start_local_ray(max(os.cpu_count() or 1, int((config.workers or 1) * config.worker_cpus) + 2))
                 self.started_ray = True
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         self.actor_class = ray.remote(ModelWorker)

@@ -1,0 +1,106 @@
+"""Training throughput of EXECUTOR=ray with 1, 2 and 4 model workers, for 16 users, beside the
+local executor doing the same work in the same run.
+
+Each user has one adapter (placed by the cluster's rules: 16 users spread over the workers);
+a step is one fused forward_backward over all 16 users' requests (split by worker, the parts
+run at once) and one optimizer step of all 16. Reported: the median step time over several
+reps after a warm-up, and trained tokens per second.
+
+On a machine with one GPU per worker this shows the scaling. On a CPU-only box every worker
+shares the same cores (each worker's torch uses WORKER_CPUS threads), so more workers cannot
+be faster there: the figure then measures the cost of the hop, not the gain.
+
+    python bench/bench_ray.py                      # builtin-tiny, 16 users, workers 1 2 4
+    python bench/bench_ray.py --model HuggingFaceTB/SmolLM2-135M-Instruct --workers 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend import AdamParams, FwdBwdRequest, load_backend  # noqa: E402
+from bench.workload import example  # noqa: E402
+from thinker.core.config import Config  # noqa: E402
+
+ADAM = AdamParams(learning_rate=1e-4)
+
+
+def step_times(backend, users: int, length: int, reps: int, warmup: int) -> tuple[list[float], int]:
+    """Seconds per step (fused forward_backward of every user's request + optimizer steps)."""
+    rng = random.Random(0)
+    ids = [backend.add_lora(8, 16.0, None, i, owner=f"user{i}")["model_id"] for i in range(users)]
+    requests = [FwdBwdRequest(a, [example(rng, length, backend.vocab_size)]) for a in ids]
+    tokens = sum(ex.length for r in requests for ex in r.examples)
+    times = []
+    for rep in range(warmup + reps):
+        started = time.perf_counter()
+        for outcome in backend.forward_backward(requests):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        backend.optim_steps([(a, ADAM) for a in ids])
+        if rep >= warmup:
+            times.append(time.perf_counter() - started)
+    for adapter_id in ids:
+        backend.remove_adapter(adapter_id)
+    return times, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin-tiny")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--length", type=int, default=128, help="tokens per user's sequence")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker-cpus", type=float, default=1.0)
+    args = parser.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="bench-ray-")
+    config = Config(base_model=args.model, thinker_data_dir=data_dir, worker_cpus=args.worker_cpus,
+                    torch_threads=str(max(1, int(args.worker_cpus))))
+    print(f"{args.users} users, one {args.length}-token sequence each per step; {os.cpu_count()} CPUs on this machine")
+
+    rows = []
+    local = load_backend(config)
+    times, tokens = step_times(local, args.users, args.length, args.reps, args.warmup)
+    local.close()
+    rows.append(("local", times, tokens))
+
+    import ray
+
+    from backend.cluster import ClusterBackend
+    from backend.cluster.workers import RayWorkers, start_local_ray
+
+    start_local_ray(max(args.workers) * args.worker_cpus + 1)  # room for the largest set
+    try:
+        for count in args.workers:
+            cluster_config = Config(**{**config.__dict__, "executor": "ray", "workers": count})
+            cluster = ClusterBackend(cluster_config, RayWorkers(cluster_config))
+            try:
+                times, tokens = step_times(cluster, args.users, args.length, args.reps, args.warmup)
+            finally:
+                cluster.recovery.stop()
+                for name in cluster.worker_names():
+                    cluster.workers.kill(cluster.handle(name))
+            rows.append((f"ray, {count} worker{'s' if count > 1 else ''}", times, tokens))
+    finally:
+        ray.shutdown()
+
+    base = statistics.median(rows[0][1])
+    print(f"{'executor':<18} {'step s (median)':>16} {'tokens/s':>10} {'vs local':>9}")
+    for label, times, tokens in rows:
+        median = statistics.median(times)
+        print(f"{label:<18} {median:>16.3f} {tokens / median:>10.0f} {base / median:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
