@@ -15,6 +15,7 @@ pytestmark = pytest.mark.unit
 # A valid value for every string field whose values are checked (the rest take any text).
 STRING_VALUES = {
     "device": "cuda:1", "torch_threads": "3", "log_level": "DEBUG", "log_format": "json", "base_model": "builtin-tiny",
+    "executor": "ray",
 }
 
 
@@ -77,6 +78,9 @@ def test_booleans_accept_the_usual_spellings(raw, expected):
         ({"MAX_RESIDENT_ADAPTERS": "0"}, "MAX_RESIDENT_ADAPTERS"),
         ({"MAX_PENDING": "0"}, "MAX_PENDING"),
         ({"MAX_LORA_RANK": "0"}, "MAX_LORA_RANK"),
+        ({"EXECUTOR": "dask"}, "EXECUTOR"),
+        ({"WORKERS": "-1"}, "WORKERS"),
+        ({"WORKER_CPUS": "0"}, "WORKER_CPUS"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
