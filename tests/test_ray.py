@@ -137,7 +137,7 @@ def test_official_sdk_smoke(cluster, monkeypatch):
             training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
             losses.append(fwd.result().metrics["loss:sum"])
         assert losses[-1] < losses[0]
-        sampler = training.save_weights_and_get_sampling_client("smoke").result()
+        sampler = training.save_weights_and_get_sampling_client().result()
         prompt = types.ModelInput.from_ints(ids[:4])
         out = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=6, seed=5)).result()
         assert len(out.sequences) == 2
@@ -151,7 +151,7 @@ def test_a_busy_sampler_checkpoint_is_spread_over_workers(cluster, monkeypatch):
     try:
         training = service.create_lora_training_client(base_model="builtin-tiny", rank=4, seed=3).result()
         path = training.save_weights_for_sampler("spread").result().path
-        sampler = service.create_sampling_client(model_path=path)
+        sampler = service.create_sampling_client(model_path=path).result()
         prompt, params = types.ModelInput.from_ints([5, 6, 7, 8]), types.SamplingParams(max_tokens=24, seed=4)
         deadline = time.monotonic() + TIMEOUT_S
         while True:  # many requests at once: once each copy has 2 in flight, one more worker loads it
