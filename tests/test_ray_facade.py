@@ -200,7 +200,7 @@ def test_draining_and_adding_workers(cluster, config):
     first = cluster.add_lora(4, 8.0, None, 1, owner="alice")["model_id"]
     home = cluster.placement.home(first)
     for adapter_id in cluster.recovery.drain_start(home):
-        cluster.recovery.move(adapter_id)
+        cluster.recovery.move(adapter_id, home)
     cluster.recovery.drain_finish(home)
     assert home not in cluster.worker_names() and cluster.placement.home(first) in cluster.worker_names()
     added = cluster.add_worker()["name"]
@@ -217,5 +217,7 @@ def test_busy_sampler_weights_get_a_replica(cluster, tmp_path: Path):
     loading = cluster.recovery.maybe_replicate("checkpoint:x", [home])
     loading.join(timeout=60)
     assert len(cluster.placement.homes("checkpoint:x")) == 2
+    assert cluster.recovery.move("checkpoint:x", home) != home  # draining a copy just drops it
+    assert cluster.placement.homes("checkpoint:x") == [w for w in cluster.worker_names() if w != home]
     cluster.remove_adapter("checkpoint:x")  # freed on every copy
     assert cluster.placement.homes("checkpoint:x") == []

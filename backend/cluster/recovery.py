@@ -141,15 +141,21 @@ class Recovery:
 
     # ---- moves and replicas ---------------------------------------------------------------------
 
-    def move(self, adapter_id: str, target: str | None = None) -> str:
-        """Move an adapter (weights + optimizer state) to ``target`` (default: the least loaded
-        other worker). Run it in the adapter's turn (a job keyed by its id), so nothing of it
-        runs meanwhile. The state travels through Ray's object store, not the data dir."""
+    def move(self, adapter_id: str, source: str | None = None, target: str | None = None) -> str:
+        """Move an adapter (weights + optimizer state) off ``source`` (default: its home) to
+        ``target`` (default: the least loaded other worker); where it is now. Run it in the
+        adapter's turn (a job keyed by its id), so nothing of it runs meanwhile. The state
+        travels through Ray's object store, not the data dir."""
         b = self.backend
         adapter = b.adapters.get(adapter_id)
-        source = b.placement.home(adapter_id)
-        if source is None:
-            raise RequestFailedError(f"{adapter_id} has no worker to move from")
+        homes = b.placement.homes(adapter_id)
+        source = source or (homes[0] if homes else None)
+        if source not in homes:
+            raise RequestFailedError(f"{adapter_id} is not on worker {source}")
+        if len(homes) > 1:  # a sampler replica: the other copies serve on
+            b.placement.unplace(adapter_id, source)
+            b._invoke(source, "remove_adapter", adapter_id)
+            return b.placement.home(adapter_id)
         target = target or b.placement.choose(group=adapter.owner, exclude=(source,))
         src, dest, ray = b.handle(source), b.handle(target), b.workers.ray
         b.placement.begin(source)

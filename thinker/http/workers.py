@@ -86,7 +86,7 @@ def drain_worker(name: str):
     recovery = s.backend.recovery
     started = time.time()
     moves = {
-        adapter_id: s.pool.submit(adapter_id, "move", lambda a=adapter_id: {"worker": recovery.move(a)})
+        adapter_id: s.pool.submit(adapter_id, "move", lambda a=adapter_id: {"worker": recovery.move(a, name)})
         for adapter_id in recovery.drain_start(name)
     }
     moved, failed = {}, {}
