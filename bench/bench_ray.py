@@ -3,8 +3,9 @@ local executor doing the same work in the same run.
 
 Each user has one adapter (placed by the cluster's rules: 16 users spread over the workers);
 a step is one fused forward_backward over all 16 users' requests (split by worker, the parts
-run at once) and one optimizer step of all 16. Reported: the median step time over several
-reps after a warm-up, and trained tokens per second.
+run at once) and one optimizer step of all 16. All executors are up at once and take turns,
+one step each, after a warm-up; reported: the median step time and trained tokens per second.
+(So a GPU box needs 1 + 2 + 4 = 7 GPUs for the default --workers 1 2 4.)
 
 On a machine with one GPU per worker this shows the scaling. On a CPU-only box every worker
 shares the same cores (each worker's torch uses WORKER_CPUS threads), so more workers cannot
@@ -34,24 +35,24 @@ from thinker.core.config import Config  # noqa: E402
 ADAM = AdamParams(learning_rate=1e-4)
 
 
-def step_times(backend, users: int, length: int, reps: int, warmup: int) -> tuple[list[float], int]:
-    """Seconds per step (fused forward_backward of every user's request + optimizer steps)."""
-    rng = random.Random(0)
-    ids = [backend.add_lora(8, 16.0, None, i, owner=f"user{i}")["model_id"] for i in range(users)]
-    requests = [FwdBwdRequest(a, [example(rng, length, backend.vocab_size)]) for a in ids]
-    tokens = sum(ex.length for r in requests for ex in r.examples)
-    times = []
-    for rep in range(warmup + reps):
+class Workload:
+    """16 users' adapters on one backend, and one step of all of them."""
+
+    def __init__(self, backend, users: int, length: int) -> None:
+        rng = random.Random(0)
+        self.backend = backend
+        self.ids = [backend.add_lora(8, 16.0, None, i, owner=f"user{i}")["model_id"] for i in range(users)]
+        self.requests = [FwdBwdRequest(a, [example(rng, length, backend.vocab_size)]) for a in self.ids]
+        self.tokens = sum(ex.length for r in self.requests for ex in r.examples)
+
+    def step(self) -> float:
+        """Seconds for one fused forward_backward of every user's request + their optimizer steps."""
         started = time.perf_counter()
-        for outcome in backend.forward_backward(requests):
+        for outcome in self.backend.forward_backward(self.requests):
             if isinstance(outcome, BaseException):
                 raise outcome
-        backend.optim_steps([(a, ADAM) for a in ids])
-        if rep >= warmup:
-            times.append(time.perf_counter() - started)
-    for adapter_id in ids:
-        backend.remove_adapter(adapter_id)
-    return times, tokens
+        self.backend.optim_steps([(a, ADAM) for a in self.ids])
+        return time.perf_counter() - started
 
 
 def main() -> None:
@@ -69,31 +70,37 @@ def main() -> None:
                     torch_threads=str(max(1, int(args.worker_cpus))))
     print(f"{args.users} users, one {args.length}-token sequence each per step; {os.cpu_count()} CPUs on this machine")
 
-    rows = []
-    local = load_backend(config)
-    times, tokens = step_times(local, args.users, args.length, args.reps, args.warmup)
-    local.close()
-    rows.append(("local", times, tokens))
-
     import ray
 
     from backend.cluster import ClusterBackend
     from backend.cluster.workers import RayWorkers, start_local_ray
 
-    start_local_ray(max(args.workers) * args.worker_cpus + 1)  # room for the largest set
+    # Every executor is up at once and the reps take turns (local, 1, 2, 4, local, ...), so
+    # a neighbour's load on a shared machine falls on all of them alike.
+    start_local_ray(sum(args.workers) * args.worker_cpus + 1)
+    local = load_backend(config)
+    runs = [("local", Workload(local, args.users, args.length))]
+    clusters = []
     try:
         for count in args.workers:
             cluster_config = Config(**{**config.__dict__, "executor": "ray", "workers": count})
-            cluster = ClusterBackend(cluster_config, RayWorkers(cluster_config))
-            try:
-                times, tokens = step_times(cluster, args.users, args.length, args.reps, args.warmup)
-            finally:
-                cluster.recovery.stop()
-                for name in cluster.worker_names():
-                    cluster.workers.kill(cluster.handle(name))
-            rows.append((f"ray, {count} worker{'s' if count > 1 else ''}", times, tokens))
+            clusters.append(ClusterBackend(cluster_config, RayWorkers(cluster_config)))
+            label = f"ray, {count} worker{'s' if count > 1 else ''}"
+            runs.append((label, Workload(clusters[-1], args.users, args.length)))
+        times: dict[str, list[float]] = {label: [] for label, _ in runs}
+        for rep in range(args.warmup + args.reps):
+            for label, workload in runs:
+                seconds = workload.step()
+                if rep >= args.warmup:
+                    times[label].append(seconds)
     finally:
+        local.close()
+        for cluster in clusters:
+            cluster.recovery.stop()
+            for name in cluster.worker_names():
+                cluster.workers.kill(cluster.handle(name))
         ray.shutdown()
+    rows = [(label, times[label], workload.tokens) for label, workload in runs]
 
     base = statistics.median(rows[0][1])
     print(f"{'executor':<18} {'step s (median)':>16} {'tokens/s':>10} {'vs local':>9}")

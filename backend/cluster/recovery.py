@@ -70,8 +70,9 @@ class Recovery:
         """Take a dead worker out (once per incarnation) and re-home or lose its adapters."""
         b = self.backend
         with self.lock:
-            handle = b.handle(name)
-            if handle.incarnation != incarnation or b.placement.state(name) == DOWN:
+            if name not in b.worker_names():
+                return  # drained and stopped: nothing was left on it
+            if b.handle(name).incarnation != incarnation or b.placement.state(name) == DOWN:
                 return  # another thread saw it first
             b.placement.set_state(name, DOWN)
             held = b.placement.evict(name)
@@ -110,24 +111,31 @@ class Recovery:
 
     def _watch(self) -> None:
         """Ping every worker: a dead one is taken out, a restarted one rejoins."""
+        while not self._stop.wait(HEALTH_EVERY_S):
+            for name in self.backend.worker_names():
+                try:
+                    self._check(name)
+                except Exception:  # noqa: BLE001 - (a worker removed meanwhile) the watch goes on
+                    if name in self.backend.worker_names():
+                        log.exception("health check of worker %s failed", name)
+
+    def _check(self, name: str) -> None:
         from ray.exceptions import GetTimeoutError
 
         b = self.backend
-        while not self._stop.wait(HEALTH_EVERY_S):
-            for name in b.worker_names():
-                try:
-                    handle = b.handle(name)
-                    info = b.workers.ray.get(handle.actor.ready.remote(), timeout=10)
-                except GetTimeoutError:
-                    continue  # busy or restarting: asked again next round
-                except Exception as exc:  # noqa: BLE001 - dead (or removed meanwhile)
-                    if name in b.worker_names() and b.placement.state(name) != DOWN:
-                        self.worker_failed(name, handle.incarnation, type(exc).__name__)
-                    continue
-                if info["incarnation"] != handle.incarnation and b.placement.state(name) != DOWN:
-                    self.worker_failed(name, handle.incarnation, "its process was restarted")
-                if b.placement.state(name) == DOWN:
-                    self._rejoin(name, info)
+        handle = b.handle(name)
+        try:
+            info = b.workers.ray.get(handle.actor.ready.remote(), timeout=10)
+        except GetTimeoutError:
+            return  # busy or restarting: asked again next round
+        except Exception as exc:  # noqa: BLE001 - dead
+            if b.placement.state(name) != DOWN:
+                self.worker_failed(name, handle.incarnation, type(exc).__name__)
+            return
+        if info["incarnation"] != handle.incarnation and b.placement.state(name) != DOWN:
+            self.worker_failed(name, handle.incarnation, "its process was restarted")
+        if b.placement.state(name) == DOWN:
+            self._rejoin(name, info)
 
     def _rejoin(self, name: str, info: dict) -> None:
         b = self.backend
@@ -183,9 +191,9 @@ class Recovery:
 
     def drain_finish(self, name: str) -> None:
         b = self.backend
-        b.placement.remove_worker(name)
-        with b._lock:
+        with b._lock:  # (out of the handles first: a failure seen from now on is no loss)
             handle = b._handles.pop(name)
+        b.placement.remove_worker(name)
         b.workers.kill(handle)
         self.note(f"worker {name} drained and stopped")
 
