@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class RayWorkers:
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         self.actor_class = ray.remote(ModelWorker)
         self._next = 0
+        self._tag = f"{os.getpid()}-{secrets.token_hex(3)}"  # unique per server in a shared cluster
 
     def default_count(self) -> int:
         return self.config.workers or max(1, self.gpus)
@@ -79,7 +81,7 @@ class RayWorkers:
             self._next += 1
             gpus = 1 if self.gpus else 0
             actor = self.actor_class.options(
-                name=f"thinker-{os.getpid()}-{name}",
+                name=f"thinker-{self._tag}-{name}",  # (as `ray list actors` shows them)
                 num_cpus=self.config.worker_cpus,
                 num_gpus=gpus,
                 max_concurrency=ACTOR_CONCURRENCY,
