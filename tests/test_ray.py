@@ -196,7 +196,7 @@ def test_killing_a_worker_fails_its_requests_clearly_and_training_goes_on(cluste
         assert w["pid"] != workers[victim]["pid"]
 
 
-def test_add_a_worker_then_drain_it(cluster):
+def test_add_a_worker_then_drain_it_then_rebalance(cluster):
     for key in (ADMIN, SDK):  # every worker holds something (a restarted one rejoins empty) ...
         if 0 in placed(cluster).values():
             with client(cluster, key) as c:  # (a new user's adapter goes to the least loaded worker)
@@ -214,3 +214,7 @@ def test_add_a_worker_then_drain_it(cluster):
         after = train(carol, model_id, 1)  # weights and optimizer state moved: training continues
         assert after[0] < before[-1]
         assert step_of(cluster, CAROL, model_id) == 3
+        admin(cluster, "POST", "/rebalance")  # even out what the kill and the drain left
+        counts = placed(cluster).values()
+        assert max(counts) - min(counts) <= 1
+        assert train(carol, model_id, 1)  # wherever it is now

@@ -77,3 +77,19 @@ def test_unplace_from_one_worker_moves_the_home():
     assert p.unplace("a", "w0") == ["w0"]  # ... then off the source
     assert p.homes("a") == ["w1"] and p.held("w0") == []
     assert p.table()[1] == {"name": "w1", "state": "up", "adapters_placed": 1, "queue": 0}
+
+
+def test_a_rebalance_plan_evens_the_load_moving_single_copies_only():
+    p = table("w0", "w1", "w2")
+    for i in range(5):
+        p.place(f"a{i}", "w0")
+    p.place("frozen", "w0")
+    p.place("frozen", "w1")  # a replica: never moved
+    plan = p.rebalance_plan()
+    assert all(a != "frozen" and src == "w0" for a, src, _ in plan)
+    for adapter_id, src, dst in plan:
+        p.place(adapter_id, dst)
+        p.unplace(adapter_id, src)
+    counts = sorted(row["adapters_placed"] for row in p.table())
+    assert counts[-1] - counts[0] <= 1 and sum(counts) == 7
+    assert p.rebalance_plan() == []

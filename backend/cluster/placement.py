@@ -130,6 +130,25 @@ class Placement:
         with self._lock:
             return sorted(self._slots[name].adapters)
 
+    def rebalance_plan(self) -> list[tuple[str, str, str]]:
+        """Moves (adapter, from, to) that leave every up worker within one adapter of the others;
+        only single-copy adapters move (a replica is not worth the traffic)."""
+        with self._lock:
+            up = {s.name: sorted(s.adapters) for s in self._slots.values() if s.state == UP}
+            movable = {a for a, homes in self._homes.items() if len(homes) == 1}
+        plan: list[tuple[str, str, str]] = []
+        while len(up) > 1:
+            most = max(up, key=lambda w: len(up[w]))
+            least = min(up, key=lambda w: len(up[w]))
+            candidates = [a for a in up[most] if a in movable]
+            if len(up[most]) - len(up[least]) <= 1 or not candidates:
+                break
+            adapter_id = candidates[-1]
+            up[most].remove(adapter_id)
+            up[least].append(adapter_id)
+            plan.append((adapter_id, most, least))
+        return plan
+
     # ---- load accounting --------------------------------------------------------------------
 
     def begin(self, name: str) -> None:

@@ -6,7 +6,9 @@ adapter registry (thinker/store/adapter_records.py), which the backend may not i
 cluster's recent events. ``POST /admin/workers``: start one more worker; new adapters go to it.
 ``POST /admin/workers/<name>/drain``: stop placing on it, move each of its adapters away in
 that adapter's turn (a job keyed by its id, so no request of it runs during the move), then
-stop it. All three need an admin key (ADMIN_API_KEYS), or open single-user mode.
+stop it. ``POST /admin/workers/rebalance``: move adapters (the same way) until every worker
+that is up holds within one adapter of the others. All need an admin key (ADMIN_API_KEYS), or
+open single-user mode.
 """
 
 from __future__ import annotations
@@ -79,26 +81,43 @@ def add_worker():
     return {"worker": services().backend.add_worker()}
 
 
-@bp.post("/admin/workers/<name>/drain")
-def drain_worker(name: str):
-    _require_admin()
+def _move_all(moves: list[tuple[str, str, str | None]]) -> tuple[dict, dict]:
+    """Move each (adapter, from, to or None) in that adapter's turn; (moved, failed)."""
     s = services()
     recovery = s.backend.recovery
-    started = time.time()
-    moves = {
-        adapter_id: s.pool.submit(adapter_id, "move", lambda a=adapter_id: {"worker": recovery.move(a, name)})
-        for adapter_id in recovery.drain_start(name)
-    }
+
+    def move(adapter_id: str, source: str, target: str | None):
+        return lambda: {"worker": recovery.move(adapter_id, source, target)}
+
+    futures = {a: s.pool.submit(a, "move", move(a, src, dst)) for a, src, dst in moves}
     moved, failed = {}, {}
-    for adapter_id, future in moves.items():
+    for adapter_id, future in futures.items():
         future.wait(DRAIN_MOVE_TIMEOUT_S)
         if future.status == "completed":
             moved[adapter_id] = future.result["worker"]
         else:
             failed[adapter_id] = future.error or "still waiting for its turn"
+    return moved, failed
+
+
+@bp.post("/admin/workers/<name>/drain")
+def drain_worker(name: str):
+    _require_admin()
+    recovery = services().backend.recovery
+    started = time.time()
+    moved, failed = _move_all([(adapter_id, name, None) for adapter_id in recovery.drain_start(name)])
     if failed:  # the worker keeps what could not move, and stays up (draining: nothing new lands on it)
         log.error("drain of %s: %d adapters could not move: %s", name, len(failed), failed)
         return {"worker": name, "drained": False, "moved": moved, "failed": failed}, 500
     recovery.drain_finish(name)
     log.info("worker %s drained in %.1f s: %d adapters moved", name, time.time() - started, len(moved))
     return {"worker": name, "drained": True, "moved": moved}
+
+
+@bp.post("/admin/workers/rebalance")
+def rebalance():
+    """Even out the adapters over the workers that are up (after adding workers, say)."""
+    _require_admin()
+    plan = services().backend.placement.rebalance_plan()
+    moved, failed = _move_all(plan)
+    return {"moved": moved, "failed": failed}, 500 if failed else 200
