@@ -221,3 +221,16 @@ def test_busy_sampler_weights_get_a_replica(cluster, tmp_path: Path):
     assert cluster.placement.homes("checkpoint:x") == [w for w in cluster.worker_names() if w != home]
     cluster.remove_adapter("checkpoint:x")  # freed on every copy
     assert cluster.placement.homes("checkpoint:x") == []
+
+
+def test_a_worker_taken_out_by_mistake_rejoins_empty(cluster, tmp_path):
+    adapter_id = cluster.add_lora(4, 8.0, None, 1, owner="alice")["model_id"]
+    cluster.save_state(adapter_id, tmp_path / "ckpt", True)
+    cluster.recovery.newest = lambda a: (tmp_path / "ckpt", 0)
+    worker = cluster.placement.home(adapter_id)
+    cluster.recovery.worker_failed(worker, cluster.handle(worker).incarnation, "a call failed in transit")
+    assert cluster.placement.home(adapter_id) != worker  # restored on the other one
+    cluster.recovery._check(worker)  # it answers the health check: it rejoins ...
+    assert cluster.placement.state(worker) == "up"
+    assert cluster.handle(worker).actor.worker.held() == []  # ... without its stale copy
+    assert cluster.add_lora(4, 8.0, None, 2, owner="bob")["worker"] == worker  # and takes new adapters

@@ -141,6 +141,13 @@ class Recovery:
         b = self.backend
         handle = b.handle(name)
         handle.incarnation, handle.info = info["incarnation"], info
+        # The same incarnation: it never died (a call to it failed in transit), so it still has
+        # the adapters that were re-homed meanwhile: free them, they live elsewhere now.
+        for adapter_id in b.workers.ray.get(handle.actor.held.remote()):
+            try:
+                b._invoke(name, "remove_adapter", adapter_id)
+            except Exception:  # noqa: BLE001 - freeing memory only: the placement no longer points here
+                log.warning("could not free %s on rejoining worker %s", adapter_id, name)
         if b._sampler_args is not None:
             b._invoke(name, "start_sampler", *b._sampler_args)
         b.placement.set_state(name, UP)

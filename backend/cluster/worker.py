@@ -9,7 +9,7 @@ torch one job at a time, and its decode loop batches concurrent samples as it do
 Interface, kept small so that a worker spanning several GPUs (tensor-parallel, in a Ray
 placement group) can replace this class without touching the facade: ``ready()``,
 ``facts()``, ``call(incarnation, method, *args, **kwargs)``, ``export_state`` /
-``import_state`` (moves) and ``stats()``. Exceptions come back as values (``call`` returns
+``import_state`` (moves), ``held()`` and ``stats()``. Exceptions come back as values (``call`` returns
 ``(ok, value)``) so a BadRequestError raised here is the same BadRequestError at the edge.
 """
 
@@ -138,6 +138,10 @@ class ModelWorker:
             return self.call(incarnation, "create_from_checkpoint", folder, adapter_id, False, False, owner)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def held(self) -> list[str]:
+        """The adapters this worker has (the facade frees those it no longer places here)."""
+        return [a.id for a in self.backend.adapters.all()]
 
     def stats(self) -> dict:
         backend = self.backend
