@@ -173,3 +173,29 @@ def test_peft_layout_goes_out_and_back(targets, tmp_path):
         layer: ExpertLora = layers[name]
         assert torch.equal(tensors[name]["A"], layer.lora_A["x"].detach())
         assert torch.equal(tensors[name]["B"], layer.lora_B["x"].detach())
+
+
+def test_bf16_model_reads_slot_buffers_and_trains_the_fp32_masters():
+    """On a bf16 model the branch computes from bf16 slot buffers made once (not per pass),
+    remade after a release (an optimizer step); gradients land on the fp32 masters."""
+    model, layers, registry = _setup("qwen3-moe", {"a": 8})
+    model.to(torch.bfloat16)
+    hidden_NH, index_NK, weights_NK = _inputs()
+    hidden_NH, weights_NK = hidden_NH.bfloat16(), weights_NK.bfloat16()
+    gate_up = layers["experts.gate_up_proj"]
+    with use_adapters(["a"] * B):
+        out = model.experts(hidden_NH, index_NK, weights_NK)
+        buffer = gate_up._compute["a"][1]
+        out.float().pow(2).sum().backward()
+        again = model.experts(hidden_NH, index_NK, weights_NK)
+    assert gate_up._compute["a"][1] is buffer and buffer.dtype == torch.bfloat16
+    torch.testing.assert_close(again, out)
+    adapter = registry.get("a")
+    for p in adapter.params:
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    registry.release_compute_copies(adapter)
+    assert "a" not in gate_up._compute
+    fp32 = _setup("qwen3-moe", {"a": 8})[0]
+    with torch.no_grad(), use_adapters(["a"] * B):
+        expected = fp32.experts(hidden_NH.float(), index_NK, weights_NK.float())
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)

@@ -72,6 +72,10 @@ class ExpertLora:
         self.lora_A: dict[str, nn.Parameter] = {}  # adapter -> (E, r, in)
         self.lora_B: dict[str, nn.Parameter] = {}  # adapter -> (E, out, r)
         self.scaling: dict[str, float] = {}
+        # Slot buffers as on MultiLoraLinear: adapter -> (key of the masters, A, B) in a compute
+        # dtype other than the masters' (bf16 on GPU), and how often each was released.
+        self._compute: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._released: dict[str, int] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -90,24 +94,48 @@ class ExpertLora:
         self.scaling[adapter_id] = alpha / rank
 
     def remove_adapter(self, adapter_id: str) -> None:
-        self.scaling.pop(adapter_id, None)
-        self.lora_A.pop(adapter_id, None)
-        self.lora_B.pop(adapter_id, None)
+        for held in (self.scaling, self.lora_A, self.lora_B, self._compute, self._released):
+            held.pop(adapter_id, None)
 
     def release_compute_copy(self, adapter_id: str) -> None:
-        """Nothing kept: a bf16 model casts the fp32 masters per pass, inside autograd."""
+        """Drop the adapter's slot buffer (it stepped, or left the device): see MultiLoraLinear."""
+        self._released[adapter_id] = self._released.get(adapter_id, 0) + 1
+        self._compute.pop(adapter_id, None)
 
     def weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A as (E, in, r) and B as (E, r, out), views of the masters (cast when ``dtype`` differs)."""
+        """A as (E, in, r) and B as (E, r, out) in ``dtype``: views of the fp32 masters, or of
+        their slot buffer on a model of another dtype, through which gradients still reach
+        the masters (``_ToMaster``)."""
         a, b = self.lora_A[adapter_id], self.lora_B[adapter_id]
         if a.dtype != dtype:
-            a, b = a.to(dtype), b.to(dtype)
+            key = (self._released.get(adapter_id, 0), a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)
+            slot = self._compute.get(adapter_id)
+            if slot is None or slot[0] != key:
+                slot = (key, a.detach().to(dtype), b.detach().to(dtype))
+                self._compute[adapter_id] = slot
+            if torch.is_grad_enabled() and a.requires_grad:
+                a, b = _ToMaster.apply(a, slot[1]), _ToMaster.apply(b, slot[2])
+            else:
+                a, b = slot[1], slot[2]
         return a.transpose(1, 2), b.transpose(1, 2)
 
     def base_weight_EIO(self) -> torch.Tensor:
         """The base weight as (E, in, out): a view."""
         w = self.weight
         return w if self.transposed else w.transpose(1, 2)
+
+
+class _ToMaster(torch.autograd.Function):
+    """The slot buffer forward, its gradient to the fp32 master (cast back) backward."""
+
+    @staticmethod
+    def forward(ctx, master: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        ctx.master_dtype = master.dtype
+        return compute.view_as(compute)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.master_dtype), None
 
 
 def wrap_experts(model: nn.Module) -> dict[str, ExpertLora]:
@@ -205,12 +233,14 @@ def grouped_linear(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tens
 
 
 def _groupable(x_SK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
-    """grouped_mm's kernels want every row 16-byte aligned; on CUDA, bf16 only."""
+    """grouped_mm's kernels want every row 16-byte aligned; on CUDA, bf16 on SM80 or later
+    (what transformers' own grouped_mm path asks too)."""
     if not hasattr(F, "grouped_mm") or x_SK.shape[0] == 0 or x_SK.dtype != w_EKN.dtype:
         return False
-    if x_SK.device.type == "cuda" and x_SK.dtype != torch.bfloat16:
-        return False
-    if x_SK.device.type not in ("cpu", "cuda"):
+    if x_SK.device.type == "cuda":
+        if x_SK.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SK.device) < (8, 0):
+            return False
+    elif x_SK.device.type != "cpu":
         return False
     size = x_SK.element_size()
     return all(d * size % 16 == 0 for d in (w_EKN.shape[1], w_EKN.shape[2]))
