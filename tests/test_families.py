@@ -238,7 +238,8 @@ def test_deepseek_dense_mlp_exports_as_target_parameters_and_peft_applies_it(fam
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "gpt-oss"])
 def test_expert_lora_checkpoint_and_snapshot_round_trip(family, family_backends, tmp_path):
-    """Expert A/B go through checkpoints (weights and optimizer moments) and snapshots."""
+    """Expert A/B go through checkpoints (weights and optimizer moments; loaded into the
+    adapter, or making a new one from it) and snapshots."""
     backend = family_backends(family)
     adapter_id = backend.add_lora(4, 8.0, ["gate_up_proj", "down_proj"], 4)["model_id"]
     _train(backend, [adapter_id], steps=2)
@@ -253,7 +254,9 @@ def test_expert_lora_checkpoint_and_snapshot_round_trip(family, family_backends,
     torch.testing.assert_close(_full_forward_logprobs(backend, adapter_id, tokens), before, rtol=0, atol=1e-6)
     moments = backend.adapters.get(adapter_id).optimizer.state
     assert moments and all(state["exp_avg"].abs().sum() > 0 for state in moments.values())
-    for model_id in (adapter_id, snapshot_id):
+    restored = backend.create_from_checkpoint(tmp_path / "ckpt", None, optimizer=True, trainable=True)["model_id"]
+    torch.testing.assert_close(_full_forward_logprobs(backend, restored, tokens), before, rtol=0, atol=1e-6)
+    for model_id in (adapter_id, snapshot_id, restored):
         backend.remove_adapter(model_id)
 
 
