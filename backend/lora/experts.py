@@ -182,41 +182,46 @@ class _LoraExpertsForward:
         slot_P, weight_P = slot_N[token_P], weights_NK.reshape(-1)[order_P]
         counts_E = torch.bincount(expert_P, minlength=E)
 
+        # Each adapter's pairs (still sorted by expert) and its pairs per expert, shared by
+        # both projections.
+        groups = []
+        for i, adapter in enumerate(adapters, start=1):
+            rows_S = (slot_P == i).nonzero().squeeze(1)
+            if rows_S.numel():
+                groups.append((adapter, rows_S, torch.bincount(expert_P[rows_S], minlength=E)))
+
         x_PH = hidden_NH[token_P]
-        bias = getattr(experts, "gate_up_proj_bias", None) if getattr(experts, "has_bias", False) else None
-        up_PO = self._project(self.gate_up, x_PH, counts_E, expert_P, bias, adapters, slot_P)
+        has_bias = getattr(experts, "has_bias", False)
+        bias = experts.gate_up_proj_bias if has_bias else None
+        up_PO = _project(self.gate_up, x_PH, counts_E, expert_P, bias, groups)
         inner_PI = experts._apply_gate(up_PO)
-        bias = getattr(experts, "down_proj_bias", None) if getattr(experts, "has_bias", False) else None
-        out_PH = self._project(self.down, inner_PI, counts_E, expert_P, bias, adapters, slot_P)
+        bias = experts.down_proj_bias if has_bias else None
+        out_PH = _project(self.down, inner_PI, counts_E, expert_P, bias, groups)
         out_PH = out_PH * weight_P[:, None]
         final_NH = torch.zeros_like(hidden_NH)
         return final_NH.index_add_(0, token_P, out_PH.to(final_NH.dtype))
 
-    @staticmethod
-    def _project(
-        weight: ExpertLora,
-        x_PI: torch.Tensor,
-        counts_E: torch.Tensor,
-        expert_P: torch.Tensor,
-        bias_EO: torch.Tensor | None,
-        adapters: list[str],
-        slot_P: torch.Tensor,
-    ) -> torch.Tensor:
-        """y_P = x_P @ W_e^T + bias_e, plus each adapter's branch on its own pairs."""
-        y_PO = grouped_linear(x_PI, weight.base_weight_EIO(), counts_E)
-        if bias_EO is not None:
-            y_PO = y_PO + bias_EO[expert_P]
-        for i, adapter in enumerate(adapters, start=1):
-            if adapter not in weight.lora_A:
-                continue
-            rows_S = (slot_P == i).nonzero().squeeze(1)  # this adapter's pairs, still by expert
-            if rows_S.numel() == 0:
-                continue
-            a_EIR, b_ERO = weight.weights(adapter, x_PI.dtype)
-            counts = torch.bincount(expert_P[rows_S], minlength=weight.num_experts)
-            h_SR = grouped_linear(x_PI[rows_S], a_EIR, counts) * weight.scaling[adapter]  # shrink
-            y_PO.index_add_(0, rows_S, grouped_linear(h_SR, b_ERO, counts))  # expand
-        return y_PO
+
+def _project(
+    weight: ExpertLora,
+    x_PI: torch.Tensor,
+    counts_E: torch.Tensor,
+    expert_P: torch.Tensor,
+    bias_EO: torch.Tensor | None,
+    groups: list[tuple[str, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """y_P = x_P @ W_e^T + bias_e for pairs sorted by expert, plus each adapter's branch on
+    its own pairs: ``groups`` holds (adapter, its pair rows (S,), its pairs per expert (E,))."""
+    y_PO = grouped_linear(x_PI, weight.base_weight_EIO(), counts_E)
+    if bias_EO is not None:
+        y_PO = y_PO + bias_EO[expert_P]
+    for adapter, rows_S, counts in groups:
+        if adapter not in weight.lora_A:
+            continue
+        a_EIR, b_ERO = weight.weights(adapter, x_PI.dtype)
+        h_SR = grouped_linear(x_PI[rows_S], a_EIR, counts) * weight.scaling[adapter]  # shrink
+        y_PO.index_add_(0, rows_S, grouped_linear(h_SR, b_ERO, counts))  # expand
+    return y_PO
 
 
 def grouped_linear(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
