@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend.lora.adapters import LiveAdapters
-from backend.lora.experts import ExpertLora, grouped_linear, wrap_experts
+from backend.lora.experts import ExpertLora, grouped_linear, is_fused_experts, wrap_experts
 from backend.lora.peft_files import read_peft_adapter, save_peft_adapter
 from backend.lora.routing import use_adapters
 
@@ -199,3 +199,31 @@ def test_bf16_model_reads_slot_buffers_and_trains_the_fp32_masters():
     with torch.no_grad(), use_adapters(["a"] * B):
         expected = fp32.experts(hidden_NH.float(), index_NK, weights_NK.float())
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_only_experts_of_the_layout_computed_here_are_wrapped():
+    """A norm after each expert (has_post_expert_norm), no gate, or a class transformers did
+    not declare as fused experts: left alone (loading names their weights in the 400)."""
+    assert is_fused_experts(_experts("qwen3-moe")) and is_fused_experts(_experts("gpt-oss"))
+    for attribute, value in [("has_post_expert_norm", True), ("has_gate", False)]:
+        module = _experts("qwen3-moe")
+        setattr(module, attribute, value)
+        assert not is_fused_experts(module)
+        assert wrap_experts(Holder(module)) == {}
+    undeclared = _experts("qwen3-moe")
+    del undeclared.is_transposed
+    assert not is_fused_experts(undeclared)
+
+
+def test_loading_names_expert_weights_it_cannot_wrap():
+    from backend.model.loading import _restrict_targets
+
+    module = _experts("qwen3-moe")
+    module.has_post_expert_norm = True
+    model = torch.nn.Module()
+    model.mlp = Holder(module)
+    targets, unsupported, experts = _restrict_targets(model, {}, ["q_proj"])
+    assert targets == ["q_proj"]
+    assert experts == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert set(unsupported) == {"gate_up_proj", "down_proj"}
+    assert "mlp.experts.gate_up_proj" in unsupported["gate_up_proj"]

@@ -42,12 +42,16 @@ EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers-5 experts module this file can put LoRA on: fused 3-D gate_up_proj and
-    down_proj, a gate (``_apply_gate``), routed as (hidden, top_k_index, top_k_weights)."""
+    """A transformers-5 experts module this file can put LoRA on: one made by
+    ``use_experts_implementation`` (whose implementations, eager and grouped_mm alike, all
+    compute what ``_LoraExpertsForward`` does: that decorator sets ``is_transposed``), with
+    fused 3-D gate_up_proj and down_proj, a gate, and no norm after the experts."""
     weights = [getattr(module, name, None) for name in EXPERT_WEIGHTS]
     return (
         all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
-        and getattr(module, "has_gate", True)
+        and hasattr(module, "is_transposed")
+        and getattr(module, "has_gate", False)
+        and not getattr(module, "has_post_expert_norm", False)
         and callable(getattr(module, "_apply_gate", None))
     )
 
