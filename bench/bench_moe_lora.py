@@ -12,7 +12,10 @@ as a no-grad forward (sampling), median of several reps after a warm-up:
 - ``one adapter``: every token on one adapter, the bar a fused call of A adapters on the
   same tokens is held to;
 - ``sequential``: the A adapters' requests one after another (each alone), vs. ``fused``:
-  all in one call.
+  all in one call;
+- the bytes autograd saves for backward (``saved_tensors_hooks``, storages counted once,
+  the base and adapter weights left out: saved views of weights that exist anyway) for the
+  eager forward, one adapter, and the fused call.
 
     OMP_NUM_THREADS=1 python3 bench/bench_moe_lora.py [--tokens 512] [--adapters 4]
 """
@@ -64,6 +67,23 @@ def medians_s(fns: dict, reps: int) -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes of the distinct storages autograd saves during ``fn``, leaving out those of
+    ``params`` (saved views of weights that exist anyway)."""
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def no_grouped_mm(fn):
@@ -126,8 +146,21 @@ def main() -> None:
             if train:
                 out.pow(2).mean().backward()
 
+    def forward_only(rows):  # what a training forward leaves for backward, the LoRA masters apart
+        with use_adapters(rows):
+            return experts(hidden_NH.detach().requires_grad_(), index_NK, weights_NK)
+
     print(f"threads {torch.get_num_threads()}, N={N} tokens, H={H}, I={inter}, E={E}, top-{K}, "
           f"{A} adapters of rank {args.rank}")
+    mib = 2**20
+    weights = [*experts.parameters(), *params]
+    eager_saved = saved_bytes(
+        lambda: type(experts).forward(experts, hidden_NH.detach().requires_grad_(), index_NK, weights_NK), weights
+    )
+    one_saved = saved_bytes(lambda: forward_only([ids[0]] * A), weights)
+    fused_saved = saved_bytes(lambda: forward_only(fused_rows), weights)
+    print(f"saved for backward: eager (no LoRA) {eager_saved / mib:.1f} MiB | one adapter {one_saved / mib:.1f} MiB | "
+          f"fused {fused_saved / mib:.1f} MiB (fused/one {fused_saved / one_saved:.3f})")
     for train in (True, False):
         label = "forward+backward" if train else "no-grad forward"
         m = medians_s(

@@ -227,3 +227,37 @@ def test_loading_names_expert_weights_it_cannot_wrap():
     assert experts == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert set(unsupported) == {"gate_up_proj", "down_proj"}
     assert "mlp.experts.gate_up_proj" in unsupported["gate_up_proj"]
+
+
+def _saved_bytes(fn, weights) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, weights left out."""
+    skip = {w.untyped_storage().data_ptr() for w in weights}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_saved_for_backward_is_one_copy_of_the_inputs_whatever_the_adapter_mix():
+    """A fused pass keeps what one adapter on the same tokens keeps (but its offsets), and LoRA adds to the
+    model's own forward no more than the two projections' inputs gathered once, the rank-r
+    h and the index tensors (no (pairs, out) product is kept, as index_add would keep it)."""
+    model, _, registry = _setup("qwen3-moe", {"a": 4, "b": 4})
+    weights = [*model.experts.parameters(), *registry.get("a").params, *registry.get("b").params]
+    hidden_NH, index_NK, weights_NK = _inputs(requires_grad=True)
+
+    def run(rows):
+        with use_adapters(rows):
+            model.experts(hidden_NH, index_NK, weights_NK)
+
+    fused, one = _saved_bytes(lambda: run(["a", "b", "a"]), weights), _saved_bytes(lambda: run(["a"] * B), weights)
+    eager = _saved_bytes(lambda: type(model.experts).forward(model.experts, hidden_NH, index_NK, weights_NK), weights)
+    P, H, inner, r = B * T * K, 16, 12, 4
+    assert one <= fused <= one + 4 * E * 8  # the second adapter's own per-expert offsets, no more
+    assert one <= eager + 4 * P * (H + inner + 2 * r) + 8 * P * 4

@@ -202,8 +202,7 @@ class _LoraExpertsForward:
         bias = experts.down_proj_bias if has_bias else None
         out_PH = _project(self.down, inner_PI, counts_E, expert_P, bias, groups)
         out_PH = out_PH * weight_P[:, None]
-        final_NH = torch.zeros_like(hidden_NH)
-        return final_NH.index_add_(0, token_P, out_PH.to(final_NH.dtype))
+        return _IndexAdd.apply(torch.zeros_like(hidden_NH), token_P, out_PH.to(hidden_NH.dtype))
 
 
 def _project(
@@ -224,8 +223,24 @@ def _project(
             continue
         a_EIR, b_ERO = weight.weights(adapter, x_PI.dtype)
         h_SR = grouped_linear(x_PI[rows_S], a_EIR, counts) * weight.scaling[adapter]  # shrink
-        y_PO.index_add_(0, rows_S, grouped_linear(h_SR, b_ERO, counts))  # expand
+        y_PO = _IndexAdd.apply(y_PO, rows_S, grouped_linear(h_SR, b_ERO, counts))  # expand
     return y_PO
+
+
+class _IndexAdd(torch.autograd.Function):
+    """``y.index_add_(0, index, src)`` in place, whose backward keeps only ``index``: torch's
+    own index_add keeps all of ``src`` (an (S, out) tensor per call) for its gradient's shape."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.mark_dirty(y)
+        return y.index_add_(0, index, src)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return g, None, g.index_select(0, index) if ctx.needs_input_grad[2] else None
 
 
 def grouped_linear(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
