@@ -222,10 +222,10 @@ def test_loading_names_expert_weights_it_cannot_wrap():
     module.has_post_expert_norm = True
     model = torch.nn.Module()
     model.mlp = Holder(module)
-    targets, unsupported, experts = _restrict_targets(model, {}, ["q_proj"])
-    assert targets == ["q_proj"]
+    targets, unsupported, experts = _restrict_targets(model, {}, ["down_proj", "q_proj"])  # a linear down_proj too
+    assert targets == ["down_proj", "q_proj"]
     assert experts == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    assert set(unsupported) == {"gate_up_proj", "down_proj"}
+    assert set(unsupported) == {"gate_up_proj"}
     assert "mlp.experts.gate_up_proj" in unsupported["gate_up_proj"]
 
 

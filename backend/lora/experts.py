@@ -47,8 +47,10 @@ def is_fused_experts(module: nn.Module) -> bool:
     compute what ``_LoraExpertsForward`` does: that decorator sets ``is_transposed``), with
     fused 3-D gate_up_proj and down_proj, a gate, and no norm after the experts."""
     weights = [getattr(module, name, None) for name in EXPERT_WEIGHTS]
+    order = [name for name, _ in module.named_parameters(recurse=False) if name in EXPERT_WEIGHTS]
     return (
         all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
+        and order == list(EXPERT_WEIGHTS)  # the order the export's nesting assumes
         and hasattr(module, "is_transposed")
         and getattr(module, "has_gate", False)
         and not getattr(module, "has_post_expert_norm", False)

@@ -234,11 +234,12 @@ def _restrict_targets(
     wrapped = wrap_experts(model)
     layers.update(wrapped)
     unsupported = {}
-    for name in sorted({short_name(path) for path in experts if path not in wrapped}):
+    # (a name that is also a linear layer's stays a target: for that layer)
+    for name in sorted({short_name(path) for path in experts if path not in wrapped} - set(names)):
         example = next(path for path in experts if short_name(path) == name and path not in wrapped)
         unsupported[name] = (
             f"fused MoE expert weights (3-D parameters such as {example}) of a layout LoRA here does not cover "
-            "(expected fused gate_up_proj and down_proj)"
+            "(transformers' fused experts: gate_up_proj and down_proj, a gate, no norm after the experts)"
         )
     for path in peft_remapped(model, [path for path, layer in layers.items() if isinstance(layer, MultiLoraLinear)]):
         layers[path].peft_as_parameter = True  # read by peft_files.save_peft_adapter
