@@ -102,8 +102,14 @@ def test_base_rows_and_untargeting_adapters_keep_the_base_output(family):
             assert torch.equal(model.experts(hidden_NH, index_NK, weights_NK), base)
         with use_adapters([None, "a", None]):  # base rows beside an adapter's row: the grouped path
             mixed = model.experts(hidden_NH, index_NK, weights_NK)
-    torch.testing.assert_close(mixed[:T], base[:T], rtol=0, atol=1e-6)
-    torch.testing.assert_close(mixed[2 * T :], base[2 * T :], rtol=0, atol=1e-6)
+    from transformers.integrations.moe import grouped_mm_experts_forward  # what loaded models run by default
+
+    with torch.no_grad():
+        eager = type(model.experts).forward.__wrapped__(model.experts, hidden_NH, index_NK, weights_NK)
+        grouped = grouped_mm_experts_forward(model.experts, hidden_NH, index_NK, weights_NK)
+    for reference in (base, eager, grouped):
+        torch.testing.assert_close(mixed[:T], reference[:T], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mixed[2 * T :], reference[2 * T :], rtol=0, atol=1e-6)
     assert not torch.allclose(mixed[T : 2 * T], base[T : 2 * T], atol=1e-3)
     assert registry.get("a").layer_names == ["experts.down_proj", "experts.gate_up_proj"]
 
