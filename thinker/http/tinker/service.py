@@ -118,8 +118,8 @@ def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list
     if train_mlp and experts and "mlp" not in groups.values():
         # The MLP is all fused experts: train_mlp would silently train nothing there.
         raise BadRequestError(
-            f"lora_config.train_mlp: this model's MLP is fused MoE expert weights ({experts[0]}, ...), and LoRA "
-            "on experts is not supported yet; pass train_mlp=False (see docs/model-families.md)"
+            f"lora_config.train_mlp: this model's MLP is fused MoE expert weights ({experts[0]}, ...) in a layout "
+            "the LoRA core does not wrap; pass train_mlp=False (see docs/model-families.md)"
         )
     chosen = sorted(name for name, group in groups.items() if wanted[group])
     if not chosen:
