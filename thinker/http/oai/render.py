@@ -45,7 +45,11 @@ def _checked(tokens: list[int], field: str) -> list[int]:
 
 
 def token_text(token: int) -> str:
-    return services().backend.tokenizer.decode([token])
+    """A token as text; a token holding part of a character's bytes by its vocabulary name
+    (so distinct tokens keep distinct names in ``top_logprobs``)."""
+    tokenizer = services().backend.tokenizer
+    text = tokenizer.decode([token])
+    return tokenizer.convert_ids_to_tokens(token) if "\ufffd" in text else text
 
 
 def chat_logprobs(tokens: list[int], logprobs: list[float], top: list[TopK] | None) -> list[dict]:
