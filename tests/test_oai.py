@@ -306,3 +306,20 @@ def test_open_server_needs_no_key(server):
         timeout=60,
     )
     assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def sampled_tokens(server) -> float:
+    lines = requests.get(f"{server.url}/metrics", timeout=30).text.splitlines()
+    return float(next(line.split()[-1] for line in lines if line.startswith("thinker_sampled_tokens_total")))
+
+
+@pytest.mark.e2e
+def test_requests_count_in_the_sampling_metrics(server):
+    before = sampled_tokens(server)
+    client = oai(server, "any-key-works-here")
+    out = client.completions.create(model="builtin-tiny", prompt="Hello", max_tokens=5, n=2, temperature=1.0, seed=3)
+    streamed = client.chat.completions.create(
+        model="builtin-tiny", messages=HELLO, max_tokens=4, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [chunk.usage for chunk in streamed if chunk.usage][0]
+    assert sampled_tokens(server) - before == out.usage.completion_tokens + usage.completion_tokens
