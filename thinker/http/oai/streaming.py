@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from flask import Response, stream_with_context
 
+from thinker.http import caps
 from thinker.http.oai import render
 from thinker.http.oai.common import error_body, services
 from thinker.http.oai.generate import Row, pinned, row_of, submit, top_alternatives
@@ -26,9 +27,12 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # (no proxy 
 
 
 def response(stream: _Stream) -> Response:
-    # stream_with_context: the request stays open (its per-user caps and owner) while it streams.
+    # stream_with_context: the events are written with the app and request at hand (the
+    # tokenizer, the caller); keep_open_until_closed: the stream counts against the caller's
+    # MAX_OPEN_REQUESTS_PER_USER until it ends.
     answer = Response(stream_with_context(stream.events()), mimetype="text/event-stream", headers=HEADERS)
     answer.call_on_close(stream.close)
+    caps.keep_open_until_closed(answer)
     return answer
 
 
