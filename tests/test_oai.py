@@ -374,3 +374,17 @@ def test_a_stream_holds_its_open_request_slot_until_its_end(backend, tmp_path, m
         services = app.extensions["thinker"]
         services.pool.shutdown(wait=False)
         services.database.close()
+
+
+@pytest.mark.e2e
+def test_a_streamed_completion_with_echo_and_logprobs_adds_up_to_the_answer_at_once(keyed_server, adapter):
+    client = oai(keyed_server)
+    args = {"model": adapter, "prompt": "The quick", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 2}
+    whole = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args)]
+    assert "".join(c.text for c in chunks) == whole.text and chunks[-1].finish_reason == whole.finish_reason
+    parts = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert sum((p.tokens for p in parts), []) == whole.logprobs.tokens
+    assert sum((p.text_offset for p in parts), []) == whole.logprobs.text_offset
+    values = sum((p.token_logprobs for p in parts), [])
+    assert values[0] is None and values[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-4)

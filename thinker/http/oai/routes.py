@@ -40,7 +40,9 @@ def chat_completions():
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": target.name}
     top_k = req.top_logprobs if req.logprobs and req.top_logprobs else None  # alternatives: one scoring pass
     if req.stream:
-        stream = streaming.ChatStream(header, target, prompts, params, req.logprobs, top_k, req.stream_options)
+        stream = streaming.ChatStream(
+            header, target, prompts, params, len(prompt), req.stream_options, req.logprobs, top_k
+        )
         return streaming.response(stream)
     with pinned(target.adapter_id):
         rows = wait(submit(target, prompts, params, score_topk=top_k), prompts)
@@ -71,11 +73,16 @@ def completions():
     prompts = [p for p in distinct for _ in range(req.n)]  # choice index = prompt index * n + j
     header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": target.name}
     if req.stream:
-        echoed = [t for t in texts for _ in range(req.n)] if req.echo else None
-        stream = streaming.CompletionStream(header, target, prompts, params, req.logprobs, req.stream_options, echoed)
+        row_texts = [t for t in texts for _ in range(req.n)]
+        prompt_tokens = sum(len(p) for p in distinct)
+        stream = streaming.CompletionStream(
+            header, target, prompts, params, prompt_tokens, req.stream_options, req.logprobs, row_texts, req.echo
+        )
         return streaming.response(stream)
+    # A scoring pass only where it adds something: the echoed prompt's logprobs, or alternatives.
+    score = req.logprobs if req.logprobs is not None and (req.echo or req.logprobs > 0) else None
     with pinned(target.adapter_id):
-        rows = wait(submit(target, prompts, params, score_topk=req.logprobs), prompts)
+        rows = wait(submit(target, prompts, params, score_topk=score), prompts)
     choices = []
     for i, row in enumerate(rows):
         prompt_text = texts[i // req.n]

@@ -81,9 +81,11 @@ class _Stream:
 
     object_name = ""
 
-    def __init__(self, header: dict, target: Target, prompts: list[list[int]], params, stream_options) -> None:
+    def __init__(
+        self, header: dict, target: Target, prompts: list[list[int]], params, prompt_tokens: int, stream_options
+    ) -> None:
         s = services()
-        self.header, self.target, self.prompts = header, target, prompts
+        self.header, self.target, self.prompts, self.prompt_tokens = header, target, prompts, prompt_tokens
         self.backend, self.timeout_s = s.backend, s.config.sample_timeout_s
         self.include_usage = bool(stream_options and stream_options.include_usage)
         self.holdbacks = [Holdback(self.backend.tokenizer, params.stop) for _ in prompts]
@@ -133,10 +135,9 @@ class _Stream:
             self.received_logprobs[i] = row.logprobs
             yield sse(self.chunk(i, self.holdbacks[i].finish(row.text), row.finish_reason))
         if self.include_usage:
-            prompt_tokens = sum(len(p) for p in dict.fromkeys(map(tuple, self.prompts)))
             completion_tokens = sum(len(r.tokens) for r in rows)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": self.prompt_tokens + completion_tokens}
             yield sse({**self.header, "object": self.object_name, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
@@ -163,9 +164,9 @@ class _Stream:
 class ChatStream(_Stream):
     object_name = "chat.completion.chunk"
 
-    def __init__(self, header, target, prompts, params, logprobs: bool, top_k: int | None, stream_options) -> None:
-        self.logprobs, self.top_k = logprobs, top_k
-        super().__init__(header, target, prompts, params, stream_options)
+    def __init__(self, header, target, prompts, params, prompt_tokens, stream_options, logprobs: bool, top_k) -> None:
+        self.logprobs, self.top_k = logprobs, top_k  # top_k: alternatives per token, or None
+        super().__init__(header, target, prompts, params, prompt_tokens, stream_options)
 
     def opening(self) -> Iterator[str]:
         for i in range(len(self.prompts)):
@@ -187,13 +188,14 @@ class ChatStream(_Stream):
 class CompletionStream(_Stream):
     object_name = "text_completion"
 
-    def __init__(self, header, target, prompts, params, logprobs: int | None, stream_options, echoed) -> None:
-        self.logprobs, self.echoed = logprobs, echoed  # echoed: each row's prompt text, or None
-        self.offsets = [0] * len(prompts)  # text_offset of each row's next token
-        super().__init__(header, target, prompts, params, stream_options)
+    def __init__(self, header, target, prompts, params, prompt_tokens, stream_options, logprobs, texts, echo) -> None:
+        self.logprobs, self.texts, self.echo = logprobs, texts, echo  # texts: each row's prompt as text
+        # text_offset of each row's next token (as at once: the completion's follow the prompt's text)
+        self.offsets = [0 if echo else len(text) for text in texts]
+        super().__init__(header, target, prompts, params, prompt_tokens, stream_options)
 
     def opening(self) -> Iterator[str]:
-        if self.echoed is None:
+        if not self.echo:
             return
         scored: dict[tuple[int, ...], tuple] = {}
         for i, prompt in enumerate(self.prompts):
@@ -205,8 +207,8 @@ class CompletionStream(_Stream):
                 values, top = scored[key]
                 row = Row(prompt, [], [], "", "", values, top)
                 logprobs = render.completion_logprobs(row, echo=True)
-                self.offsets[i] = len(self.echoed[i])
-            yield sse(self.wrap({"index": i, "text": self.echoed[i], "logprobs": logprobs, "finish_reason": None}))
+                self.offsets[i] = len(self.texts[i])
+            yield sse(self.wrap({"index": i, "text": self.texts[i], "logprobs": logprobs, "finish_reason": None}))
 
     def chunk(self, row: int, text: str, finish_reason: str | None) -> dict:
         logprobs = None
