@@ -12,9 +12,11 @@ import requests
 import tinker
 from tinker import types
 
+from backend import HFBackend, load_base_model
 from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow, SamplingParams
 from client_example import TinkerClient
+from thinker.core.config import Config
 from thinker.http.oai.streaming import Holdback
 
 ALICE, BOB = "tml-alice-key-0001", "tml-bob-key-00002"
@@ -325,55 +327,47 @@ def test_requests_count_in_the_sampling_metrics(server):
     assert sampled_tokens(server) - before == out.usage.completion_tokens + usage.completion_tokens
 
 
+@pytest.fixture
+def unbatched_app(cache_dir, tmp_path):
+    """The app in process, BATCHING=false, on a backend of its own (create_app attaches the
+    app's store to its backend: the shared ``backend`` fixture must not get this one's)."""
+    from app import close_app, create_app
+
+    config = Config(
+        base_model="builtin-tiny", thinker_cache_dir=str(cache_dir), thinker_data_dir=str(tmp_path), device="cpu",
+        batching=False, max_open_requests_per_user=1,
+    )
+    app = create_app(config, backend=HFBackend(load_base_model(config), tmp_path / "backend"))
+    yield app
+    close_app(app)
+
+
 @pytest.mark.unit
-def test_without_the_decode_loop_a_stream_still_arrives_whole(backend, tmp_path, monkeypatch):
+def test_without_the_decode_loop_a_stream_still_arrives_whole(unbatched_app):
     """BATCHING=false: no shared decode loop, so no tokens as they are made; the stream's last
     chunk carries the whole text, the same as the answer at once."""
-    from app import create_app
-    from thinker.core.config import Config
-
-    monkeypatch.setattr(backend, "sampler", None)
-    app = create_app(Config(base_model="builtin-tiny", thinker_data_dir=str(tmp_path), batching=False), backend=backend)
-    try:
-        client = app.test_client()
-        sent = {"model": "builtin-tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
-        whole = client.post("/oai/api/v1/completions", json=sent).get_json()
-        streamed = client.post("/oai/api/v1/completions", json={**sent, "stream": True})
-        events = [e.removeprefix("data: ") for e in streamed.get_data(as_text=True).split("\n\n") if e]
-        assert streamed.mimetype == "text/event-stream" and events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
-        assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-    finally:
-        services = app.extensions["thinker"]
-        services.pool.shutdown(wait=False)
-        services.database.close()
+    client = unbatched_app.test_client()
+    sent = {"model": "builtin-tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
+    whole = client.post("/oai/api/v1/completions", json=sent).get_json()
+    streamed = client.post("/oai/api/v1/completions", json={**sent, "stream": True})
+    events = [e.removeprefix("data: ") for e in streamed.get_data(as_text=True).split("\n\n") if e]
+    assert streamed.mimetype == "text/event-stream" and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
 @pytest.mark.unit
-def test_a_stream_holds_its_open_request_slot_until_its_end(backend, tmp_path, monkeypatch):
-    """MAX_OPEN_REQUESTS_PER_USER counts a stream as open until its last event (not only until
-    its first byte), so streams cannot take every HTTP thread."""
-    from app import create_app
-    from thinker.core.config import Config
-
-    monkeypatch.setattr(backend, "sampler", None)
-    config = Config(
-        base_model="builtin-tiny", thinker_data_dir=str(tmp_path), batching=False, max_open_requests_per_user=1
-    )
-    app = create_app(config, backend=backend)
-    try:
-        client = app.test_client()
-        sent = {"model": "builtin-tiny", "prompt": "Hello", "max_tokens": 3, "stream": True}
-        streaming = client.post("/oai/api/v1/completions", json=sent, buffered=False)
-        assert client.get("/oai/api/v1/models").status_code == 429
-        assert streaming.get_data(as_text=True).endswith("data: [DONE]\n\n")
-        streaming.close()
-        assert client.get("/oai/api/v1/models").status_code == 200
-    finally:
-        services = app.extensions["thinker"]
-        services.pool.shutdown(wait=False)
-        services.database.close()
+def test_a_stream_holds_its_open_request_slot_until_its_end(unbatched_app):
+    """MAX_OPEN_REQUESTS_PER_USER (1 here) counts a stream as open until its last event (not
+    only until its first byte), so streams cannot take every HTTP thread."""
+    client = unbatched_app.test_client()
+    sent = {"model": "builtin-tiny", "prompt": "Hello", "max_tokens": 3, "stream": True}
+    streaming = client.post("/oai/api/v1/completions", json=sent, buffered=False)
+    assert client.get("/oai/api/v1/models").status_code == 429
+    assert streaming.get_data(as_text=True).endswith("data: [DONE]\n\n")
+    streaming.close()
+    assert client.get("/oai/api/v1/models").status_code == 200
 
 
 @pytest.mark.e2e

@@ -20,7 +20,7 @@ from backend import SamplingParams
 from thinker.core.errors import BadRequestError, RequestFailedError, ServerError
 from thinker.http.oai.common import services
 from thinker.http.oai.models import Target
-from thinker.store.futures import COMPLETED, FAILED, FutureRecord
+from thinker.store.futures import FAILED, FutureRecord
 
 TopK = list[tuple[int, float]]  # (token id, logprob), likeliest first
 
@@ -106,7 +106,7 @@ def submit(
                 seen[whole] = backend.prompt_logprobs(adapter_id, list(whole), score_topk)
             values, top = seen[whole]
             seq["prompt_logprobs"] = values[: len(prompt)]
-            seq["top"] = None if top is None else top[: len(whole)]
+            seq["top"] = top  # alternatives at every position, prompt's and completion's (row_of splits them)
         return sequences
 
     def job() -> Future:
@@ -157,7 +157,6 @@ def wait(future: FutureRecord, prompts: list[list[int]]) -> list[Row]:
         if future.error_type == "BadRequestError":
             raise BadRequestError(future.error)
         raise RequestFailedError(future.error)
-    assert future.status == COMPLETED
     return [row_of(seq, prompt) for seq, prompt in zip(future.result["sequences"], prompts, strict=True)]
 
 

@@ -29,13 +29,13 @@ def usage(prompts: list[list[int]], rows: list[Row]) -> dict:
 def chat_completions():
     req = body(ChatCompletionBody)
     req.check()
-    target = resolve(req.model)
     prompt = render.chat_prompt(req.messages)
     check_rows(req.n)
     token_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(
         req.token_limit, req.temperature, req.top_p, req.seed, req.stop_strings, [len(prompt)], "messages", token_field
     )
+    target = resolve(req.model)  # last: a checkpoint is loaded only for a request that can run
     prompts = [prompt] * req.n
     header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": target.name}
     top_k = req.top_logprobs if req.logprobs and req.top_logprobs else None  # alternatives: one scoring pass
@@ -60,7 +60,6 @@ def chat_completions():
 def completions():
     req = body(CompletionBody)
     req.check()
-    target = resolve(req.model)
     fields = [f"prompt[{i}]" if len(req.prompts) > 1 else "prompt" for i in range(len(req.prompts))]
     distinct = [render.completion_prompt(p, field) for p, field in zip(req.prompts, fields, strict=True)]
     texts = [render.prompt_text(p) for p in req.prompts]  # what echo shows: the prompt as sent
@@ -70,6 +69,7 @@ def completions():
     params = sampling_params(
         req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_strings, [len(p) for p in distinct], "prompt"
     )
+    target = resolve(req.model)  # last: a checkpoint is loaded only for a request that can run
     prompts = [p for p in distinct for _ in range(req.n)]  # choice index = prompt index * n + j
     header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": target.name}
     if req.stream:
