@@ -296,8 +296,9 @@ def test_unknown_models_anothers_adapter_and_no_key(keyed_server, adapter):
     with pytest.raises(openai.NotFoundError) as anothers:
         oai(keyed_server, BOB).chat.completions.create(model=adapter, messages=HELLO)
     assert anothers.value.body["message"] == unknown.value.body["message"].replace("no-such-model", adapter)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as no_key:
         oai(keyed_server, "tml-not-a-key-at-all").models.list()
+    assert no_key.value.body["code"] == "invalid_api_key"  # OpenAI's shape before the route runs too
 
 
 @pytest.mark.e2e
