@@ -383,3 +383,23 @@ def test_a_streamed_completion_with_echo_and_logprobs_adds_up_to_the_answer_at_o
     assert sum((p.text_offset for p in parts), []) == whole.logprobs.text_offset
     values = sum((p.token_logprobs for p in parts), [])
     assert values[0] is None and values[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-4)
+
+
+@pytest.mark.e2e
+def test_a_live_adapters_requests_keep_their_place_behind_its_training(keyed_server):
+    """A request on an adapter that trains runs after the training sent before it: here it
+    scores with the weights of the step sent just before, not the ones before that step."""
+    client = oai(keyed_server)
+    with TinkerClient(keyed_server.url, api_key=ALICE) as seed:
+        model_id = seed.create_lora(rank=4, seed=9)
+
+        def score() -> list[float]:
+            args = {"model": f"tinker://{model_id}", "prompt": "Paris is lovely.", "max_tokens": 0, "echo": True}
+            return client.completions.create(logprobs=0, **args).choices[0].logprobs.token_logprobs[1:]
+
+        before = score()
+        seed.fwdbwd(model_id, [[*HELLO, {"role": "assistant", "content": ANSWER}]])
+        step = seed.optim_step(model_id, learning_rate=5e-2)  # queued, not waited for
+        right_behind = score()
+        seed.wait_for_result(step)
+        assert right_behind == pytest.approx(score(), abs=1e-6) and right_behind != pytest.approx(before, abs=1e-3)
