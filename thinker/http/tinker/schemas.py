@@ -133,6 +133,8 @@ class SampleBody(_Body):
     prompt_alt_tokens_k: int = Field(0, ge=0)
     prompt_logprobs_last_n: int | None = Field(None, ge=1)
     target_prompt_logprobs: dict | None = None
+    # Record each sequence for stable_reinforce (thinker/store/recorded_sequences.py)
+    record_stability_info: bool | None = None
 
 
 class RetrieveFutureBody(_Body):

@@ -33,6 +33,7 @@ from thinker.http.tinker.common import (
     start_plain,
     with_render,
 )
+from thinker.http.tinker.provenance import server_inputs
 from thinker.http.tinker.schemas import AdamParamsBody, LoadWeightsBody, OptimStepBody, SaveWeightsBody
 from thinker.http.tinker.sessions import Sampler
 from thinker.store.checkpoints import TinkerPath
@@ -74,6 +75,7 @@ def forward_backward():
     try:
         if not examples:
             raise BadRequestError("data: at least one example is needed")
+        examples = server_inputs(message.loss_fn, message.data, examples, session_of(adapter.id), s.tinker.recorded)
         job = FwdBwdRequest(
             adapter.id,
             examples,
