@@ -80,7 +80,7 @@ class SaveWeightsBody(_Body):
     # save_weights_for_sampler without a path: make a sampling session instead
     sampling_session_seq_id: SeqId | None = None
     kind: str | None = None
-    age_encryption_recipients: list[str] | None = None  # save_weights_external: refused, see train.py
+    age_encryption_recipients: list[str] | None = None  # save_weights_external: encrypted (export.py)
 
 
 class LoadWeightsBody(_Body):
