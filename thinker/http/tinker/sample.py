@@ -19,13 +19,13 @@ from thinker.http.auth import check_owner, owner
 from thinker.http.services import check_sampling_length
 from thinker.http.tinker.common import (
     SAMPLE,
-    base_model_name,
     body,
     bp,
     check_base_model,
     owned_checkpoint,
     owned_session,
     services,
+    tokenizer_id,
     with_render,
 )
 from thinker.http.tinker.schemas import CreateSamplingSessionBody, SampleBody
@@ -43,16 +43,16 @@ def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) ->
         live = model_path.removeprefix("tinker://")
         if "/" not in live and live in backend.adapters:  # tinker://<model id>: the adapter as it is now
             check_owner(backend.adapters.get(live).owner, adapters.not_found(live))
-            return Sampler(sampler_id, base_model_name(), live, model_path, owner())
+            return Sampler(sampler_id, tokenizer_id(), live, model_path, owner())
         path = TinkerPath.parse(model_path, "model_path")
-        return Sampler(sampler_id, base_model_name(), load_checkpoint(path), str(path), owner())
+        return Sampler(sampler_id, tokenizer_id(), load_checkpoint(path), str(path), owner())
     if base_model is None:
         raise BadRequestError("base_model or model_path is required")
     if base_model in backend.adapters:  # an adapter of the seed API, sampled as it is now
         check_owner(backend.adapters.get(base_model).owner, adapters.not_found(base_model))
-        return Sampler(sampler_id, base_model_name(), base_model, owner=owner())
+        return Sampler(sampler_id, tokenizer_id(), base_model, owner=owner())
     check_base_model(base_model)
-    return Sampler(sampler_id, base_model_name(), None, owner=owner())
+    return Sampler(sampler_id, tokenizer_id(), None, owner=owner())
 
 
 def load_checkpoint(path: TinkerPath) -> str:

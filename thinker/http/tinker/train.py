@@ -31,6 +31,7 @@ from thinker.http.tinker.common import (
     services,
     session_of,
     start_plain,
+    tokenizer_id,
     with_render,
 )
 from thinker.http.tinker.provenance import server_inputs
@@ -159,11 +160,12 @@ def save_weights_for_sampler():
     if req.sampling_session_seq_id is None:
         raise BadRequestError("path or sampling_session_seq_id is required")
     sampler_id = f"{session_of(adapter.id)}:sample:{req.sampling_session_seq_id}"
+    base_model = tokenizer_id()  # (the job runs outside the request)
 
     def snapshot() -> dict:
         if sampler_id not in s.tinker.samplers:
             s.backend.snapshot(adapter.id, sampler_id)
-            sampler = Sampler(sampler_id, s.backend.loaded.name, sampler_id, owner=adapter.owner)
+            sampler = Sampler(sampler_id, base_model, sampler_id, owner=adapter.owner)
             s.tinker.add_sampler(sampler, session_of(adapter.id))
             _release_old_snapshots(s, adapter.id, sampler_id)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
