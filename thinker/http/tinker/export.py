@@ -5,6 +5,9 @@ checkpoint exists, and the plaintext is deleted: the server never keeps, and nev
 plaintext of an export someone asked to have encrypted. Each file is then served as
 ``<name>.age`` by ``external_weights_urls``, which is what the cookbook's ``weights.download``
 expects (it decrypts with the identity it generated for the download).
+
+Every export (encrypted or not) names the output head's LoRA as Tinker's exports do
+(backend/lora/peft_files.py ``to_tinker_names``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pyrage
 
+from backend.lora.layer import short_name
 from thinker.core.errors import BadRequestError, clip
 
 AGE_SUFFIX = ".age"
@@ -46,6 +50,13 @@ def encrypt_folder(folder: Path, to: list) -> None:
     for plain in sorted(p for p in folder.iterdir() if p.is_file()):
         pyrage.encrypt_file(str(plain), str(plain) + AGE_SUFFIX, to)
         plain.unlink()
+
+
+def head_path(loaded) -> str | None:
+    """The output head's module path, when LoRA may target it."""
+    if loaded.head_module is None:
+        return None
+    return next((path for path in loaded.lora_layers if short_name(path) == loaded.head_module), None)
 
 
 def served_names(folder: Path, names: Sequence[str]) -> list[str]:

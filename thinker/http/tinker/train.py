@@ -12,6 +12,7 @@ from collections.abc import Callable
 from flask import request
 
 from backend import AdamParams, FwdBwdRequest
+from backend.lora.peft_files import to_tinker_names
 from backend.train.losses import loss_config
 from thinker.core.errors import BadRequestError, ThinkerError
 from thinker.http.auth import owner
@@ -142,7 +143,13 @@ def save_weights_external():
     adapter = live_adapter(req.model_id)
     # Checked now (a 400), and the files are encrypted before the checkpoint exists: no plaintext is kept.
     to = export.recipients(req.age_encryption_recipients) if req.age_encryption_recipients else None
-    finish = None if to is None else (lambda folder: export.encrypt_folder(folder, to))
+    head = export.head_path(s.backend.loaded)
+
+    def finish(folder) -> None:
+        to_tinker_names(folder, head)  # Tinker's export names (what the cookbook's merge reads)
+        if to is not None:
+            export.encrypt_folder(folder, to)
+
     name = req.path or f"export-{adapter.step:06d}"
     job = lambda: _save(s, adapter.id, "external_weights", name, False, req, True, finish)  # noqa: E731
     return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
