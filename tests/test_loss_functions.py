@@ -88,14 +88,14 @@ def test_gspo_gives_every_token_the_sequence_ratio_and_its_own_gradient():
     # Row 1: mean log-ratio = (0 - 0.2 - 0.1) / 3 = -0.1; s = 0.9048, inside the band: unclipped.
     s1 = math.exp(-0.1)
     expected = -(s0 * 1.0 + s0 * 1.0) - 3 * s1 * -2.0
-    assert float(loss) == pytest.approx(expected)
+    assert loss.item() == pytest.approx(expected)
     assert lp.grad.flatten().tolist() == pytest.approx([0.0, -s0, -s0, 2 * s1, 2 * s1, 2 * s1])
     # Now clip row 1 (band [0.95, 1.05]): A < 0 so min(s·A, 0.95·A) = 0.95·A, no gradient.
     lp.grad = None
     config = loss_config("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05})
     loss = LOSS_FUNCTIONS["gspo"].elementwise(lp, inputs, config).sum()
     loss.backward()
-    assert float(loss) == pytest.approx(-(2 * s0) - 3 * 0.95 * -2.0)
+    assert loss.item() == pytest.approx(-(2 * s0) - 3 * 0.95 * -2.0)
     assert lp.grad.flatten().tolist() == pytest.approx([0.0, -s0, -s0, 0.0, 0.0, 0.0])
 
 
