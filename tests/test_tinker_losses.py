@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import requests
 import tinker
 import torch
 from tinker import types
@@ -119,3 +120,14 @@ def test_gspo_clips_the_sequence_ratio(training):
     # A > 0: min(s·A, 1.05·A) = 1.05 per token; A < 0: min(-s, -1.05) = -s per token.
     expected = -(1.05 * len(sequences[0].tokens)) + s * len(sequences[1].tokens)
     assert result.metrics["loss:sum"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_recording_needs_a_sampling_session(server):
+    """A stateless sample has no session to own what it would record."""
+    body = {
+        "base_model": "builtin-tiny", "num_samples": 1, "record_stability_info": True,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 2},
+    }
+    answer = requests.post(f"{server.url}/api/v1/asample", json=body, headers={"X-API-Key": "tml-test-key"})
+    assert answer.status_code == 400 and "record_stability_info" in answer.json()["error"]
