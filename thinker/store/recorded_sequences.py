@@ -52,11 +52,17 @@ class RecordedSequences:
         """Record (sequence_id, tokens, logprobs) triples sampled in ``session_id``. A full disk
         raises (507): a sequence the client was promised it can train on must really be there."""
         now = time.time()
-        for sequence_id, tokens, logprobs in sequences:
+        rows = [
+            (sequence_id, session_id, owner, _pack(tokens, "q"), _pack(logprobs, "d"), now + self.keep_s)
+            for sequence_id, tokens, logprobs in sequences
+        ]
+        # One statement per request (this runs as the sampler hands the result back)
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
             self.db.execute(
                 "INSERT OR REPLACE INTO recorded_sequences (sequence_id, session_id, owner, tokens, logprobs, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (sequence_id, session_id, owner, _pack(tokens, "q"), _pack(logprobs, "d"), now + self.keep_s),
+                "expires_at) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                tuple(value for row in chunk for value in row),
             )
         if now - self._purged_at > PURGE_EVERY_S:
             self._purged_at = now
