@@ -72,6 +72,30 @@ def save_peft_adapter(adapter: Adapter, layers: dict[str, MultiLoraLinear], base
     return folder
 
 
+# Where Tinker's exports keep the output head's LoRA, whatever the architecture calls the head
+# (tinker-cookbook's weights.build_hf_model and build_lora_adapter map it onto lm_head, or onto
+# embed_tokens when the two are tied). peft cannot place it by that name; load such a file with
+# PeftModel.from_pretrained(..., key_mapping=TINKER_KEY_MAPPING).
+TINKER_HEAD = "model.unembed_tokens"
+TINKER_KEY_MAPPING = {r"^model\.unembed_tokens\.": "lm_head."}
+
+
+def to_tinker_names(folder: Path, head_path: str | None) -> None:
+    """Rename the head's LoRA in a saved adapter to Tinker's name (``TINKER_HEAD``): the names
+    of a Tinker export (``save_weights_external``), which the cookbook's merge expects. The
+    config keeps the head's real path, so the adapter still says what it targets."""
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    prefix = f"base_model.model.{head_path}.lora_"
+    if head_path is None or not any(key.startswith(prefix) for key in tensors):
+        return  # no LoRA on the head
+    renamed = {
+        key.replace(prefix, f"base_model.model.{TINKER_HEAD}.lora_", 1) if key.startswith(prefix) else key: value
+        for key, value in tensors.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+
+
 def _expert_nesting(expert_weights: list[str]) -> dict[str, int]:
     """Expert weight path -> how many targeted weights of its module peft wraps after it."""
     by_module: dict[str, list[str]] = {}
@@ -92,7 +116,8 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     the targeted parameters' included, whether the folder lists exact paths (our exports)
     or short names (older ones, other tools)."""
     config = json.loads((folder / "adapter_config.json").read_text())
-    targets = set(config.get("target_modules") or []) if isinstance(config.get("target_modules"), list) else set()
+    exact = config.get("target_modules") if isinstance(config.get("target_modules"), list) else []
+    targets = set(exact)
     experts = []
     for target in config.get("target_parameters") or []:
         if target.endswith(".weight"):  # a linear layer's weight (see the module docstring)
@@ -118,6 +143,9 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             else:
                 value = value.reshape(value.shape[0], rank, -1).permute(2, 0, 1)
         tensors.setdefault(module, {})[matrix] = value
+    if TINKER_HEAD in tensors:  # a Tinker-named export: the head is the target no other tensor is under
+        heads = [path for path in exact if path not in tensors and short_name(path) in ("lm_head", "embed_out")]
+        tensors[heads[0] if heads else "lm_head"] = tensors.pop(TINKER_HEAD)
     return config, tensors
 
 
