@@ -47,9 +47,13 @@ def services():
 
 
 def served_model_name() -> str:
-    """The name the base model is served under: what /models lists and responses echo.
-    (One place to read it, so SERVED_MODEL_NAME can take over.)"""
-    return services().backend.loaded.public_name
+    """The name the base model is served under (SERVED_MODEL_NAME, the same name every Tinker
+    endpoint reports): what /models lists and responses echo."""
+    # Imported here: thinker.http.services imports the Tinker package, whose modules import
+    # services again, so a module-level import makes a cycle when this package loads first.
+    from thinker.http.services import served_model_name as shared_served_name
+
+    return shared_served_name(services())
 
 
 def error_body(message: str, status: int, code: str | None = None) -> dict:

@@ -37,7 +37,8 @@ def _missing(model: str) -> ModelNotFoundError:
 
 
 def _is_base(model: str) -> bool:
-    return model in {served_model_name(), base_model_name(), *services().backend.base_names()}
+    names = {served_model_name(), base_model_name(), services().backend.loaded.public_name}
+    return model in names | set(services().backend.base_names())
 
 
 def _owned_adapter(model: str):
