@@ -48,7 +48,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     # Imported here so a refused start (bad settings, Megatron) answers in a blink instead
     # of after the seconds torch and transformers take to import.
     from backend import load_backend
-    from thinker.http import auth, caps, dashboard, openapi, seed, state
+    from thinker.http import auth, caps, dashboard, oai, openapi, seed, state
     from thinker.http import tinker as tinker_routes
     from thinker.http.idempotency import install_idempotency
     from thinker.http.services import Services
@@ -138,6 +138,7 @@ def create_app(config: Config | None = None, backend=None) -> Flask:
     app.register_blueprint(state.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(tinker_routes.bp)
+    app.register_blueprint(oai.bp)
     app.register_blueprint(dashboard.bp)
     _register_error_handlers(app)
     return app

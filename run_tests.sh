@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 . scripts/setup_env.sh requirements-dev.txt
+# tinker-cookbook for tests/test_cookbook.py (the cookbook lane), without its declared dependencies
+# (see requirements-cookbook.txt)
+python -c "import tinker_cookbook" 2>/dev/null || _pip --no-deps -r requirements-cookbook.txt
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

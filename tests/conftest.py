@@ -27,8 +27,9 @@ from thinker.core.config import Config  # noqa: E402
 # Every test picks a lane, so `-m unit` (in process, seconds), `-m e2e` (a real server over
 # HTTP) and `-m browser` together run everything; `slow` (tens of seconds: its own server, a
 # restart, a soak, a model loaded in a subprocess) is added on top, so a quick run is
-# `-m "not slow and not browser"`.
-LANES = ("unit", "e2e", "browser", "ray")
+# `-m "not slow and not browser"`. `cookbook` runs tinker-cookbook's recipes against a server
+# (tests/test_cookbook.py); `ray` runs EXECUTOR=ray on a local Ray cluster (tests/test_ray.py).
+LANES = ("unit", "e2e", "browser", "cookbook", "ray")
 
 
 def lane_errors(items) -> list[str]:

@@ -11,6 +11,8 @@ export loaded with peft gives the server's logprobs within 1e-4.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,14 +22,14 @@ from backend.model.tiny_families import FAMILIES, ensure_family_model
 from backend.sample.decode import DecodeBatch, generate
 from backend.sample.sampling import SampleRow
 from thinker.core.config import Config
-from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
 
 CONV = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
 PROMPTS = ["Hi", "What is two plus two?", "Say something longer than the others, please."]
-# Families whose experts are fused 3-D parameters (transformers 5): no LoRA on the experts.
+# Families whose experts are fused 3-D parameters (transformers 5): per-expert LoRA on them.
 MOE = {"qwen2-moe", "qwen3-moe", "mixtral", "gpt-oss", "deepseek-v3"}
+EXPERT_WEIGHTS = {"gate_up_proj", "down_proj"}
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +85,12 @@ def test_family_lora_life_cycle(family, family_backends):
     losses = _train(backend, [default, everything])
     for adapter_id, curve in losses.items():
         assert curve[-1] < curve[0], f"{family} {adapter_id}: loss did not fall: {curve}"
+    expert_weights = set(loaded.fused_experts)
+    for adapter_id in (default, everything):
+        adapter = backend.adapters.get(adapter_id)
+        assert expert_weights <= set(adapter.layer_names), f"{family}: experts not targeted by {adapter_id}"
+        for name in expert_weights:  # the experts' LoRA trained (B moved off zero) on every expert hit
+            assert loaded.lora_layers[name].lora_B[adapter_id].abs().sum() > 0, f"{family} {name}"
 
     # Sampling: base and both adapters in one batch, prompts of different lengths.
     prompts = backend.render_prompts(PROMPTS)
@@ -104,6 +112,7 @@ def test_family_lora_life_cycle(family, family_backends):
 
     # Export, and peft reproduces the server's logprobs.
     from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
     from transformers import AutoModelForCausalLM
 
     tokens = backend.render_conversations([CONV])[0].input_tokens[None]
@@ -116,6 +125,12 @@ def test_family_lora_life_cycle(family, family_backends):
         assert not torch.allclose(ours, base, atol=1e-3), f"{family}: training did not move {adapter_id}"
         fresh = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(fresh, saved["path"]).eval()
+        wrapped = {  # the 3-D weights peft put LoRA on (nested wrappers: one .base_layer per level)
+            f"{path.replace('.base_layer', '')}.{module.parameter_name}"
+            for path, module in peft_model.base_model.model.named_modules()
+            if isinstance(module, ParamWrapper)
+        }
+        assert expert_weights <= wrapped, f"{family}: peft put no LoRA on {expert_weights - wrapped}"
         with torch.no_grad():
             theirs = torch.log_softmax(peft_model(input_ids=tokens).logits.float(), dim=-1)
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4, msg=f"{family} {adapter_id}: peft export")
@@ -167,24 +182,19 @@ def test_hybrid_decode_step_failing_for_one_row_leaves_the_others_exact(family_b
 @pytest.mark.parametrize(
     ("family", "mlp_targets"),
     [
-        ("qwen2-moe", {"gate_proj", "up_proj", "down_proj", "shared_expert_gate"}),  # the shared expert
+        ("qwen2-moe", {"gate_proj", "up_proj", "down_proj", "shared_expert_gate"}),  # + the shared expert
         ("qwen3-moe", set()),
         ("mixtral", set()),
         ("gpt-oss", set()),
-        ("deepseek-v3", set()),  # dense/shared MLP: peft would load their LoRA onto the experts
+        ("deepseek-v3", {"gate_proj", "up_proj", "down_proj"}),  # layer 0's dense MLP, the shared experts
     ],
 )
-def test_moe_models_name_what_lora_cannot_target(family, mlp_targets, family_backends):
+def test_moe_models_target_their_experts(family, mlp_targets, family_backends):
     backend = family_backends(family)
     loaded = backend.loaded
-    assert set(loaded.target_modules) - ATTENTION[family] == mlp_targets
-    expert_name = loaded.fused_experts[0].rsplit(".", 1)[-1]  # e.g. gate_up_proj
-    if expert_name not in loaded.target_modules:
-        with pytest.raises(BadRequestError, match="fused MoE expert weights"):
-            backend.add_lora(4, 8.0, [expert_name], 0)
-    if family == "deepseek-v3":
-        with pytest.raises(BadRequestError, match="peft maps gate_proj to the fused experts"):
-            backend.add_lora(4, 8.0, ["gate_proj"], 0)
+    assert set(loaded.target_modules) - ATTENTION[family] == mlp_targets | EXPERT_WEIGHTS
+    assert not loaded.unsupported
+    assert {name.rsplit(".", 1)[-1] for name in loaded.fused_experts} == EXPERT_WEIGHTS
 
 
 ATTENTION = {
@@ -196,11 +206,65 @@ ATTENTION = {
 }
 
 
+def test_deepseek_dense_mlp_exports_as_target_parameters_and_peft_applies_it(family_backends):
+    """peft moves any target_modules entry ending in gate_proj/up_proj/down_proj onto the fused
+    experts of DeepSeek-V3 when it loads an adapter; the export names those layers' weights in
+    target_parameters instead, and peft then applies exactly the server's LoRA there."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    backend = family_backends("deepseek-v3")
+    adapter_id = backend.add_lora(4, 8.0, ["gate_proj", "up_proj"], 3)["model_id"]
+    _train(backend, [adapter_id], steps=2)
+    saved = backend.save_adapter(adapter_id)
+    config = json.loads((Path(saved["path"]) / "adapter_config.json").read_text())
+    assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
+    assert not config["target_modules"]
+    tokens = backend.render_conversations([CONV])[0].input_tokens[None]
+    with torch.no_grad(), use_adapters([adapter_id]):
+        ours = torch.log_softmax(backend.model(input_ids=tokens).logits.float(), dim=-1)
+    with torch.no_grad():
+        base = torch.log_softmax(backend.model(input_ids=tokens).logits.float(), dim=-1)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    fresh = AutoModelForCausalLM.from_pretrained(backend.loaded.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(fresh, saved["path"]).eval()
+    with torch.no_grad():
+        theirs = torch.log_softmax(peft_model(input_ids=tokens).logits.float(), dim=-1)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    backend.remove_adapter(adapter_id)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "gpt-oss"])
+def test_expert_lora_checkpoint_and_snapshot_round_trip(family, family_backends, tmp_path):
+    """Expert A/B go through checkpoints (weights and optimizer moments; loaded into the
+    adapter, or making a new one from it) and snapshots."""
+    backend = family_backends(family)
+    adapter_id = backend.add_lora(4, 8.0, ["gate_up_proj", "down_proj"], 4)["model_id"]
+    _train(backend, [adapter_id], steps=2)
+    tokens = backend.render_conversations([CONV])[0].input_tokens.tolist()
+    before = _full_forward_logprobs(backend, adapter_id, tokens)
+    backend.save_state(adapter_id, tmp_path / "ckpt", optimizer=True)
+    snapshot_id = backend.snapshot(adapter_id, f"{adapter_id}-snap")["model_id"]
+    _train(backend, [adapter_id], steps=1)
+    assert not torch.allclose(_full_forward_logprobs(backend, adapter_id, tokens), before, atol=1e-6)
+    torch.testing.assert_close(_full_forward_logprobs(backend, snapshot_id, tokens), before, rtol=0, atol=1e-6)
+    backend.load_state(adapter_id, tmp_path / "ckpt", optimizer=True)
+    torch.testing.assert_close(_full_forward_logprobs(backend, adapter_id, tokens), before, rtol=0, atol=1e-6)
+    moments = backend.adapters.get(adapter_id).optimizer.state
+    assert moments and all(state["exp_avg"].abs().sum() > 0 for state in moments.values())
+    restored = backend.create_from_checkpoint(tmp_path / "ckpt", None, optimizer=True, trainable=True)["model_id"]
+    torch.testing.assert_close(_full_forward_logprobs(backend, restored, tokens), before, rtol=0, atol=1e-6)
+    for model_id in (adapter_id, snapshot_id, restored):
+        backend.remove_adapter(model_id)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe"])
-def test_over_http_train_mlp_on_fused_experts_is_refused_and_the_head_is_a_target(family, family_root, tmp_path):
-    """Tinker's train_mlp on a model whose MLP is only fused experts: a 400 naming them (it
-    would train nothing there); where a shared expert exists it is trained. The seed's
-    /add_lora accepts the output head's name, as the engine does."""
+def test_over_http_train_mlp_trains_the_experts_and_the_head_is_a_target(family, family_root, tmp_path):
+    """Tinker's train_mlp on an MoE model puts LoRA on the fused experts (and on the shared
+    expert where there is one). The seed's /add_lora accepts the output head's name, as the
+    engine does, and the expert weights' names."""
     from app import close_app, create_app
 
     app = create_app(family_config(family, family_root, thinker_data_dir=str(tmp_path), max_workers=1))
@@ -213,18 +277,23 @@ def test_over_http_train_mlp_on_fused_experts_is_refused_and_the_head_is_a_targe
             body = {"session_id": session, "model_seq_id": seq, "base_model": name, "lora_config": {"rank": 4, **lora}}
             return client.post("/api/v1/create_model", json=body)
 
-        answer = create(0)
-        if family == "mixtral":
-            assert answer.status_code == 400
-            assert "fused MoE expert weights" in answer.get_json()["error"]
-            assert "train_mlp=False" in answer.get_json()["error"]
-            assert create(1, train_mlp=False).status_code == 200
-        else:
+        def created_targets(answer) -> set[str]:
             assert answer.status_code == 200, answer.get_json()
-        head = app.extensions["thinker"].backend.loaded.head_module
+            request = {"request_id": answer.get_json()["request_id"]}
+            for _ in range(10):  # long polls: each waits for the result
+                result = client.post("/api/v1/retrieve_future", json=request).get_json()
+                if result.get("type") != "try_again":
+                    break
+            assert "error" not in result, result
+            return set(app.extensions["thinker"].backend.adapters.get(result["model_id"]).target_modules)
+
+        assert EXPERT_WEIGHTS <= created_targets(create(0))
+        assert not EXPERT_WEIGHTS & created_targets(create(1, train_mlp=False))
+        backend = app.extensions["thinker"].backend
+        head = backend.loaded.head_module
         answer = client.post("/add_lora", json={"rank": 4, "target_modules": [head, "q_proj"]})
         assert answer.status_code == 200, answer.get_json()
-        refused = client.post("/add_lora", json={"rank": 4, "target_modules": ["gate_up_proj"]})
-        assert refused.status_code == 400 and "fused MoE expert weights" in refused.get_json()["error"]
+        experts = client.post("/add_lora", json={"rank": 4, "target_modules": ["gate_up_proj"]})
+        assert experts.status_code == 200, experts.get_json()
     finally:
         close_app(app)

@@ -1,4 +1,4 @@
-"""Tinker's five losses against values and gradients worked out by hand on small tensors,
+"""Tinker's built-in losses against values and gradients worked out by hand on small tensors,
 and through the fused pass against the same formulas applied to its own logprobs."""
 
 from __future__ import annotations
@@ -72,13 +72,64 @@ def test_dro_penalises_the_distance_from_the_sampler():
     assert grad == pytest.approx([-a + beta * (lp - q) for lp, q, a in zip(LP, Q, A, strict=True)])
 
 
+def test_gspo_gives_every_token_the_sequence_ratio_and_its_own_gradient():
+    """Two rows (two datums): each row's ratio is the geometric mean of its masked tokens'."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -1.1]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([[-1.2, -1.5, -0.5], [-0.3, -0.5, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 1.0, 1.0], [-2.0, -2.0, -2.0]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    inputs = {"logprobs": q, "advantages": adv, "sequence_ratio_mask": mask}
+    config = loss_config("gspo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05})
+    loss = LOSS_FUNCTIONS["gspo"].elementwise(lp, inputs, config).sum()
+    loss.backward()
+    # Row 0: mean log-ratio over tokens 1, 2 = (-0.5 + 0) / 2; s = e^-0.25 = 0.7788, below the
+    # band; A > 0 so min(s·A, 0.9·A) = s·A: unclipped, each token's gradient is -s·A.
+    s0 = math.exp(-0.25)
+    # Row 1: mean log-ratio = (0 - 0.2 - 0.1) / 3 = -0.1; s = 0.9048, inside the band: unclipped.
+    s1 = math.exp(-0.1)
+    expected = -(s0 * 1.0 + s0 * 1.0) - 3 * s1 * -2.0
+    assert loss.item() == pytest.approx(expected)
+    assert lp.grad.flatten().tolist() == pytest.approx([0.0, -s0, -s0, 2 * s1, 2 * s1, 2 * s1])
+    # Now clip row 1 (band [0.95, 1.05]): A < 0 so min(s·A, 0.95·A) = 0.95·A, no gradient.
+    lp.grad = None
+    config = loss_config("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05})
+    loss = LOSS_FUNCTIONS["gspo"].elementwise(lp, inputs, config).sum()
+    loss.backward()
+    assert loss.item() == pytest.approx(-(2 * s0) - 3 * 0.95 * -2.0)
+    assert lp.grad.flatten().tolist() == pytest.approx([0.0, -s0, -s0, 0.0, 0.0, 0.0])
+
+
+def test_stable_reinforce_truncates_the_detached_weight_at_one():
+    lp = torch.tensor(LP, dtype=torch.float64, requires_grad=True)
+    mask = [1.0, 1.0, 0.0]  # the last position names no sampled token: it carries nothing
+    inputs = {
+        "logprobs": torch.tensor(Q, dtype=torch.float64),
+        "advantages": torch.tensor(A, dtype=torch.float64),
+        "stability_mask": torch.tensor(mask, dtype=torch.float64),
+    }
+    kl = 0.5
+    loss = LOSS_FUNCTIONS["stable_reinforce"].elementwise(lp, inputs, loss_config("stable_reinforce", {"kl_coeff": kl}))
+    loss.sum().backward()
+    r = ratios()  # e^0.2 (truncated to 1), e^-0.5 = 0.607, e^0
+    w = [min(x, 1.0) for x in r]
+    expected = [
+        m * (-wi * lp_ * a + 0.5 * kl * (lp_ - q) ** 2) for m, wi, lp_, q, a in zip(mask, w, LP, Q, A, strict=True)
+    ]
+    assert loss.tolist() == pytest.approx(expected)
+    assert lp.grad.tolist() == pytest.approx(
+        [m * (-wi * a + kl * (lp_ - q)) for m, wi, lp_, q, a in zip(mask, w, LP, Q, A, strict=True)]
+    )
+    # Without kl_coeff (its default 0), on policy it is plain REINFORCE: -A·∇ℓ.
+    assert loss_config("stable_reinforce", None) == {"kl_coeff": 0.0}
+
+
 def test_config_rejects_unknown_keys_and_non_numbers():
     with pytest.raises(BadRequestError, match="loss_fn_config.beta"):
         loss_config("ppo", {"beta": 0.1})
     with pytest.raises(BadRequestError, match="must be a number"):
         loss_config("dro", {"beta": "high"})
     with pytest.raises(BadRequestError, match="not supported"):
-        loss_config("gspo", None)
+        loss_config("reinforce++", None)
 
 
 def _rl_example(tokens: list[int], q: list[float], adv: list[float]) -> Example:

@@ -143,6 +143,17 @@ def test_users_spread_over_workers_and_a_fused_group_is_split_by_worker(cluster,
         backend.remove_adapter(local)
 
 
+def test_token_listeners_hear_every_row_once_before_the_answer(cluster, backend: HFBackend):
+    cluster.start_sampler(8, 0.0)
+    heard: dict[int, list[int]] = {}
+    params = SamplingParams(max_tokens=6, temperature=0.9, seed=1)
+    listen = lambda i, tokens, logprobs: heard.setdefault(i, tokens)  # noqa: E731
+    future = cluster.complete_async(None, [[5, 9], [7, 8, 9]], params, on_tokens=listen)
+    completions = future.result(timeout=60)
+    assert heard == {i: c.tokens for i, c in enumerate(completions)}
+    assert [c.tokens for c in completions] == [c.tokens for c in backend.complete(None, [[5, 9], [7, 8, 9]], params)]
+
+
 def test_errors_from_a_worker_arrive_as_themselves(cluster):
     with pytest.raises(BadRequestError, match="target_modules"):
         cluster.add_lora(4, 8.0, ["no_such_layer"], 1, owner="alice")

@@ -243,7 +243,7 @@ def test_bad_requests_fail_their_future_with_a_user_error(training):
     with pytest.raises(tinker.RequestFailedError, match="advantages"):
         training.forward_backward([datum], "importance_sampling").result()
     with pytest.raises(tinker.RequestFailedError, match="not supported"):
-        training.forward_backward([datum], "stable_reinforce").result()
+        training.forward_backward([datum], "custom").result()
     # The failed requests took their turns: the next one runs normally.
     assert "loss:sum" in training.forward([datum], "cross_entropy").result().metrics
 

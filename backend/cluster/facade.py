@@ -325,9 +325,32 @@ class ClusterBackend:
     def complete(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> list:
         return self._invoke(self._sampling_worker(adapter_id), "complete", adapter_id, list(prompts), params)
 
-    def complete_async(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> Future:
+    def complete_async(
+        self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams, on_tokens=None
+    ) -> Future:
+        """As HFBackend's, except that ``on_tokens`` hears each row's tokens once, all together,
+        just before the future completes: they are not streamed across the hop yet."""
         worker = self._sampling_worker(adapter_id)
-        return self._invoke_async(worker, "complete_async", adapter_id, list(prompts), params)
+        answer = self._invoke_async(worker, "complete_async", adapter_id, list(prompts), params)
+        if on_tokens is None:
+            return answer
+        relayed: Future = Future()
+
+        def relay(done: Future) -> None:
+            if done.exception() is not None:
+                relayed.set_exception(done.exception())
+                return
+            try:
+                for index, completion in enumerate(done.result()):
+                    if completion.tokens:
+                        on_tokens(index, list(completion.tokens), list(completion.logprobs))
+            except BaseException as exc:  # noqa: BLE001 - the listener's failure is the request's
+                relayed.set_exception(exc)
+                return
+            relayed.set_result(done.result())
+
+        answer.add_done_callback(relay)
+        return relayed
 
     def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
         return self._invoke(self._sampling_worker(adapter_id), "sample", adapter_id, list(prompts), params)

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from backend.lora.experts import wrap_experts
 from backend.lora.layer import MultiLoraLinear, is_lora_target, short_name, wrap_linear_layers
 from backend.lora.peft_files import peft_remapped
 from backend.model.builtin_tiny import ensure_builtin_tiny
@@ -35,12 +36,14 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     context_length: int
+    # LoRA-wrapped weights by path: MultiLoraLinear layers, and ExpertLora (backend/lora/experts.py)
+    # for each fused MoE expert weight (model.layers.1.mlp.experts.gate_up_proj)
     lora_layers: dict[str, MultiLoraLinear]
     fallback_reason: str | None = None
     target_modules: list[str] = field(default_factory=list)  # short names adapters may target
     head_module: str | None = None  # short name of the output head when LoRA may target it too
-    # Weights LoRA cannot target here, short name -> why (fused MoE experts, layers peft would
-    # remap on load); named in the 400 that refuses them (see ``why_not_targets``)
+    # Weights LoRA cannot target here, short name -> why (fused MoE experts of a layout not
+    # covered); named in the 400 that refuses them (see ``why_not_targets``)
     unsupported: dict[str, str] = field(default_factory=dict)
     fused_experts: list[str] = field(default_factory=list)  # paths of fused 3-D expert weights
 
@@ -222,29 +225,23 @@ def wrap_for_lora(model: nn.Module) -> tuple[dict[str, MultiLoraLinear], list[st
 def _restrict_targets(
     model: nn.Module, layers: dict[str, MultiLoraLinear], names: list[str]
 ) -> tuple[list[str], dict[str, str], list[str]]:
-    """Take from the targets the layers whose LoRA an export could not carry to peft (peft
-    would put it elsewhere: see peft_files.peft_remapped), unwrapping them again, and note
-    the fused expert weights, which are no linear layers. Returns the targets left, the
-    short names refused with why, and the fused experts' paths."""
+    """Put LoRA on the fused MoE expert weights too, and mark the linear layers whose
+    export must name their weight in peft's ``target_parameters`` (see
+    peft_files.peft_remapped). Returns the targets (short names, expert weights included),
+    the short names refused with why (3-D expert weights of a layout not supported) and the
+    fused experts' parameter paths."""
     experts = [path for path, param in model.named_parameters() if param.dim() == 3 and "expert" in path]
+    wrapped = wrap_experts(model)
+    layers.update(wrapped)
     unsupported = {}
-    if experts:
-        example = experts[0]
-        for name in sorted({short_name(path) for path in experts} - set(names)):
-            unsupported[name] = (
-                f"fused MoE expert weights (3-D parameters such as {example}), not linear layers: LoRA on "
-                "experts is not supported yet"
-            )
-    remapped = peft_remapped(model, [path for path in layers if short_name(path) in names])
-    dropped = {short_name(path) for path in remapped}
-    model_type = getattr(model.config, "model_type", "this model")
-    for name in sorted(dropped):
+    # (a name that is also a linear layer's stays a target: for that layer)
+    for name in sorted({short_name(path) for path in experts if path not in wrapped} - set(names)):
+        example = next(path for path in experts if short_name(path) == name and path not in wrapped)
         unsupported[name] = (
-            f"peft maps {name} to the fused experts of {model_type} when it loads an adapter, so LoRA on "
-            "the dense/shared MLP could not be exported; LoRA on experts is not supported yet"
+            f"fused MoE expert weights (3-D parameters such as {example}) of a layout LoRA here does not cover "
+            "(transformers' fused experts: gate_up_proj and down_proj, a gate, no norm after the experts)"
         )
-    if dropped:
-        for path in [path for path in layers if short_name(path) in dropped]:
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), child, layers.pop(path).base)
-    return [name for name in names if name not in dropped], unsupported, experts
+    for path in peft_remapped(model, [path for path, layer in layers.items() if isinstance(layer, MultiLoraLinear)]):
+        layers[path].peft_as_parameter = True  # read by peft_files.save_peft_adapter
+    names = sorted(set(names) | {short_name(path) for path in wrapped})
+    return [name for name in names if name not in unsupported], unsupported, experts

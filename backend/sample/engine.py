@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -31,6 +31,10 @@ class _Request:
     future: Future
     completions: list[Completion | None] = field(default_factory=list)
     remaining: int = 0
+    # on_tokens(row_index, tokens, logprobs): each row's new tokens after every decode step
+    on_tokens: Callable[[int, list[int], list[float]], None] | None = None
+    lives: list[LiveRow] = field(default_factory=list)  # its rows in the batch, by row index
+    sent: list[int] = field(default_factory=list)  # tokens of each row already passed to on_tokens
 
 
 class SamplingEngine:
@@ -63,10 +67,12 @@ class SamplingEngine:
         self._thread = threading.Thread(target=self._loop, name="thinker-sampler", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: Sequence[SampleRow]) -> Future:
-        """Queue ``rows``; the future's result is their completions, in order."""
+    def submit(self, rows: Sequence[SampleRow], on_tokens=None) -> Future:
+        """Queue ``rows``; the future's result is their completions, in order.
+        ``on_tokens(row_index, tokens, logprobs)``, if given, hears each row's new tokens
+        after every decode step (a row's last ones before the future completes)."""
         check_prompts(rows, self.context_length)
-        request = _Request(list(rows), Future(), [None] * len(rows), len(rows))
+        request = _Request(list(rows), Future(), [None] * len(rows), len(rows), on_tokens)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the sampling engine is closed")
@@ -102,6 +108,9 @@ class SamplingEngine:
             try:
                 self._run(self._admit_and_step, admitted)
                 self.steps += 1
+                for request in list(self._in_flight.values()):
+                    for index in range(len(request.lives)):
+                        self._flush(request, index)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep the loop alive
                 log.exception("sampling step failed")
                 self._fail_everything(exc, admitted)
@@ -142,10 +151,24 @@ class SamplingEngine:
         self._in_flight.update({id(r): r for r in taken})
         return taken
 
+    def _flush(self, request: _Request, index: int) -> None:
+        """Pass row ``index``'s tokens not yet passed on to the request's ``on_tokens``."""
+        if request.on_tokens is None or request.future.done():
+            return
+        completion = request.lives[index].completion
+        start = request.sent[index]
+        if len(completion.tokens) > start:
+            request.sent[index] = len(completion.tokens)
+            try:
+                request.on_tokens(index, completion.tokens[start:], completion.logprobs[start:])
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the decode loop
+                log.exception("on_tokens failed")
+
     def _live_rows(self, request: _Request) -> list[LiveRow]:
         def done(live: LiveRow, index: int) -> None:
             if request.future.done():
                 return  # another of its rows failed: the request already has its answer
+            self._flush(request, index)
             request.completions[index] = live.completion
             request.remaining -= 1
             if request.remaining == 0:
@@ -156,7 +179,7 @@ class SamplingEngine:
             log.warning("a decode step failed for one of %d samples; failing that request: %s", len(request.rows), exc)
             self._fail_requests([request], failures.explain(exc, _describe(live, request)))
 
-        return [
+        request.lives = [
             self._batch.make_row(
                 row,
                 self.context_length,
@@ -166,6 +189,8 @@ class SamplingEngine:
             )
             for i, row in enumerate(request.rows)
         ]
+        request.sent = [0] * len(request.rows)
+        return request.lives
 
     def _fail_requests(self, requests: Sequence[_Request], error: BaseException) -> None:
         for request in requests:

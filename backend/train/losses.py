@@ -10,6 +10,19 @@ With ℓ the learner's log-probability of the target token, q the sampler's (inp
 - ppo                  -min(r·A, clip(r, lo, hi)·A)
 - cispo                -sg(clip(r, lo, hi))·ℓ·A
 - dro                  -(ℓ·A - β/2·(ℓ - q)²)
+- gspo                 -min(s_t·A, clip(s_t, lo, hi)·A), s_t = sg(s)·exp(ℓ - sg(ℓ)), s the row's
+                       sequence ratio exp(mean over sequence_ratio_mask of (sg(ℓ) - q))
+- stable_reinforce     m·(-sg(min(ρ, 1))·ℓ·A + κ/2·(ℓ - q)²), ρ = exp(ℓ - q), with q the logprob
+                       the sampler RECORDED for the token (not one the client sends) and m the
+                       positions that name a recorded sampled token (stability_mask)
+
+gspo is Tinker's GSPO-token, as its docs give it. For stable_reinforce Tinker documents the
+interface (sampling with record_stability_info, provenance spans naming sequence_ids) but not
+the formula: ours is REINFORCE with the importance weight truncated at 1 and detached, which
+is plain REINFORCE on policy and shrinks the step on tokens the learner has already moved
+away from (off-policy or mismatched numerics), plus an optional pull towards the sampler
+(kl_coeff, 0 by default). thinker/http/tinker/provenance.py fills q and m from the recorded
+sequences; rows are datums, so gspo's per-row mean is a per-sequence mean.
 """
 
 from __future__ import annotations
@@ -64,6 +77,23 @@ def _dro(lp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) 
     return -(lp * inputs["advantages"] - 0.5 * config["beta"] * (lp - inputs["logprobs"]) ** 2)
 
 
+def _gspo(lp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> Tensor:
+    in_ratio = (inputs["sequence_ratio_mask"] != 0).to(lp.dtype)  # (rows, T)
+    count = in_ratio.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    log_ratio = ((lp.detach() - inputs["logprobs"]) * in_ratio).sum(dim=-1, keepdim=True) / count  # (rows, 1)
+    ratio = torch.exp(log_ratio + lp - lp.detach())  # the sequence ratio's value, each token's own gradient
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    advantages = inputs["advantages"]
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def _stable_reinforce(lp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> Tensor:
+    recorded = inputs["stability_mask"]
+    weight = _ratio(lp, inputs).clamp(max=1.0).detach()
+    penalty = 0.5 * config["kl_coeff"] * (lp - inputs["logprobs"]) ** 2
+    return recorded * (-weight * lp * inputs["advantages"] + penalty)
+
+
 _RL_INPUTS = ("logprobs", "advantages")
 LOSS_FUNCTIONS: dict[str, LossFunction] = {
     "cross_entropy": LossFunction(("weights",), {}, _cross_entropy),
@@ -73,6 +103,13 @@ LOSS_FUNCTIONS: dict[str, LossFunction] = {
     "cispo": LossFunction(_RL_INPUTS, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}, _cispo),
     # Tinker's docs show beta=0.05 in every example and document no default; we use it.
     "dro": LossFunction(_RL_INPUTS, {"beta": 0.05}, _dro),
+    # GSPO's paper clips the sequence ratio to [1 - 3e-4, 1 + 4e-4]; Tinker documents no
+    # default. The Tinker API fills sequence_ratio_mask (where advantages != 0) when absent.
+    "gspo": LossFunction(
+        (*_RL_INPUTS, "sequence_ratio_mask"), {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}, _gspo
+    ),
+    # logprobs and stability_mask come from the recorded sequences (http/tinker/provenance.py).
+    "stable_reinforce": LossFunction((*_RL_INPUTS, "stability_mask"), {"kl_coeff": 0.0}, _stable_reinforce),
 }
 
 

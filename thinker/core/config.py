@@ -33,6 +33,12 @@ class Config:
     # Hub id or local folder; None means the default model, falling back to builtin-tiny
     # (loudly) when it cannot be loaded. An explicit value that fails to load is fatal.
     base_model: str | None = None
+    # The base model's name on every API (get_server_capabilities, get_info's model_name and
+    # tokenizer_id, /healthz): what the SDK and the cookbook read to pick a tokenizer and a chat
+    # renderer. None: the hub id; for a local folder, its config.json's "_name_or_path" when
+    # that names a hub model, else the folder's path. The weights and tokenizer still load from
+    # BASE_MODEL.
+    served_model_name: str | None = None
     # Accepted for compatibility with the seed server; this build has no Megatron backend.
     use_megatron: bool = False
     # Where builtin-tiny is written (and other generated files).

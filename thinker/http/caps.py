@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 
-from flask import Flask, g, request
+from flask import Flask, Response, current_app, g, request
 
 from thinker.core.config import Config
 from thinker.core.errors import RateLimitError
@@ -59,6 +59,7 @@ _WHAT = {"open": "requests open", "long_poll": "retrieve_future long-polls open"
 def install(app: Flask, config: Config) -> InFlight:
     """Cap each user's requests in flight (registered after auth.install: it needs the owner)."""
     in_flight = InFlight()
+    app.extensions["thinker_in_flight"] = in_flight
 
     @app.before_request
     def admit():
@@ -87,3 +88,12 @@ def install(app: Flask, config: Config) -> InFlight:
             in_flight.leave(*counted)
 
     return in_flight
+
+
+def keep_open_until_closed(response: Response) -> None:
+    """Count a streamed response as open until it is closed (its last event sent, or its client
+    gone), not only until its view returns: a stream holds its HTTP thread all that time."""
+    counted = g.pop("in_flight", None)
+    if counted is not None:
+        in_flight: InFlight = current_app.extensions["thinker_in_flight"]
+        response.call_on_close(lambda: in_flight.leave(*counted))

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app
 from pydantic.json_schema import models_json_schema
 
 from thinker.http import schemas
+from thinker.http.oai import schemas as oai
 from thinker.http.tinker import schemas as tinker
 
 bp = Blueprint("openapi", __name__)
@@ -19,6 +20,7 @@ _JSON = ("application/json",)
 _PROTOBUF = "application/x-protobuf"
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]+$"}
 _BINARY = {"type": "string", "format": "binary"}
+_JSON_OR_EVENTS = ("application/json", "text/event-stream")  # stream: true answers with server-sent events
 _OPERATIONS = [
     ("get", "/healthz", None, ("200",), _JSON),
     ("get", "/metrics", None, ("200",), ("text/plain",)),
@@ -72,6 +74,10 @@ _OPERATIONS = [
     ("get", "/api/v1/files/{run_id}/{kind}/{name}/{filename}", None, ("200",), ("application/octet-stream",)),
     ("get", "/api/v1/sessions", None, ("200",), _JSON),
     ("get", "/api/v1/sessions/{session_id}", None, ("200",), _JSON),
+    ("post", "/oai/api/v1/chat/completions", oai.ChatCompletionBody, ("200",), _JSON_OR_EVENTS),
+    ("post", "/oai/api/v1/completions", oai.CompletionBody, ("200",), _JSON_OR_EVENTS),
+    ("get", "/oai/api/v1/models", None, ("200",), _JSON),
+    ("get", "/oai/api/v1/models/{model_id}", None, ("200",), _JSON),
 ]
 
 # Optional query parameters, by path.
@@ -118,7 +124,11 @@ def document(config) -> dict:
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": "thinker", "version": "1", "description": "Multi-user LoRA training: seed and Tinker APIs"},
+        "info": {
+            "title": "thinker",
+            "version": "1",
+            "description": "Multi-user LoRA training: seed, Tinker and OpenAI-compatible APIs",
+        },
         "paths": paths,
         "components": {
             "schemas": components,
@@ -147,6 +157,11 @@ def _apply_limits(components: dict, config) -> None:
         ("LoraConfigBody", "rank"): config.max_lora_rank,
         ("SamplingParamsBody", "max_tokens"): config.max_sample_tokens,
         ("SampleBody", "num_samples"): config.max_prompts_per_request,
+        ("CompletionBody", "max_tokens"): config.max_sample_tokens,
+        ("ChatCompletionBody", "max_tokens"): config.max_sample_tokens,
+        ("ChatCompletionBody", "max_completion_tokens"): config.max_sample_tokens,
+        ("CompletionBody", "n"): config.max_prompts_per_request,
+        ("ChatCompletionBody", "n"): config.max_prompts_per_request,
     }
     for name, schema in components.items():
         for (model, field), maximum in limits.items():

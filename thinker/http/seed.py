@@ -35,6 +35,7 @@ from thinker.http.services import (
     check_sequence_length,
     checkpoint_bytes,
     owned_model,
+    public_served_name,
     services,
 )
 from thinker.store import futures
@@ -48,7 +49,8 @@ def healthz():
     s = services()
     sampler = s.backend.sampler.stats() if s.backend.sampler else {}
     disk = {"disk_free_bytes": s.checkpoints.reserve.free_bytes(), "disk_full": s.checkpoints.reserve.full}
-    return {"status": "ok", **s.backend.info(), **s.pool.stats(), **sampler, **disk, "backend": s.backend.name}
+    info = {**s.backend.info(), "base_model": public_served_name(s)}  # SERVED_MODEL_NAME
+    return {"status": "ok", **info, **s.pool.stats(), **sampler, **disk, "backend": s.backend.name}
 
 
 @bp.get("/adapters")

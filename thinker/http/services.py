@@ -7,15 +7,19 @@ import from here, never from each other.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import current_app, request
 
 from backend import HFBackend
 from backend.lora import adapters
-from thinker.core.config import Config
+from thinker.core.config import BUILTIN_TINY, Config
 from thinker.core.errors import BadRequestError
 from thinker.http.auth import check_owner, owner
 from thinker.http.schemas import parse_body
@@ -42,6 +46,41 @@ class Services:
 
 def services() -> Services:
     return current_app.extensions["thinker"]
+
+
+def served_model_name(s: Services | None = None) -> str:
+    """The base model's name on every API (SERVED_MODEL_NAME, docs/configuration.md): what the
+    Tinker endpoints report as model_name/tokenizer_id and accept as base_model, so the SDK and
+    the cookbook pick the tokenizer and chat renderer of the model it really is."""
+    s = s or services()
+    loaded = s.backend.loaded
+    return s.config.served_model_name or _default_served_name(loaded.name, loaded.path)
+
+
+def public_served_name(s: Services | None = None) -> str:
+    """``served_model_name`` where anyone may read it (/healthz): a folder's name, never its path."""
+    name = served_model_name(s)
+    return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) else name
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@functools.lru_cache(maxsize=8)
+def _default_served_name(name: str, path: str) -> str:
+    """The hub id; a local folder's config.json ``_name_or_path`` when that is a hub id (a
+    folder copied from the hub), else the folder's absolute path, which the SDK's tokenizer
+    loading resolves on this machine (builtin-tiny keeps its own name)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return name
+    try:
+        origin = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    if isinstance(origin, str) and _HUB_ID.fullmatch(origin) and not Path(origin).exists():
+        return origin
+    return name if name == BUILTIN_TINY else str(folder.resolve())
 
 
 def body(schema):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from flask import Blueprint
 
@@ -27,10 +29,11 @@ log = logging.getLogger("thinker.state")
 
 def write_checkpoint(
     s, model_id: str, kind: str, name: str, optimizer: bool, *, ttl_s: int | None = None,
-    user_metadata: dict | None = None, overwrite: bool = False,
+    user_metadata: dict | None = None, overwrite: bool = False, finish: Callable[[Path], None] | None = None,
 ) -> TinkerPath:
     """Write a checkpoint of the adapter's current state. Runs as a job, in the adapter's
-    turn, so it holds exactly the updates submitted before it."""
+    turn, so it holds exactly the updates submitted before it. ``finish(folder)`` runs on the
+    written files before they become the checkpoint (an export encrypts them)."""
     path = TinkerPath(model_id, kind, check_name(name, "name"))
     adapter = s.backend.adapters.get(model_id)
     if s.checkpoints.exists(path) and s.checkpoints.get(path).owner != adapter.owner:
@@ -53,7 +56,11 @@ def write_checkpoint(
         owner=adapter.owner,
     )
     # Written aside and swapped in when complete: an overwritten checkpoint stays until then.
-    write = lambda folder: s.backend.save_state(model_id, folder, optimizer)  # noqa: E731
+    def write(folder: Path) -> None:
+        s.backend.save_state(model_id, folder, optimizer)
+        if finish is not None:
+            finish(folder)
+
     s.checkpoints.save(info, write, checkpoint_bytes(adapter, optimizer))
     return path
 

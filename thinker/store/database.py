@@ -1,5 +1,5 @@
 """Durable server state in SQLite (WAL): futures, idempotency keys, API keys, the adapter
-registry, checkpoint metadata and the Tinker API's sessions. The tables are declared here;
+registry, checkpoint metadata, the Tinker API's sessions and its recorded sequences. The tables are declared here;
 the modules that own each kind of state run their own queries through ``execute``/``query``.
 
 Every future is written when it is submitted and again when it finishes, so that after a
@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS tinker_sessions (
 );
 CREATE TABLE IF NOT EXISTS tinker_samplers (
     id TEXT PRIMARY KEY, session_id TEXT, owner TEXT, base_model TEXT NOT NULL, adapter_id TEXT, model_path TEXT
+);
+-- recorded_sequences.py: sequences sampled with record_stability_info (stable_reinforce trains on them)
+CREATE TABLE IF NOT EXISTS recorded_sequences (
+    sequence_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, owner TEXT, tokens BLOB NOT NULL,
+    logprobs BLOB NOT NULL, expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tinker_requests (
     scope TEXT NOT NULL, seq_id INTEGER NOT NULL, future_id TEXT NOT NULL, created_at REAL NOT NULL,

@@ -12,10 +12,14 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from backend.lora import adapters
+from thinker.core.config import BUILTIN_TINY
 from thinker.core.errors import BadRequestError, NotFoundError
 from thinker.http.auth import check_owner
 from thinker.http.schemas import parse_body
-from thinker.http.services import owned_checkpoint  # noqa: F401 - shared with the seed API
+from thinker.http.services import (
+    owned_checkpoint,  # noqa: F401 - shared with the seed API
+    served_model_name,
+)
 from thinker.store.futures import FutureRecord
 
 bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
@@ -64,18 +68,23 @@ def session_of(model_id: str) -> str:
 
 
 def base_model_name() -> str:
-    """What the SDK is told the base model is called: a local folder's absolute path (so the
-    SDK's tokenizer loading resolves offline), else the hub id."""
-    loaded = services().backend.loaded
-    path = Path(loaded.path)
-    return str(path.resolve()) if path.is_dir() else loaded.name
+    """What the SDK is told the base model is called (SERVED_MODEL_NAME)."""
+    return served_model_name()
+
+
+def tokenizer_id() -> str:
+    """What the SDK loads the tokenizer from: the served name, except builtin-tiny's, which
+    only exists here: its folder (the SDK then loads it offline on this machine)."""
+    name, loaded = served_model_name(), services().backend.loaded
+    return str(Path(loaded.path).resolve()) if name == BUILTIN_TINY else name
 
 
 def check_base_model(name: str | None, field: str = "base_model") -> None:
     backend = services().backend
-    allowed = [*backend.base_names(), base_model_name()]
+    folder = Path(backend.loaded.path)
+    allowed = [*backend.base_names(), served_model_name(), *([str(folder.resolve())] if folder.is_dir() else [])]
     if name is not None and name not in allowed:
-        raise BadRequestError(f"{field}: {name!r} is not served here; this server serves {backend.loaded.name!r}")
+        raise BadRequestError(f"{field}: {name!r} is not served here; this server serves {served_model_name()!r}")
 
 
 def live_adapter(model_id: str):

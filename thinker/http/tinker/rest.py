@@ -16,6 +16,7 @@ from flask import Response, request, send_file, url_for
 
 from thinker.core.errors import BadRequestError, NotFoundError
 from thinker.http.auth import owner
+from thinker.http.tinker import export
 from thinker.http.tinker.common import base_model_name, body, bp, iso, owned_checkpoint, owned_session, services
 from thinker.http.tinker.schemas import TtlBody
 from thinker.store.checkpoints import KINDS, CheckpointInfo, TinkerPath
@@ -118,6 +119,8 @@ def checkpoint_operation(run_id: str, rest: str):
         s.checkpoints.update(path, expires_at=time.time() + ttl if ttl else None)
         return {}
     if action == ("GET", "archive"):
+        if export.served_names(s.checkpoints.folder(path), _FILES) != list(_FILES):
+            raise BadRequestError(f"{path} is an encrypted export: fetch its .age files (external_weights_urls)")
         archive = s.checkpoints.archive(path)
         filename = f"{path.run_id}-{path.kind}-{path.name}.tar.gz".replace(":", "_")
         return Response(
@@ -133,7 +136,7 @@ def checkpoint_operation(run_id: str, rest: str):
                 "tinker.download_file", run_id=path.run_id, kind=path.kind, name=path.name, filename=name,
                 expires=expires, signature=_sign(path, info, name, expires), _external=True,
             )
-            for name in _FILES
+            for name in export.served_names(s.checkpoints.folder(path), _FILES)
         }
         return {"urls": urls, "expires": iso(expires)}
     raise NotFoundError(f"no such checkpoint operation: {request.method} {rest!r}")
@@ -155,7 +158,7 @@ def download_file(run_id: str, kind: str, name: str, filename: str):
         expires = int(request.args.get("expires", "0"))
     except ValueError:
         expires = 0
-    if filename not in _FILES or expires < time.time():
+    if filename.removesuffix(export.AGE_SUFFIX) not in _FILES or expires < time.time():
         raise NotFoundError(invalid)
     try:
         info = services().checkpoints.get(path)
@@ -165,7 +168,10 @@ def download_file(run_id: str, kind: str, name: str, filename: str):
     signature = request.args.get("signature", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(signature, _sign(path, info, filename, expires).encode()):
         raise NotFoundError(invalid)
-    return send_file(services().checkpoints.folder(path) / filename, as_attachment=True, download_name=filename)
+    file = services().checkpoints.folder(path) / filename
+    if not file.is_file():  # (a plain name of an encrypted export, or the other way round)
+        raise NotFoundError(invalid)
+    return send_file(file, as_attachment=True, download_name=filename)
 
 
 @bp.get("/sessions")

@@ -8,22 +8,24 @@ each other: they all join the shared decode loop at once.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from concurrent.futures import Future as ConcurrentFuture
 
 from backend import SamplingParams
 from backend.lora import adapters
-from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
+from thinker.core.errors import BadRequestError, ConflictError, NotFoundError, ThinkerError
 from thinker.http.auth import check_owner, owner
 from thinker.http.services import check_sampling_length
 from thinker.http.tinker.common import (
     SAMPLE,
-    base_model_name,
     body,
     bp,
     check_base_model,
     owned_checkpoint,
     owned_session,
     services,
+    tokenizer_id,
     with_render,
 )
 from thinker.http.tinker.schemas import CreateSamplingSessionBody, SampleBody
@@ -41,16 +43,16 @@ def _resolve(base_model: str | None, model_path: str | None, sampler_id: str) ->
         live = model_path.removeprefix("tinker://")
         if "/" not in live and live in backend.adapters:  # tinker://<model id>: the adapter as it is now
             check_owner(backend.adapters.get(live).owner, adapters.not_found(live))
-            return Sampler(sampler_id, base_model_name(), live, model_path, owner())
+            return Sampler(sampler_id, tokenizer_id(), live, model_path, owner())
         path = TinkerPath.parse(model_path, "model_path")
-        return Sampler(sampler_id, base_model_name(), load_checkpoint(path), str(path), owner())
+        return Sampler(sampler_id, tokenizer_id(), load_checkpoint(path), str(path), owner())
     if base_model is None:
         raise BadRequestError("base_model or model_path is required")
     if base_model in backend.adapters:  # an adapter of the seed API, sampled as it is now
         check_owner(backend.adapters.get(base_model).owner, adapters.not_found(base_model))
-        return Sampler(sampler_id, base_model_name(), base_model, owner=owner())
+        return Sampler(sampler_id, tokenizer_id(), base_model, owner=owner())
     check_base_model(base_model)
-    return Sampler(sampler_id, base_model_name(), None, owner=owner())
+    return Sampler(sampler_id, tokenizer_id(), None, owner=owner())
 
 
 def load_checkpoint(path: TinkerPath) -> str:
@@ -164,17 +166,53 @@ def asample():
     frozen = sampler.adapter_id is None or not s.backend.adapters.get(sampler.adapter_id).trainable
     key = None if frozen else sampler.adapter_id
 
+    recording = _recording_session(sampler) if req.record_stability_info else None
+
     def submit() -> str:
-        job = _sampling_job(sampler.adapter_id, tokens, params, req)
-        return with_render(s.pool.submit(key, "sample", job), SAMPLE).id
+        future = s.pool.reserve(key, "sample")  # its id names the sequences, recorded when they finish
+        record = None if recording is None else _recorder(future.id, recording, sampler.owner)
+        job = _sampling_job(sampler.adapter_id, tokens, params, req, record)
+        return with_render(s.pool.submit(key, "sample", job, future=future), SAMPLE).id
 
     # A resend of the same (sampler, seq_id) gets the first request's id and runs nothing.
     resend_key = req.seq_id is not None and req.sampling_session_id is not None
     future_id = s.tinker.sample_once(sampler.id, req.seq_id, submit) if resend_key else submit()
-    return {"request_id": future_id, "sample_sequence_ids": [f"{future_id}:{i}" for i in range(req.num_samples)]}
+    return {"request_id": future_id, "sample_sequence_ids": sequence_ids(future_id, req.num_samples)}
 
 
-def _sampling_job(adapter_id: str | None, tokens: list[int], params: SamplingParams, req: SampleBody):
+def sequence_ids(request_id: str, num_samples: int) -> list[str]:
+    """The ``sequence_id`` of each sequence a sampling request returns (the SDK attaches them)."""
+    return [f"{request_id}:{i}" for i in range(num_samples)]
+
+
+def _recording_session(sampler: Sampler) -> str:
+    """The session that owns what ``sampler`` records: recorded sequences are trained on by
+    requests of the same session only, so a sampler outside any session cannot record."""
+    if ":sample:" not in sampler.id:
+        raise BadRequestError(
+            "record_stability_info: needs a sampling session (create_sampling_client / "
+            "save_weights_and_get_sampling_client), not a stateless sample"
+        )
+    return sampler.id.split(":sample:", 1)[0]
+
+
+def _recorder(request_id: str, session_id: str, owner: str | None) -> Callable[[list], None]:
+    recorded = services().tinker.recorded
+
+    def record(completions: list) -> None:
+        ids = sequence_ids(request_id, len(completions))
+        recorded.record(session_id, owner, [(i, c.tokens, c.logprobs) for i, c in zip(ids, completions, strict=True)])
+
+    return record
+
+
+def _sampling_job(
+    adapter_id: str | None,
+    tokens: list[int],
+    params: SamplingParams,
+    req: SampleBody,
+    record: Callable[[list], None] | None = None,
+):
     """The job: prompt logprobs if asked, then the completions; the adapter stays pinned
     (never freed) from now until the job is done."""
     backend = services().backend
@@ -198,6 +236,12 @@ def _sampling_job(adapter_id: str | None, tokens: list[int], params: SamplingPar
             if f.exception() is not None:
                 result.set_exception(f.exception())
                 return
+            if record is not None:
+                try:
+                    record(f.result())  # before the result: a client may train on it at once
+                except (ThinkerError, sqlite3.Error) as exc:  # a full disk: the promised record is missing
+                    result.set_exception(exc)
+                    return
             sequences = [{"tokens": c.tokens, "logprobs": c.logprobs, "stop_reason": c.stop_reason} for c in f.result()]
             result.set_result(
                 {

@@ -80,7 +80,7 @@ class SaveWeightsBody(_Body):
     # save_weights_for_sampler without a path: make a sampling session instead
     sampling_session_seq_id: SeqId | None = None
     kind: str | None = None
-    age_encryption_recipients: list[str] | None = None  # save_weights_external: refused, see train.py
+    age_encryption_recipients: list[str] | None = None  # save_weights_external: encrypted (export.py)
 
 
 class LoadWeightsBody(_Body):
@@ -133,6 +133,8 @@ class SampleBody(_Body):
     prompt_alt_tokens_k: int = Field(0, ge=0)
     prompt_logprobs_last_n: int | None = Field(None, ge=1)
     target_prompt_logprobs: dict | None = None
+    # Record each sequence for stable_reinforce (thinker/store/recorded_sequences.py)
+    record_stability_info: bool | None = None
 
 
 class RetrieveFutureBody(_Body):

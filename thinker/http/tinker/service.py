@@ -24,6 +24,7 @@ from thinker.http.tinker.common import (
     owned_checkpoint,
     owned_session,
     services,
+    tokenizer_id,
     with_render,
 )
 from thinker.http.tinker.schemas import (
@@ -89,7 +90,7 @@ def telemetry():
 def server_capabilities():
     loaded = services().backend.loaded
     model = {"max_context_length": loaded.context_length, "trainable": True, "sampleable": True}
-    return {"supported_models": [{"model_name": loaded.name, **model}]}
+    return {"supported_models": [{"model_name": base_model_name(), **model}]}
 
 
 @bp.get("/healthz")
@@ -118,8 +119,8 @@ def lora_targets(train_mlp: bool, train_attn: bool, train_unembed: bool) -> list
     if train_mlp and experts and "mlp" not in groups.values():
         # The MLP is all fused experts: train_mlp would silently train nothing there.
         raise BadRequestError(
-            f"lora_config.train_mlp: this model's MLP is fused MoE expert weights ({experts[0]}, ...), and LoRA "
-            "on experts is not supported yet; pass train_mlp=False (see docs/model-families.md)"
+            f"lora_config.train_mlp: this model's MLP is fused MoE expert weights ({experts[0]}, ...) in a layout "
+            "the LoRA core does not wrap; pass train_mlp=False (see docs/model-families.md)"
         )
     chosen = sorted(name for name, group in groups.items() if wanted[group])
     if not chosen:
@@ -159,19 +160,19 @@ def get_info():
     s = services()
     adapter = live_adapter(body(ModelIdBody).model_id)
     loaded = s.backend.loaded
-    tokenizer_id = base_model_name()
+    name, tokenizer = base_model_name(), tokenizer_id()
     return {
         "type": "get_info",
         "model_id": adapter.id,
         "model_data": {
             "arch": getattr(loaded.model.config, "model_type", None),
-            "model_name": tokenizer_id,
-            "tokenizer_id": tokenizer_id if ":" not in tokenizer_id else None,
+            "model_name": name,
+            "tokenizer_id": tokenizer if ":" not in tokenizer else None,
         },
         "optimizer_config": {"type": "adamw"},
         "is_lora": True,
         "lora_rank": adapter.rank,
-        "model_name": tokenizer_id,
+        "model_name": name,
     }
 
 
@@ -181,7 +182,7 @@ def weights_info():
     info = owned_checkpoint(path)
     groups = {group for name, group in _layer_groups().items() if name in info.target_modules}
     return {
-        "base_model": info.base_model,
+        "base_model": base_model_name() if info.base_model == services().backend.loaded.name else info.base_model,
         "is_lora": True,
         "lora_rank": info.rank,
         "train_unembed": "unembed" in groups,

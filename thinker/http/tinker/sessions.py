@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from thinker.core.errors import BadRequestError
 from thinker.store.database import Database
 from thinker.store.futures import FutureRecord
+from thinker.store.recorded_sequences import RecordedSequences
 from worker_pool import WorkerPool
 
 log = logging.getLogger("thinker.tinker")
@@ -162,6 +163,7 @@ class TinkerState:
         self.creations: dict[tuple[str, int], str] = {}  # (session, model_seq_id) -> future id
         self._sample_ids: dict[str, OrderedDict[int, str]] = {}  # sampler -> seq_id -> future id
         self.snapshots: dict[str, list[str]] = {}  # training run -> its in-memory sampler snapshots, oldest first
+        self.recorded = RecordedSequences(database)  # sampled with record_stability_info (stable_reinforce)
         self._load()
 
     def _load(self) -> None:

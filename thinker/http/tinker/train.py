@@ -12,12 +12,13 @@ from collections.abc import Callable
 from flask import request
 
 from backend import AdamParams, FwdBwdRequest
+from backend.lora.peft_files import to_tinker_names
 from backend.train.losses import loss_config
 from thinker.core.errors import BadRequestError, ThinkerError
 from thinker.http.auth import owner
 from thinker.http.services import check_adapter_quota, check_sequence_lengths
 from thinker.http.state import write_checkpoint
-from thinker.http.tinker import wire
+from thinker.http.tinker import export, wire
 from thinker.http.tinker.common import (
     FORWARD_BACKWARD,
     JSON,
@@ -31,8 +32,10 @@ from thinker.http.tinker.common import (
     services,
     session_of,
     start_plain,
+    tokenizer_id,
     with_render,
 )
+from thinker.http.tinker.provenance import server_inputs
 from thinker.http.tinker.schemas import AdamParamsBody, LoadWeightsBody, OptimStepBody, SaveWeightsBody
 from thinker.http.tinker.sessions import Sampler
 from thinker.store.checkpoints import TinkerPath
@@ -74,6 +77,7 @@ def forward_backward():
     try:
         if not examples:
             raise BadRequestError("data: at least one example is needed")
+        examples = server_inputs(message.loss_fn, message.data, examples, session_of(adapter.id), s.tinker.recorded)
         job = FwdBwdRequest(
             adapter.id,
             examples,
@@ -113,10 +117,13 @@ def optim_step():
 _RESULT_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for_sampler"}
 
 
-def _save(s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeightsBody, overwrite: bool) -> dict:
+def _save(
+    s, model_id: str, kind: str, name: str, optimizer: bool, req: SaveWeightsBody, overwrite: bool, finish=None
+) -> dict:
     """Write a checkpoint of the model's current state (a job: it runs in the model's turn)."""
     path = write_checkpoint(
-        s, model_id, kind, name, optimizer, ttl_s=req.ttl_seconds, user_metadata=req.user_metadata, overwrite=overwrite
+        s, model_id, kind, name, optimizer, ttl_s=req.ttl_seconds, user_metadata=req.user_metadata,
+        overwrite=overwrite, finish=finish,
     )
     return {"path": str(path), "type": _RESULT_TYPES.get(kind, "save_weights_external")}
 
@@ -134,10 +141,17 @@ def save_weights():
 def save_weights_external():
     s, req = services(), body(SaveWeightsBody)
     adapter = live_adapter(req.model_id)
-    if req.age_encryption_recipients:  # never hand out plaintext to someone who asked for ciphertext
-        raise BadRequestError("age_encryption_recipients: encrypted exports are not supported by this server")
+    # Checked now (a 400), and the files are encrypted before the checkpoint exists: no plaintext is kept.
+    to = export.recipients(req.age_encryption_recipients) if req.age_encryption_recipients else None
+    head = export.head_path(s.backend.loaded)
+
+    def finish(folder) -> None:
+        to_tinker_names(folder, head)  # Tinker's export names (what the cookbook's merge reads)
+        if to is not None:
+            export.encrypt_folder(folder, to)
+
     name = req.path or f"export-{adapter.step:06d}"
-    job = lambda: _save(s, adapter.id, "external_weights", name, False, req, True)  # noqa: E731
+    job = lambda: _save(s, adapter.id, "external_weights", name, False, req, True, finish)  # noqa: E731
     return _admit(adapter.id, req.seq_id, "save_weights", start_plain(adapter.id, "save_weights", JSON, job))
 
 
@@ -153,11 +167,12 @@ def save_weights_for_sampler():
     if req.sampling_session_seq_id is None:
         raise BadRequestError("path or sampling_session_seq_id is required")
     sampler_id = f"{session_of(adapter.id)}:sample:{req.sampling_session_seq_id}"
+    base_model = tokenizer_id()  # (the job runs outside the request)
 
     def snapshot() -> dict:
         if sampler_id not in s.tinker.samplers:
             s.backend.snapshot(adapter.id, sampler_id)
-            sampler = Sampler(sampler_id, s.backend.loaded.name, sampler_id, owner=adapter.owner)
+            sampler = Sampler(sampler_id, base_model, sampler_id, owner=adapter.owner)
             s.tinker.add_sampler(sampler, session_of(adapter.id))
             _release_old_snapshots(s, adapter.id, sampler_id)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
