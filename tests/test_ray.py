@@ -7,6 +7,7 @@ last. The same requests against an EXECUTOR=local server give the same losses an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -143,6 +144,16 @@ def test_official_sdk_smoke(cluster, monkeypatch):
         assert len(out.sequences) == 2
     finally:
         service.close("success").result()
+
+
+def test_openai_completions_at_once_and_streamed_agree(cluster):
+    url, headers = f"{cluster.url}/oai/api/v1/completions", {"Authorization": f"Bearer {CAROL}"}
+    body = {"model": "builtin-tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
+    whole = requests.post(url, headers=headers, json=body, timeout=TIMEOUT_S).json()["choices"][0]["text"]
+    raw = requests.post(url, headers=headers, json={**body, "stream": True}, stream=True, timeout=TIMEOUT_S)
+    events = [line.removeprefix("data: ") for line in raw.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"]) == whole
 
 
 def test_a_busy_sampler_checkpoint_is_spread_over_workers(cluster, monkeypatch):
