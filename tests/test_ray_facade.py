@@ -46,12 +46,17 @@ class Method:
     def __init__(self, actor: Actor, name: str) -> None:
         self.actor, self.name = actor, name
 
-    def remote(self, *args, **kwargs) -> Ref:
+    def options(self, **_options) -> Method:
+        return self
+
+    def remote(self, *args, **kwargs):
         def run():
             if self.actor.dead:
                 raise RayActorError()
             return getattr(self.actor.worker, self.name)(*args, **kwargs)
 
+        if self.name == "stream":  # a streaming generator: one ref per item, as they come
+            return (Ref(lambda item=item: item) for item in run())
         return Ref(run)
 
 
@@ -143,14 +148,15 @@ def test_users_spread_over_workers_and_a_fused_group_is_split_by_worker(cluster,
         backend.remove_adapter(local)
 
 
-def test_token_listeners_hear_every_row_once_before_the_answer(cluster, backend: HFBackend):
+def test_token_listeners_hear_the_tokens_as_they_come_before_the_answer(cluster, backend: HFBackend):
     cluster.start_sampler(8, 0.0)
-    heard: dict[int, list[int]] = {}
+    heard: dict[int, list[list[int]]] = {}
     params = SamplingParams(max_tokens=6, temperature=0.9, seed=1)
-    listen = lambda i, tokens, logprobs: heard.setdefault(i, tokens)  # noqa: E731
+    listen = lambda i, tokens, logprobs: heard.setdefault(i, []).append(tokens)  # noqa: E731
     future = cluster.complete_async(None, [[5, 9], [7, 8, 9]], params, on_tokens=listen)
     completions = future.result(timeout=60)
-    assert heard == {i: c.tokens for i, c in enumerate(completions)}
+    assert {i: sum(chunks, []) for i, chunks in heard.items()} == {i: c.tokens for i, c in enumerate(completions)}
+    assert max(len(chunks) for chunks in heard.values()) > 1  # streamed, not handed over at the end
     assert [c.tokens for c in completions] == [c.tokens for c in backend.complete(None, [[5, 9], [7, 8, 9]], params)]
 
 

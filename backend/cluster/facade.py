@@ -32,7 +32,7 @@ from backend.lora.optimizer import AdamParams
 from backend.sample.sampling import SamplingParams
 from backend.train.fused_pass import FwdBwdRequest
 from thinker.core.config import Config
-from thinker.core.errors import NotFoundError, ThinkerError
+from thinker.core.errors import NotFoundError, RequestFailedError, ThinkerError
 from thinker.core.paths import path_under
 
 log = logging.getLogger("thinker.cluster")
@@ -328,29 +328,35 @@ class ClusterBackend:
     def complete_async(
         self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams, on_tokens=None
     ) -> Future:
-        """As HFBackend's, except that ``on_tokens`` hears each row's tokens once, all together,
-        just before the future completes: they are not streamed across the hop yet."""
+        """As HFBackend's: ``on_tokens(row, tokens, logprobs)`` hears the tokens as the worker's
+        decode loop makes them (a Ray streaming generator), before the future completes."""
         worker = self._sampling_worker(adapter_id)
-        answer = self._invoke_async(worker, "complete_async", adapter_id, list(prompts), params)
         if on_tokens is None:
-            return answer
-        relayed: Future = Future()
+            return self._invoke_async(worker, "complete_async", adapter_id, list(prompts), params)
+        handle = self.handle(worker)
+        self.placement.begin(worker)
+        chunks = handle.actor.stream.options(num_returns="streaming").remote(
+            handle.incarnation, adapter_id, list(prompts), params
+        )
+        answer: Future = Future()
 
-        def relay(done: Future) -> None:
-            if done.exception() is not None:
-                relayed.set_exception(done.exception())
-                return
+        def relay() -> tuple[bool, object]:
+            for ref in chunks:
+                kind, *rest = self.workers.ray.get(ref)
+                if kind == "tokens":
+                    on_tokens(*rest)
+                else:
+                    return rest[0], rest[1]
+            raise RequestFailedError(f"worker {worker} ended a stream without its answer")
+
+        def pump() -> None:
             try:
-                for index, completion in enumerate(done.result()):
-                    if completion.tokens:
-                        on_tokens(index, list(completion.tokens), list(completion.logprobs))
-            except BaseException as exc:  # noqa: BLE001 - the listener's failure is the request's
-                relayed.set_exception(exc)
-                return
-            relayed.set_result(done.result())
+                answer.set_result(self._outcome(worker, handle, "complete_async", relay))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting job
+                answer.set_exception(exc)
 
-        answer.add_done_callback(relay)
-        return relayed
+        threading.Thread(target=pump, name="thinker-cluster-stream", daemon=True).start()
+        return answer
 
     def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
         return self._invoke(self._sampling_worker(adapter_id), "sample", adapter_id, list(prompts), params)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import secrets
 import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -107,6 +109,33 @@ class ModelWorker:
             return True, value
         except BaseException as exc:  # noqa: BLE001 - the caller re-raises it at the edge
             return False, portable(exc)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._calls += 1
+
+    def stream(self, incarnation: str, adapter_id: str | None, prompts: list, params) -> Iterator[tuple]:
+        """``complete_async`` with its tokens as they come (a Ray streaming generator): yields
+        ("tokens", row index, tokens, logprobs) after each decode step, then ("done", ok, value)."""
+        if incarnation != self.incarnation:
+            yield ("done", False, WorkerRestarted(self.name))
+            return
+        chunks: queue.Queue = queue.Queue()
+        with self._lock:
+            self._busy += 1
+        try:
+            try:
+                future = self.backend.complete_async(
+                    adapter_id, prompts, params, on_tokens=lambda i, t, lp: chunks.put((i, list(t), list(lp)))
+                )
+            except BaseException as exc:  # noqa: BLE001 - the caller re-raises it at the edge
+                yield ("done", False, portable(exc))
+                return
+            future.add_done_callback(lambda _: chunks.put(None))  # (after the last tokens: engine.py)
+            while (chunk := chunks.get()) is not None:
+                yield ("tokens", *chunk)
+            error = future.exception()
+            yield ("done", error is None, portable(error) if error is not None else future.result())
         finally:
             with self._lock:
                 self._busy -= 1
