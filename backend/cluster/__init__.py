@@ -3,7 +3,7 @@
 facade.py: ClusterBackend, the HFBackend interface routed to workers; worker.py: the actor
 that holds one HFBackend; workers.py: starting and stopping actors; placement.py: which worker
 holds which adapter; mirror.py: the server's records of remote adapters; recovery.py: faults,
-rejoining, moves and sampler replicas. See docs/cluster.md.
+rejoining, moves and sampler replicas; views.py: the workers' figures summed. See docs/cluster.md.
 """
 
 from backend.cluster.facade import ClusterBackend

@@ -25,6 +25,7 @@ from pathlib import Path
 from backend.cluster.mirror import ClusterAdapters
 from backend.cluster.placement import DOWN, UP, Placement
 from backend.cluster.recovery import Recovery, WorkerLostError
+from backend.cluster.views import ResidencyView, SamplerView
 from backend.cluster.worker import WorkerRestarted
 from backend.cluster.workers import Handle, RayWorkers
 from backend.hf_backend import HFBackend
@@ -57,8 +58,8 @@ class ClusterBackend:
         self.adapters = ClusterAdapters()
         self.after_step_hooks: list[Callable] = []
         self.data_dir = Path(config.thinker_data_dir)
-        self.sampler: _SamplerView | None = None
-        self.residency = _ResidencyView(self)
+        self.sampler: SamplerView | None = None
+        self.residency = ResidencyView(self)
         self._sampler_args: tuple[int, float] | None = None
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
@@ -369,7 +370,7 @@ class ClusterBackend:
         self._sampler_args = (max_rows, window_s)
         for worker in self.placement.workers(UP):
             self._invoke(worker, "start_sampler", max_rows, window_s)
-        self.sampler = _SamplerView(self)
+        self.sampler = SamplerView(self)
 
     # ---- the rest -------------------------------------------------------------------------------
 
@@ -407,39 +408,3 @@ class ClusterBackend:
             self.workers.kill(self.handle(name))
         self.workers.shutdown()
 
-
-class _SamplerView:
-    """``backend.sampler`` for /healthz and /metrics: the workers' decode loops, summed."""
-
-    def __init__(self, backend: ClusterBackend) -> None:
-        self.backend = backend
-
-    def stats(self) -> dict:
-        total: dict = {"sampling_rows": 0, "sampling_waiting": 0}
-        for row in self.backend.worker_stats():
-            for key, value in (row.get("sampler") or {}).items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    total[key] = total.get(key, 0) + value
-        return total
-
-
-class _ResidencyView:
-    """``backend.residency`` for /metrics: adapters on the workers' accelerators, summed."""
-
-    def __init__(self, backend: ClusterBackend) -> None:
-        self.backend = backend
-
-    def _sum(self, key: str) -> int:
-        return sum(row.get(key, 0) for row in self.backend.worker_stats())
-
-    @property
-    def resident(self) -> int:
-        return self._sum("adapters_resident")
-
-    @property
-    def offloads(self) -> int:
-        return self._sum("offloads")
-
-    @property
-    def reloads(self) -> int:
-        return self._sum("reloads")
