@@ -19,6 +19,7 @@ import tinker
 from tinker import types
 
 from client_example import TinkerClient
+from tests.conftest import ServerProcess
 from thinker.core.errors import NotFoundError, RequestFailedError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -30,12 +31,22 @@ CHAT = [[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "c
 TIMEOUT_S = 120.0  # a future that takes longer has hung
 
 
+STARTUP_S = 300.0  # Ray, then 2 workers loading the model: ~30-60 s, far more on a busy shared machine
+
+
 @pytest.fixture(scope="module")
-def cluster(start_server):
-    return start_server(
-        EXECUTOR="ray", WORKERS="2", THINKER_API_KEYS=KEYS, ADMIN_API_KEYS=ADMIN, AUTOSAVE_EVERY_STEPS="1",
-        MAX_WORKERS="4",
-    )
+def cluster(cache_dir, tmp_path_factory):
+    env = {
+        "BASE_MODEL": "builtin-tiny", "THINKER_CACHE_DIR": str(cache_dir),
+        "THINKER_DATA_DIR": str(tmp_path_factory.mktemp("ray-data")), "EXECUTOR": "ray", "WORKERS": "2",
+        "THINKER_API_KEYS": KEYS, "ADMIN_API_KEYS": ADMIN, "AUTOSAVE_EVERY_STEPS": "1", "MAX_WORKERS": "4",
+    }
+    server = ServerProcess(env, tmp_path_factory.mktemp("ray-log") / "server.log")
+    try:
+        server.wait_ready(STARTUP_S)
+        yield server
+    finally:
+        server.stop()  # SIGTERM: the server stops its workers and its local Ray instance
 
 
 def client(server, key: str) -> TinkerClient:
