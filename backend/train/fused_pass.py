@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.failures import is_out_of_memory
+from backend.lora.flat import owner_of as flat_owner_of
 from backend.lora.routing import Routing, use_adapters
 from backend.train import varlen
 from backend.train.examples import Example
@@ -190,15 +191,24 @@ def fused_pass(
 
 @torch.no_grad()
 def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """``p.grad += g`` for each parameter the pass reached (as ``backward()`` would): the
-    fresh buffer itself where there was no gradient yet, one foreach add for the rest."""
+    """``p.grad += g`` for each parameter the pass reached (as ``backward()`` would): one
+    foreach add where there were gradients; where there were none, the fresh buffer itself,
+    or, for an adapter kept in flat buffers (backend/lora/flat.py), a copy into its flat
+    gradient, so that its optimizer step reads one tensor."""
     reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
     adding = [(p.grad, g) for p, g in reached if p.grad is not None]
     if adding:
         torch._foreach_add_([acc for acc, _ in adding], [g for _, g in adding])
-    for p, g in reached:
-        if p.grad is None:
+    fresh = [(p, g) for p, g in reached if p.grad is None]
+    by_flat: dict[int, tuple] = {}
+    for p, g in fresh:
+        flat = flat_owner_of(p)
+        if flat is None:
             p.grad = g
+        else:
+            by_flat.setdefault(id(flat), (flat, {}))[1][p] = g
+    for flat, given in by_flat.values():
+        flat.take_gradients([given.get(p) for p in flat.params])
 
 
 def _width(example: Example) -> int:
