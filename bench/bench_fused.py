@@ -81,7 +81,8 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
         for fn in modes.values():
             fn()
     print(f"timing {args.reps} rounds of fused, one adapter, sequential...", flush=True)
-    seconds = side_by_side(modes, args.reps, backend.device)
+    cpu: dict[str, float] = {}
+    seconds = side_by_side(modes, args.reps, backend.device, cpu)
     shape = ModelShape.of(backend.model)
     fused_flops = training_flops(shape, rows_of(backend, requests))
     one_flops = training_flops(shape, rows_of(backend, [one]))
@@ -97,6 +98,10 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
                  f"MFU {mfu:.1%}")
     say(out, f"  a/b = {seconds['fused'] / seconds['one_adapter']:.3f} (bar <= 1.05), "
              f"c/a = {seconds['sequential'] / seconds['fused']:.3f} (bar >= 1)")
+    # On a shared machine the wall time moves with the others' load; the CPU time less so.
+    say(out, f"  process CPU time: (a) {cpu['fused']:.3f} s, (b) {cpu['one_adapter']:.3f} s, "
+             f"(c) {cpu['sequential']:.3f} s -> a/b = {cpu['fused'] / cpu['one_adapter']:.3f}, "
+             f"c/a = {cpu['sequential'] / cpu['fused']:.3f}")
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
 
@@ -106,10 +111,13 @@ def optimizer_bar(backend, args, out: list[str]) -> None:
     n = args.optim_adapters
     ids, requests = make_requests(backend, [args.optim_rank] * n, [16] * n, seed=200)
 
+    cpu: dict[int, list[float]] = {n: [], 1: []}
+
     def step(count: int) -> float:
         check(backend.forward_backward(requests[:count]))  # gradients to step on, untimed
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         check(backend.optim_steps([(a, ADAM) for a in ids[:count]]))
+        cpu[count].append(time.process_time() - cpu_started)
         return time.perf_counter() - started
 
     step(n), step(1)  # warm-up: both paths, the moments allocated
@@ -118,9 +126,11 @@ def optimizer_bar(backend, args, out: list[str]) -> None:
         for count in (n, 1):
             times[count].append(step(count))
     many, single = (sorted(times[c])[len(times[c]) // 2] for c in (n, 1))
+    cpu_many, cpu_single = (sorted(cpu[c][2:])[len(cpu[c][2:]) // 2] for c in (n, 1))  # the warm-up left out
     params = backend.adapters.get(ids[0]).describe()["num_parameters"]
     say(out, f"optimizer: one step of {n} adapters {many * 1000:.1f} ms, of one {single * 1000:.1f} ms -> "
-             f"{many / single:.2f}x (bar <= 3x); rank {args.optim_rank}, {params / 1e6:.2f} M parameters each")
+             f"{many / single:.2f}x (bar <= 3x); rank {args.optim_rank}, {params / 1e6:.2f} M parameters each; "
+             f"process CPU time {cpu_many * 1000:.1f} ms vs {cpu_single * 1000:.1f} ms -> {cpu_many / cpu_single:.2f}x")
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
 
