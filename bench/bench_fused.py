@@ -90,6 +90,7 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
              f"lengths {lengths}; {warmup} warm-up, median of {args.reps}")
     say(out, f"  tokens: {real_tokens(requests)} real, {padded_tokens(requests)} padded in one pass "
              f"({padded_tokens(requests) / real_tokens(requests):.2f}x); loss on the second half of each sequence")
+    say(out, f"  the fused pass computes {computed_positions(backend, lengths)}")
     flops = {"fused": fused_flops, "one_adapter": one_flops, "sequential": fused_flops}
     for name, label in (("fused", "(a) fused step"), ("one_adapter", f"(b) one adapter (rank {ranks[0]}), same tokens"),
                         ("sequential", "(c) sequential, one request after another")):
@@ -104,6 +105,19 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
              f"c/a = {cpu['sequential'] / cpu['fused']:.3f}")
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
+
+
+def computed_positions(backend, lengths: list[int]) -> str:
+    """What this tree's fused pass lays out for these sequences (backend/train/packing.py)."""
+    from backend.train.packing import pack, packing_mode
+
+    mode = backend.compute.run(packing_mode, backend.model)
+    if mode == "varlen":
+        return f"{sum(lengths)} positions: one packed row, attention cut per sequence (varlen)"
+    if mode == "rows":
+        rows = len(pack(lengths, "cpu").bins)
+        return f"{rows * max(lengths)} positions: {rows} packed rows of {max(lengths)}"
+    return f"{len(lengths) * max(lengths)} positions: padded rows"
 
 
 def optimizer_bar(backend, args, out: list[str]) -> None:
