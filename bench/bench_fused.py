@@ -92,6 +92,9 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
              f"({padded_tokens(requests) / real_tokens(requests):.2f}x); loss on the second half of each sequence")
     say(out, f"  the fused pass computes {computed_positions(backend, lengths)}")
     flops = {"fused": fused_flops, "one_adapter": one_flops, "sequential": fused_flops}
+    # (a) trains every adapter at its own rank, (b) only the first's: more work, not overhead.
+    say(out, f"  useful work: (a) and (c) {fused_flops / 1e12:.3f} TFLOP, (b) {one_flops / 1e12:.3f} TFLOP "
+             f"-> a/b of the work {fused_flops / one_flops:.3f}")
     for name, label in (("fused", "(a) fused step"), ("one_adapter", f"(b) one adapter (rank {ranks[0]}), same tokens"),
                         ("sequential", "(c) sequential, one request after another")):
         mfu = flops[name] / seconds[name] / (peak * 1e12)
