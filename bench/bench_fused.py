@@ -81,7 +81,8 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
         for fn in modes.values():
             fn()
     print(f"timing {args.reps} rounds of fused, one adapter, sequential...", flush=True)
-    seconds = side_by_side(modes, args.reps, backend.device)
+    cpu: dict[str, float] = {}
+    seconds = side_by_side(modes, args.reps, backend.device, cpu)
     shape = ModelShape.of(backend.model)
     fused_flops = training_flops(shape, rows_of(backend, requests))
     one_flops = training_flops(shape, rows_of(backend, [one]))
@@ -89,7 +90,11 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
              f"lengths {lengths}; {warmup} warm-up, median of {args.reps}")
     say(out, f"  tokens: {real_tokens(requests)} real, {padded_tokens(requests)} padded in one pass "
              f"({padded_tokens(requests) / real_tokens(requests):.2f}x); loss on the second half of each sequence")
+    say(out, f"  the fused pass computes {computed_positions(backend, lengths)}")
     flops = {"fused": fused_flops, "one_adapter": one_flops, "sequential": fused_flops}
+    # (a) trains every adapter at its own rank, (b) only the first's: more work, not overhead.
+    say(out, f"  useful work: (a) and (c) {fused_flops / 1e12:.3f} TFLOP, (b) {one_flops / 1e12:.3f} TFLOP "
+             f"-> a/b of the work {fused_flops / one_flops:.3f}")
     for name, label in (("fused", "(a) fused step"), ("one_adapter", f"(b) one adapter (rank {ranks[0]}), same tokens"),
                         ("sequential", "(c) sequential, one request after another")):
         mfu = flops[name] / seconds[name] / (peak * 1e12)
@@ -97,8 +102,25 @@ def step_bars(backend, args, peak: float, out: list[str]) -> None:
                  f"MFU {mfu:.1%}")
     say(out, f"  a/b = {seconds['fused'] / seconds['one_adapter']:.3f} (bar <= 1.05), "
              f"c/a = {seconds['sequential'] / seconds['fused']:.3f} (bar >= 1)")
+    # On a shared machine the wall time moves with the others' load; the CPU time less so.
+    say(out, f"  process CPU time: (a) {cpu['fused']:.3f} s, (b) {cpu['one_adapter']:.3f} s, "
+             f"(c) {cpu['sequential']:.3f} s -> a/b = {cpu['fused'] / cpu['one_adapter']:.3f}, "
+             f"c/a = {cpu['sequential'] / cpu['fused']:.3f}")
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
+
+
+def computed_positions(backend, lengths: list[int]) -> str:
+    """What this tree's fused pass lays out for these sequences (backend/train/packing.py)."""
+    from backend.train.packing import pack, packing_mode
+
+    mode = backend.compute.run(packing_mode, backend.model)
+    if mode == "varlen":
+        return f"{sum(lengths)} positions: one packed row, attention cut per sequence (varlen)"
+    if mode == "rows":
+        rows = len(pack(lengths, "cpu").bins)
+        return f"{rows * max(lengths)} positions: {rows} packed rows of {max(lengths)}"
+    return f"{len(lengths) * max(lengths)} positions: padded rows"
 
 
 def optimizer_bar(backend, args, out: list[str]) -> None:
@@ -106,10 +128,13 @@ def optimizer_bar(backend, args, out: list[str]) -> None:
     n = args.optim_adapters
     ids, requests = make_requests(backend, [args.optim_rank] * n, [16] * n, seed=200)
 
+    cpu: dict[int, list[float]] = {n: [], 1: []}
+
     def step(count: int) -> float:
         check(backend.forward_backward(requests[:count]))  # gradients to step on, untimed
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         check(backend.optim_steps([(a, ADAM) for a in ids[:count]]))
+        cpu[count].append(time.process_time() - cpu_started)
         return time.perf_counter() - started
 
     step(n), step(1)  # warm-up: both paths, the moments allocated
@@ -118,9 +143,11 @@ def optimizer_bar(backend, args, out: list[str]) -> None:
         for count in (n, 1):
             times[count].append(step(count))
     many, single = (sorted(times[c])[len(times[c]) // 2] for c in (n, 1))
+    cpu_many, cpu_single = (sorted(cpu[c][2:])[len(cpu[c][2:]) // 2] for c in (n, 1))  # the warm-up left out
     params = backend.adapters.get(ids[0]).describe()["num_parameters"]
     say(out, f"optimizer: one step of {n} adapters {many * 1000:.1f} ms, of one {single * 1000:.1f} ms -> "
-             f"{many / single:.2f}x (bar <= 3x); rank {args.optim_rank}, {params / 1e6:.2f} M parameters each")
+             f"{many / single:.2f}x (bar <= 3x); rank {args.optim_rank}, {params / 1e6:.2f} M parameters each; "
+             f"process CPU time {cpu_many * 1000:.1f} ms vs {cpu_single * 1000:.1f} ms -> {cpu_many / cpu_single:.2f}x")
     for adapter_id in ids:
         backend.adapters.remove(adapter_id)
 

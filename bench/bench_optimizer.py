@@ -5,9 +5,14 @@ layer adapted) at rank 8 and 32:
 
 - one optimizer step for 1 adapter and for 16 adapters, old (each adapter's own AdamW in a
   loop, a device sync per gradient norm: the code before backend/lora/optimizer.py) against
-  new (``HFBackend.optim_steps``: one norm pass and one sync for all, one fused AdamW launch);
-  the ratio 16 vs 1 is the one to watch (target <= 3x on an accelerator, where launches and
-  syncs, not bytes, dominate);
+  new (``HFBackend.optim_steps``: each adapter's tensors are views into flat buffers,
+  backend/lora/flat.py, so 16 adapters are one norm, one counter add and one fused AdamW
+  launch over 16 flat tensors); the ratio 16 vs 1 is the one to watch (target <= 3x on an
+  accelerator, where launches and syncs, not bytes, dominate). Printed beside the times: the
+  aten ops each step dispatches (top level, as a TorchDispatchMode sees them: a foreach op over
+  N tensors is one; and every aten op the profiler records, nested ones included), the bytes
+  an AdamW step must move and the GB/s that makes, against a plain copy's GB/s here (on a CPU
+  the step is bound by memory bandwidth: 16 adapters move 16x the bytes);
 - a fused forward-backward of 4 requests on 4 adapters that already hold gradients, with and
   without the old pre-pass clone of every trained adapter's gradients.
 
@@ -32,6 +37,7 @@ import torch
 
 from backend import AdamParams, FwdBwdRequest, HFBackend
 from backend.train.examples import Example
+from backend.train.fused_pass import _accumulate
 from bench.bench import load
 from thinker.core.errors import BadRequestError
 
@@ -91,6 +97,52 @@ def count_launches(fn: Callable[[], object], prepare: Callable[[], object]) -> i
     return len(calls)
 
 
+def count_ops(fn: Callable[[], object], prepare: Callable[[], object]) -> tuple[int, int]:
+    """(top-level aten ops ``fn`` dispatches, every aten op the profiler records in it)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    prepare()
+    with Count():
+        fn()
+    prepare()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    recorded = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return Count.ops, recorded
+
+
+def copy_gbps(device: torch.device, megabytes: int = 512) -> float:
+    """What a plain large copy achieves here (read + write), GB/s: the bandwidth reference."""
+    src = torch.empty(megabytes * 2**18, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def step_bytes(numel: int, clip: bool) -> int:
+    """Bytes one AdamW step over ``numel`` fp32 parameters must move at the least: the norm
+    reads the gradient (4), clipping reads and writes it (8), AdamW reads the weight, the
+    gradient and both moments and writes the weight and both moments (28)."""
+    return numel * (4 + (8 if clip else 0) + 28)
+
+
 def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
     ids = [backend.add_lora(rank, 2.0 * rank, None, 100 + i)["model_id"] for i in range(16)]
     generator = torch.Generator().manual_seed(rank)
@@ -101,16 +153,21 @@ def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
     numel = sum(p.numel() for p in backend.adapters.get(ids[0]).params)
     tensors = len(backend.adapters.get(ids[0]).params)
     adam = AdamParams(learning_rate=1e-4, grad_clip_norm=1.0)
-    print(f"\nrank {rank}: {numel / 1e6:.2f}M parameters in {tensors} tensors per adapter")
-    print(f"{'adapters':>8} {'old loop (ms)':>14} {'fused (ms)':>11} {'old/fused':>9}   AdamW launches old/new")
+    reference = copy_gbps(backend.device)
+    print(f"\nrank {rank}: {numel / 1e6:.2f}M parameters in {tensors} tensors per adapter; "
+          f"a plain copy here: {reference:.1f} GB/s")
+    print(f"{'adapters':>8} {'old loop (ms)':>14} {'fused (ms)':>11} {'old/fused':>9}   AdamW launches old/new"
+          f"   aten ops old/new (top level; all)   fused: MB moved, GB/s")
     results = {}
     for n in (1, 16):
         chosen = ids[:n]
 
         def prepare(chosen=chosen) -> None:
-            for a in chosen:  # fresh gradients (references, no copy): both paths drop them
-                for p, g in zip(backend.adapters.get(a).params, grads[a], strict=True):
-                    p.grad = g.clone()
+            for a in chosen:  # fresh gradients, put where a pass puts them (into the flat buffer)
+                params = backend.adapters.get(a).params
+                for p in params:
+                    p.grad = None
+                _accumulate(params, [g.clone() for g in grads[a]])
 
         def old_loop(chosen=chosen) -> None:
             for a in chosen:
@@ -122,9 +179,15 @@ def bench_steps(backend: HFBackend, rank: int, reps: int) -> None:
         old, new = timed([old_loop, fused], prepare, backend.device, reps)
         results[n] = (old, new)
         launches = (count_launches(old_loop, prepare), count_launches(fused, prepare))
-        print(f"{n:>8} {1000 * old:>14.2f} {1000 * new:>11.2f} {old / new:>8.2f}x   {launches[0]}/{launches[1]}")
+        (old_top, old_all), (new_top, new_all) = count_ops(old_loop, prepare), count_ops(fused, prepare)
+        moved = step_bytes(n * numel, clip=True)
+        print(f"{n:>8} {1000 * old:>14.2f} {1000 * new:>11.2f} {old / new:>8.2f}x   {launches[0]:>6}/{launches[1]:<6}"
+              f"   {old_top:>6}/{new_top:<4} ; {old_all:>6}/{new_all:<6}            "
+              f"{moved / 1e6:>7.0f}, {moved / new / 1e9:.1f}")
     (old1, new1), (old16, new16) = results[1], results[16]
-    print(f"16 vs 1 adapter: old loop {old16 / old1:.2f}x, fused {new16 / new1:.2f}x (target <= 3x)")
+    floor16, floor1 = (step_bytes(n * numel, True) / reference / 1e6 for n in (16, 1))
+    print(f"16 vs 1 adapter: old loop {old16 / old1:.2f}x, fused {new16 / new1:.2f}x (target <= 3x); "
+          f"16x the bytes: at the copy's bandwidth 16 adapters need at least {floor16:.1f} ms, one {floor1:.2f} ms")
     for a in ids:
         backend.remove_adapter(a)
 

@@ -85,17 +85,25 @@ def one_adapter_step(backend: HFBackend, request: FwdBwdRequest) -> None:
     check(backend.optim_steps([(request.adapter_id, ADAM)]))
 
 
-def side_by_side(modes: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+def side_by_side(
+    modes: dict[str, Callable[[], object]], reps: int, device: torch.device, cpu: dict[str, float] | None = None
+) -> dict[str, float]:
     """Median seconds per mode. The caller warms up; the modes take turns in every repetition
-    so that a change in the machine's load hits each of them alike."""
+    so that a change in the machine's load hits each of them alike. ``cpu``: filled with the
+    median CPU seconds of the process per mode (on a shared machine, what the work cost
+    whatever the other processes took of the wall time)."""
     times: dict[str, list[float]] = {name: [] for name in modes}
+    cpu_times: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(reps):
         for name, fn in modes.items():
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    if cpu is not None:
+        cpu.update({name: statistics.median(t) for name, t in cpu_times.items()})
     return {name: statistics.median(t) for name, t in times.items()}
 
 

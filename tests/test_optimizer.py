@@ -201,8 +201,11 @@ def test_a_pass_adds_to_the_gradient_as_backward_would(backend, adapters):
 @contextmanager
 def counting_forwards(backend, error_for_batches: BaseException | None) -> Iterator[list[int]]:
     """Count the decoder's forward passes (their batch sizes); raise ``error_for_batches`` in
-    every forward of more than one row."""
+    every forward of more than one row. Passes are padded (not packed into one row) so that
+    rows count sequences."""
     inner = backend.model.model
+    real_mode = fused_pass_module.packing_mode
+    fused_pass_module.packing_mode = lambda model: None
     seen: list[int] = []
 
     def forward(*args, **kwargs):
@@ -217,6 +220,7 @@ def counting_forwards(backend, error_for_batches: BaseException | None) -> Itera
         yield seen
     finally:
         del inner.forward
+        fused_pass_module.packing_mode = real_mode
 
 
 def test_a_fused_pass_failing_for_another_reason_is_not_retried(backend, adapters):
@@ -343,6 +347,93 @@ def test_residency_moves_the_optimizer_state_with_the_adapter(backend, adapters,
     monkeypatch.setattr(torch.Tensor, "to", to)
     _move(adapter, torch.device("cpu"))
     monkeypatch.undo()
-    moved_storage = {t.data_ptr() for t in moved}
+    # Views into the adapter's flat buffers move with their buffer (one .to each).
+    moved_storage = {t.untyped_storage().data_ptr() for t in moved}
     expected = [*adapter.params, *(p.grad for p in adapter.params), *state]
-    assert all(t.data_ptr() in moved_storage for t in expected)
+    assert all(t.untyped_storage().data_ptr() in moved_storage for t in expected)
+    assert len(moved) < len(expected)  # not tensor by tensor: the weights and moments as buffers
+
+
+# ---- flat buffers: one tensor per adapter -------------------------------------------------------
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_weights_gradients_and_moments_are_views_into_flat_buffers(backend, adapters):
+    adapter = backend.adapters.get(adapters[0])
+    flat = adapter.flat
+    assert all(_storage(p) == _storage(flat.weights_P) for p in adapter.params)
+    backend.forward_backward(_requests(backend, adapters[:1]))  # a pass's gradients land in the buffer
+    assert all(_storage(p.grad) == _storage(flat.grads_P) for p in adapter.params)
+    backend.optim_step(adapters[0], AdamParams(learning_rate=1e-2))
+    for p in adapter.params:
+        state = adapter.optimizer.state[p]
+        assert _storage(state["exp_avg"]) == _storage(flat.exp_avg_P)
+        assert _storage(state["exp_avg_sq"]) == _storage(flat.exp_avg_sq_P)
+        assert _storage(state["step"]) == _storage(flat.steps_S) and float(state["step"]) == 1
+    # The layers compute with the very same storage the optimizer just updated.
+    layer = backend.model.get_submodule(adapter.layer_names[0])
+    assert _storage(layer.lora_A[adapter.id]) == _storage(flat.weights_P)
+
+
+def test_a_step_with_some_gradients_missing_equals_torch_adamw(backend, adapters):
+    """Parameters without a gradient are left alone (torch's rule), so that step and the
+    ones after it (counters no longer equal) go tensor by tensor; results stay torch's."""
+    adapter = backend.adapters.get(adapters[0])
+    reference = [p.detach().clone().requires_grad_() for p in adapter.params]
+    optimizer = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(5)
+    for round_ in range(3):
+        grads = _set_grads(adapter.params, generator)
+        for i, (p, ref, g) in enumerate(zip(adapter.params, reference, grads, strict=True)):
+            keep = round_ != 1 or i % 2 == 0  # round 1: every other parameter has no gradient
+            ref.grad = g.clone() if keep else None
+            if not keep:
+                p.grad = None
+        optimizer.step()
+        backend.optim_step(adapters[0], AdamParams(learning_rate=1e-2, weight_decay=0.05))
+    for p, ref in zip(adapter.params, reference, strict=True):
+        torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-7)
+    steps = [int(adapter.optimizer.state[p]["step"]) for p in adapter.params]
+    assert steps[:2] == [3, 2]
+
+
+def _top_level_ops(backend, fn) -> int:
+    """How many aten ops ``fn`` dispatches (a foreach op over N tensors counts once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def counted():
+        with Count():
+            fn()
+        return Count.ops
+
+    return backend.compute.run(counted)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_a_step_of_many_adapters_dispatches_as_many_ops_as_one(backend, clip):
+    ids = [backend.add_lora(4, 8.0, None, 700 + i)["model_id"] for i in range(6)]
+    try:
+        adam = AdamParams(learning_rate=1e-3, grad_clip_norm=clip)
+        conversation = backend.render_conversations(CONVERSATIONS[:1])
+        requests = [FwdBwdRequest(a, conversation) for a in ids]
+        backend.forward_backward(requests)
+        backend.optim_steps([(a, adam) for a in ids])  # first step: the moments are made
+        counts = {}
+        for n in (1, len(ids)):
+            backend.forward_backward(requests[:n])
+            counts[n] = _top_level_ops(backend, lambda n=n: backend.optim_steps([(a, adam) for a in ids[:n]]))
+        tensors = len(backend.adapters.get(ids[0]).params)
+        assert counts[1] == counts[len(ids)] < tensors  # not one per tensor, nor per adapter
+    finally:
+        for adapter_id in ids:
+            backend.remove_adapter(adapter_id)

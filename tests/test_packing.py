@@ -11,9 +11,10 @@ from backend import HFBackend, load_base_model
 from backend.lora.routing import Routing
 from backend.model.tiny_families import ensure_family_model
 from backend.train import fused_pass as fused_module
+from backend.train import varlen
 from backend.train.examples import Example
 from backend.train.fused_pass import FwdBwdRequest
-from backend.train.packing import pack, packing_supported
+from backend.train.packing import pack, pack_one_row, packed_positions, packing_mode
 from thinker.core.config import Config
 
 pytestmark = pytest.mark.unit
@@ -79,7 +80,7 @@ def _packed_padded_alone(backend: HFBackend, monkeypatch, tol: float = 1e-5) -> 
     requests = _requests(backend, vocab)
     packed = _run(backend, requests)
     with monkeypatch.context() as m:
-        m.setattr(fused_module, "packing_supported", lambda model: False)
+        m.setattr(fused_module, "packing_mode", lambda model: None)
         padded = _run(backend, requests)
     _check_same(*packed, *padded, tol=tol)
     # Each request alone (its own pass, its gradient on its own adapter).
@@ -103,16 +104,65 @@ def _tokens_seen(backend: HFBackend, requests: list[FwdBwdRequest]) -> list[tupl
 
 
 def test_packed_pass_equals_padded_and_alone(backend, monkeypatch):
-    assert packing_supported(backend.model)
+    assert packing_mode(backend.model) == "varlen"  # builtin-tiny runs sdpa
     _packed_padded_alone(backend, monkeypatch)
 
 
-def test_the_pass_computes_no_padding(backend):
+def test_rows_layout_equals_padded_and_alone(backend, monkeypatch):
+    """The layout for attention implementations that cannot split by sequence (a mask)."""
+    monkeypatch.setattr(fused_module, "packing_mode", lambda model: "rows")
+    _packed_padded_alone(backend, monkeypatch)
+
+
+def test_the_pass_computes_no_padding(backend, monkeypatch):
     vocab = int(backend.model.get_input_embeddings().weight.shape[0])
     requests = _requests(backend, vocab)
     lengths = [ex.length for q in requests for ex in q.examples]
-    # 11 sequences of 2..70 tokens (277 in all) fit in 4 rows of 70, not 11 rows.
+    # varlen: 11 sequences of 2..70 tokens in one row of exactly their 277 tokens.
+    assert _tokens_seen(backend, requests) == [(1, sum(lengths))]
+    # rows: they fit in 4 rows of 70, not 11 rows.
+    monkeypatch.setattr(fused_module, "packing_mode", lambda model: "rows")
     assert _tokens_seen(backend, requests) == [(4, max(lengths))]
+
+
+def test_varlen_attention_is_cut_per_sequence(backend):
+    """Each attention layer runs once per sequence on that sequence's own tokens (no mask
+    over the whole row), and outside a packed pass it is plain sdpa."""
+    import torch.nn.functional as F
+
+    assert packing_mode(backend.model) == "varlen"
+    seen: list[tuple[int, bool]] = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.shape[2], attn_mask is None))
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    inputs_1N = torch.randint(1, 100, (1, 12))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", spy)
+        with varlen.sequences(varlen.PackedSequences.of([5, 7])):
+            backend.model(input_ids=inputs_1N, position_ids=packed_positions([5, 7], "cpu"), use_cache=False)
+        layers = len(seen) // 2
+        assert layers > 0 and seen == [(5, True), (7, True)] * layers
+        seen.clear()
+        backend.model(input_ids=inputs_1N, use_cache=False)  # no packed pass: one call per layer
+        assert seen == [(12, True)] * layers
+
+
+def test_pack_one_row_keeps_order_and_restarts_positions():
+    layout = pack_one_row([3, 1, 2], "cpu")
+    assert layout.width == 6 and layout.bins == [[0, 1, 2]]
+    assert layout.positions_PL.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert layout.flat_N.tolist() == list(range(6))
+    assert layout.spans == [(0, 3), (1, 1), (2, 2)]
+    assert layout.sequences.bounds == ((0, 3), (3, 4), (4, 6)) and layout.sequences.total == 6
+
+
+def test_band_mask_matches_transformers_sliding_window():
+    # q attends to kv in (q - window, q]: a window of 2 sees itself and one before.
+    assert varlen._band_mask(4, 2, "cpu")[0, 0].int().tolist() == [
+        [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]  # fmt: skip
 
 
 def test_pack_fills_rows_as_long_as_the_longest_sequence():
@@ -142,15 +192,18 @@ def family_root(tmp_path_factory):
     return tmp_path_factory.mktemp("packing-families")
 
 
-@pytest.mark.parametrize(("family", "packs"), [("llama", True), ("qwen3", True), ("gemma2", True),
-                                               ("gpt2", True), ("qwen3.5", False)])  # fmt: skip
-def test_families_pack_or_fall_back(family, packs, family_root, tmp_path, monkeypatch):
+FAMILY_MODES = [("llama", "varlen"), ("qwen3", "varlen"), ("gemma2", "rows"),  # Gemma2 runs eager attention
+                ("mistral", "varlen"), ("gpt2", "varlen"), ("qwen3.5", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "mode"), FAMILY_MODES)
+def test_families_pack_or_fall_back(family, mode, family_root, tmp_path, monkeypatch):
     folder = ensure_family_model(family, family_root / "models")
     config = Config(base_model=str(folder), thinker_cache_dir=str(family_root / "cache"), device="cpu")
     backend = HFBackend(load_base_model(config), tmp_path)
-    assert packing_supported(backend.model) is packs
+    assert packing_mode(backend.model) == mode
     vocab = int(backend.model.get_input_embeddings().weight.shape[0])
     shapes = _tokens_seen(backend, _requests(backend, vocab))
     rows = sum(len(q.examples) for q in _requests(backend, vocab))
-    assert (len(shapes) == 1 and shapes[0][0] < rows) is packs  # fewer, packed rows, or padded rows
+    assert (len(shapes) == 1 and shapes[0][0] < rows) is (mode is not None)  # fewer, packed rows, or padded rows
     _packed_padded_alone(backend, monkeypatch)

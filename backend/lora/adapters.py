@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from backend.lora.flat import FlatBuffers
 from backend.lora.layer import MultiLoraLinear, short_name
 from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
 
@@ -31,6 +32,9 @@ class Adapter:
     params: list[nn.Parameter]  # A then B for each layer in layer_names
     # None for frozen adapters: their params do not require grad and nothing ever steps them
     optimizer: torch.optim.AdamW | None
+    # Trainable adapters: params (their grads, their AdamW state) are views into flat buffers,
+    # so a step of many adapters runs over one tensor each (backend/lora/flat.py)
+    flat: FlatBuffers | None = None
     trainable: bool = True  # False: a frozen copy serving samplers (a checkpoint or snapshot)
     owner: str | None = None  # who created it (see auth.py); others cannot see it
     created_at: float = field(default_factory=time.time)
@@ -143,6 +147,8 @@ class LiveAdapters:
             # cost its weights and nothing more).
             for p in params:
                 p.requires_grad_(False)
+        # After every parameter is registered (whatever kind): the flat buffers take them all.
+        flat = FlatBuffers.adopt(params) if trainable else None
         optimizer = new_optimizer(params) if trainable else None
         return Adapter(
             id=adapter_id,
@@ -153,6 +159,7 @@ class LiveAdapters:
             layer_names=layer_names,
             params=params,
             optimizer=optimizer,
+            flat=flat,
             trainable=trainable,
             owner=owner,
         )

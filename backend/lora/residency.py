@@ -101,6 +101,10 @@ class Residency:
 def _move(adapter: Adapter, device: torch.device, pin: bool = False) -> None:
     """Move an adapter's weights, gradients and optimizer state to ``device``."""
 
+    if adapter.flat is not None:  # its tensors are views into flat buffers: move those
+        adapter.flat.move(device, adapter.optimizer, pin)
+        return
+
     def moved(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device)
         return t.pin_memory() if pin else t

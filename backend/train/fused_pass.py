@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from backend.failures import is_out_of_memory
+from backend.lora.flat import owner_of as flat_owner_of
 from backend.lora.routing import Routing, use_adapters
+from backend.train import varlen
 from backend.train.examples import Example
 from backend.train.losses import LOSS_FUNCTIONS, get_loss_function
 from backend.train.output_head import head_target_logprobs
-from backend.train.packing import PackedLayout, pack, packing_supported
+from backend.train.packing import PackedLayout, pack, pack_one_row, packing_mode
 from thinker.core.errors import BadRequestError
 
 
@@ -103,17 +106,21 @@ def fused_pass(
     wants_grad = any(q.backward and q.adapter_id for q in requests)
     # Packed where the model keeps sequences apart (backend/train/packing.py), else padded.
     # Either way the logprobs come back in the padded (B, T, K) layout the losses read.
-    packed = B > 1 and packing_supported(model)
-    if packed:
+    mode = packing_mode(model) if B > 1 else None
+    layout = None
+    if mode == "varlen":  # one row of the real tokens, attention cut per sequence
+        layout = pack_one_row([ex.length for _, _, ex in rows], device)
+    elif mode == "rows":
         layout = pack([ex.length for _, _, ex in rows], device)
-        packed = len(layout.bins) < B  # else packing saves nothing: pad as before
-    if packed:
+        layout = layout if len(layout.bins) < B else None  # else packing saves nothing: pad as before
+    if layout is not None:
         spans = [(rows[b][1] if b is not None else None, n) for b, n in layout.spans]
         routing = Routing.from_lengths(spans, device)
     else:
         routing = Routing.build([adapter for _, adapter, _ in rows], device, tokens_per_row=T)  # once per pass
-    with torch.set_grad_enabled(wants_grad), use_adapters(routing):
-        if packed:
+    split = varlen.sequences(layout.sequences) if layout is not None and layout.sequences else nullcontext()
+    with torch.set_grad_enabled(wants_grad), use_adapters(routing), split:
+        if layout is not None:
             logprobs_BTK = _packed_target_logprobs(
                 model, head_VH, inputs_BT, mask_BT, targets_BTK, selected_BT, layout, pad_id
             )
@@ -184,15 +191,24 @@ def fused_pass(
 
 @torch.no_grad()
 def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """``p.grad += g`` for each parameter the pass reached (as ``backward()`` would): the
-    fresh buffer itself where there was no gradient yet, one foreach add for the rest."""
+    """``p.grad += g`` for each parameter the pass reached (as ``backward()`` would): one
+    foreach add where there were gradients; where there were none, the fresh buffer itself,
+    or, for an adapter kept in flat buffers (backend/lora/flat.py), a copy into its flat
+    gradient, so that its optimizer step reads one tensor."""
     reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
     adding = [(p.grad, g) for p, g in reached if p.grad is not None]
     if adding:
         torch._foreach_add_([acc for acc, _ in adding], [g for _, g in adding])
-    for p, g in reached:
-        if p.grad is None:
+    fresh = [(p, g) for p, g in reached if p.grad is None]
+    by_flat: dict[int, tuple] = {}
+    for p, g in fresh:
+        flat = flat_owner_of(p)
+        if flat is None:
             p.grad = g
+        else:
+            by_flat.setdefault(id(flat), (flat, {}))[1][p] = g
+    for flat, given in by_flat.values():
+        flat.take_gradients([given.get(p) for p in flat.params])
 
 
 def _width(example: Example) -> int:
