@@ -112,10 +112,14 @@ class DecodeBatch:
             live.abandoned = abandoned
         return live
 
-    def enqueue(self, new_rows: Sequence[LiveRow]) -> list[PrefillGroup]:
-        """Queue ``new_rows`` for prefill (as one group, or one per row on hybrid models)."""
+    def enqueue(self, new_rows: Sequence[LiveRow], merge: bool = True) -> list[PrefillGroup]:
+        """Queue ``new_rows`` for prefill (as one group, or one per row on hybrid models).
+        ``merge``: join the newest queued group instead when its prefill has not started
+        (requests arriving a step apart are then prefilled together)."""
         if not new_rows:
             return []
+        if merge and not self._recurrent and self.prefilling and self.prefilling[-1].done == 0:
+            new_rows = [*self.prefilling.pop().rows, *new_rows]
         groups = [[live] for live in new_rows] if self._recurrent else [list(new_rows)]
         made = []
         pad = self.tokenizer.pad_token_id
@@ -140,16 +144,18 @@ class DecodeBatch:
                 self.prefill_step(group)
 
     @torch.no_grad()
-    def prefill_step(self, group: PrefillGroup | None = None) -> None:
+    def prefill_step(self, group: PrefillGroup | None = None) -> int:
         """Run the next chunk of ``group`` (default: the oldest). On its last chunk the group's
         rows get their first token and join the decode batch. If the forward raises, the
-        group is dropped from the queue (its cache is half-grown) and the error propagates."""
+        group is dropped from the queue (its cache is half-grown) and the error propagates.
+        Returns the tokens (padding included) the chunk ran."""
         group = group or self.prefilling[0]
         if all(live.abandoned() for live in group.rows):
             self.prefilling.remove(group)
-            return
+            return 0
         rows, width = len(group.rows), group.ids_BL.shape[1]
         end = min(width, group.done + max(1, self.prefill_tokens // rows))
+        ran = rows * (end - group.done)
         try:
             logits_BV = self._forward(
                 group.rows, group.ids_BL[:, group.done : end], group.mask_BL[:, :end], group.cache, end == width
@@ -159,13 +165,13 @@ class DecodeBatch:
             raise
         group.done = end
         if end < width:
-            return
+            return ran
         self.prefilling.remove(group)
         going, first_tokens = self._advance(group.rows, logits_BV, self._row_params(group.rows))
         pairs = [(j, t) for j, t in zip(going, first_tokens, strict=True) if not group.rows[j].abandoned()]
         keep, tokens = [j for j, _ in pairs], [t for _, t in pairs]
         if not keep:
-            return
+            return ran
         if self.cache is None:
             self.cache = SlotCache(group.cache, self.device)
         lengths = [len(group.rows[j].row.prompt_tokens) for j in keep]
@@ -173,6 +179,7 @@ class DecodeBatch:
         self.rows += [group.rows[j] for j in keep]
         self.next_tokens += tokens
         self._params = None
+        return ran
 
     @torch.no_grad()
     def step(self) -> None:

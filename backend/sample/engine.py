@@ -151,28 +151,32 @@ class SamplingEngine:
         self._batch.enqueue(rows)
 
     def _prefill_chunk(self) -> None:
+        """Prefill chunks, oldest group first, up to the batch's prefill budget of tokens."""
+        budget = self._batch.prefill_tokens
+        while self._batch.prefilling and budget > 0:
+            budget -= max(1, self._prefill_one())
+
+    def _prefill_one(self) -> int:
         """The oldest group's next chunk. If it fails, a group of several requests is split
         into one group per request (started afresh, after the failed pass's memory is
         free), so only the request that cannot be prefilled (too big, say) fails."""
-        if not self._batch.prefilling:
-            return
         group = self._batch.prefilling[0]
         try:
-            self._batch.prefill_step(group)
-            return
+            return self._batch.prefill_step(group)
         except Exception as exc:  # noqa: BLE001 - the group is out of the queue; the batch is untouched
             requests = list({id(r): r for r in self._requests_of(group.rows)}.values())
             if len(requests) == 1:
                 log.warning("prefill of a sampling request failed: %s", exc)
                 self._fail(requests[0], failures.explain(exc, f"the prefill of {len(requests[0].rows)} prompts"))
-                return
+                return 0
         # Retried out of the except block: the failed pass's activations are free by now.
         groups = []
         for request in requests:
             if not request.failed():
                 request.live = self._live_rows(request)
-                groups += self._batch.enqueue(request.live)
+                groups += self._batch.enqueue(request.live, merge=False)
         self._batch.prefilling.rotate(len(groups))  # those groups first, in their order
+        return 0
 
     def _requests_of(self, rows: Sequence[LiveRow]) -> list[_Request]:
         owner = {id(live): r for r in self._in_flight.values() for live in r.live}
