@@ -174,11 +174,6 @@ class SlotCache(Cache):
             span = w.frontier - w.first
             self._relayout(slots, span, max(columns, 2 * span + 64))
 
-    def retreat_mask(self) -> None:
-        """Undo ``advance_mask`` (a step that failed)."""
-        w = self.window
-        self.mask_SC[w.start : w.start + w.rows, w.frontier] = False
-
     def keep_rows(self, keep: Sequence[int], states_done: bool = False) -> None:
         """Keep the rows at these positions, in this order; the others leave. Only rows whose
         position changes are copied. ``states_done``: the recurrent states already hold
