@@ -16,6 +16,11 @@ up to the batch window for them.
 
 A plain job may return a ``concurrent.futures.Future`` (sampling, which runs in its own
 continuous-batching loop): its key stays busy until that future is done.
+
+Shared jobs (``submit(..., shared=True)``: sampling, which only reads the adapter) of one
+key run together: a shared job at the head of its queue starts while the key's running
+jobs are all shared too. Order is kept against everything else: it still waits for every
+earlier job that is not shared, and a later one waits for all of them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class _Job:
     payload: Any = None
     rows: int = 0
     length: int = 0
+    shared: bool = False  # may run beside the same key's other shared jobs (see module docstring)
 
 
 class WorkerPool:
@@ -89,6 +95,7 @@ class WorkerPool:
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: deque[str] = deque()
         self._running: set[str] = set()  # keys with a job running (a fused pass: each of its keys)
+        self._sharing: dict[str, int] = {}  # key -> its shared jobs running (all its running jobs then)
         self._busy = 0  # worker threads running a job or pass now (at most num_workers)
         self._store = FutureStore(future_ttl_s, database, max_result_bytes)  # database: futures outlive the process
         self._recent: dict[str, dict[str, float]] = {}  # group -> key -> last submission time
@@ -112,11 +119,17 @@ class WorkerPool:
     # ---- submitting and reading ------------------------------------------------------
 
     def submit(
-        self, key: str | None, kind: str, fn: Callable[[], Any], future: FutureRecord | None = None
+        self,
+        key: str | None,
+        kind: str,
+        fn: Callable[[], Any],
+        future: FutureRecord | None = None,
+        shared: bool = False,
     ) -> FutureRecord:
         """Queue ``fn`` behind earlier jobs of ``key`` (None: a key of its own).
-        ``future``: one from ``reserve`` to complete, instead of a new one."""
-        return self._enqueue([_Job(future or new_future(key, kind), fn=fn)])[0]
+        ``future``: one from ``reserve`` to complete, instead of a new one. ``shared``: it
+        may run beside the key's other shared jobs (see the module docstring)."""
+        return self._enqueue([_Job(future or new_future(key, kind), fn=fn, shared=shared)])[0]
 
     def submit_fusable(
         self, key: str, kind: str, group: str, payload: Any, rows: int, length: int, future: FutureRecord | None = None
@@ -216,9 +229,15 @@ class WorkerPool:
             self._recent.setdefault(job.group, {})[future.key] = time.monotonic()
         queue = self._queues.setdefault(future.key, deque())
         queue.append(job)
-        if len(queue) == 1 and future.key not in self._running:
+        if len(queue) == 1 and self._may_start(future.key):
             self._ready.append(future.key)
         self._cond.notify_all()
+
+    def _may_start(self, key: str) -> bool:
+        """Whether the head job of ``key`` may start now (its key then goes in the ready line)."""
+        if key not in self._running:
+            return True
+        return self._queues[key][0].shared and key in self._sharing and key not in self._ready
 
     def _admit(self, futures: list[FutureRecord]) -> None:
         """Add new futures to the store, within the pending limits (RateLimitError beyond)."""
@@ -280,6 +299,10 @@ class WorkerPool:
     def _take(self, key: str) -> _Job:
         job = self._queues[key].popleft()
         self._running.add(key)
+        if job.shared:
+            self._sharing[key] = self._sharing.get(key, 0) + 1
+            if self._queues[key] and self._may_start(key):  # the next one is shared too
+                self._ready.append(key)
         job.future.status, job.future.started_at = RUNNING, time.time()
         return job
 
@@ -400,10 +423,17 @@ class WorkerPool:
             else:
                 self._store.finish(job.future, result=outcome)
         with self._cond:
+            for key, job, _ in outcomes:
+                if job.shared:
+                    self._sharing[key] -= 1
             for key in dict.fromkeys(key for key, _, _ in outcomes):
+                if self._sharing.get(key):
+                    continue  # other shared jobs of it still run
+                self._sharing.pop(key, None)
                 self._running.discard(key)
                 if self._queues.get(key):
-                    self._ready.append(key)
+                    if key not in self._ready:
+                        self._ready.append(key)
                 elif key in self._queues:
                     del self._queues[key]
             self._cond.notify_all()

@@ -336,10 +336,11 @@ class HFBackend:
         self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams, on_tokens=None
     ) -> Future:
         """Join the shared decode loop; the future's result is the completions, in order.
-        ``on_tokens(row_index, tokens, logprobs)``: see SamplingEngine.submit (streaming)."""
+        ``on_tokens(row_index, tokens, logprobs)``: called on the sampler thread after every
+        step with the tokens ``prompts[row_index]`` produced in it (see engine.py)."""
         if self.sampler is None:
             raise RuntimeError("no sampling engine: start one with start_sampler()")
-        return self.sampler.submit(self.sample_rows(adapter_id, prompts, params), on_tokens=on_tokens)
+        return self.sampler.submit(self.sample_rows(adapter_id, prompts, params), on_tokens)
 
     def sample(self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams) -> dict:
         """The seed API's sampling response, from a batch of its own."""

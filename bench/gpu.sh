@@ -2,7 +2,9 @@
 # One-shot GPU benchmark for a lent GPU (under 5 minutes on one H100/H200): on SmolLM2-135M
 # and a ~1B Llama (random weights, built here, no download), N = 1, 4, 16, 64 adapters:
 # fused vs sequential steps, MFU, peak memory (bench/bench_scale.py); then the fused-step
-# bars of bench/bench_fused.py on SmolLM2-135M. Results land in $OUT (or bench_results/).
+# bars of bench/bench_fused.py on SmolLM2-135M; then sampling: 64 concurrent samplers x 256
+# tokens over 8 adapters through a real server, against `vllm serve` when vLLM is installed
+# (bench/bench_sampling.py). Results land in $OUT (or bench_results/).
 #
 #   bash bench/gpu.sh                      # on the GPU
 #   bash bench/gpu.sh --device cpu --quick # a smoke run here: builtin-tiny, tiny settings
@@ -36,3 +38,12 @@ else
   fused=(--model smollm2-135m --memory-model llama-1b --memory-layers 16)
 fi
 python3 bench/bench_fused.py --device "$device" "${fused[@]}" --cache-dir "$cache" --out "$out"
+
+# Sampling: 64 concurrent one-prompt requests over 8 rank-8 adapters, 256 new tokens each.
+if [ ${#quick[@]} -gt 0 ]; then
+  sampling=(--model builtin-tiny --max-tokens 16 --reps 1)
+else
+  sampling=(--model smollm2-135m --max-tokens 256 --reps 2)
+fi
+python3 bench/bench_sampling.py --device "$device" --workloads "64 samplers" --quiet-only "${sampling[@]}" \
+  --cache-dir "$cache" | tee "$out/sampling.txt"

@@ -169,7 +169,12 @@ def test_a_prefill_failing_for_one_request_fails_only_that_request(backend, adap
     others = bystanders(backend, adapter_ids)
     expected = [[alone(backend, row) for row in rows] for rows in others]
     bad, _ = culprit(backend, adapter_ids[0])
-    prefill_of_long_prompt = lambda ids_BL, mask_BL: ids_BL.shape[1] >= len(bad[0].prompt_tokens)  # noqa: E731
+    longest_other = max(len(row.prompt_tokens) for rows in others for row in rows)
+
+    def prefill_of_long_prompt(ids_BL, mask_BL) -> bool:
+        """A prefill chunk (several columns; the prompt may come in chunks) holding the long prompt."""
+        return ids_BL.shape[1] > 1 and int(mask_BL.sum(-1).max()) > longest_other
+
     with failing_when(backend, prefill_of_long_prompt, torch.OutOfMemoryError("out of memory")):
         futures = submit_together(engine, [others[0], bad, *others[1:]])
         with pytest.raises(RequestFailedError, match="out of memory running the prefill of 1 prompts"):

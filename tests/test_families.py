@@ -149,11 +149,13 @@ def test_hybrid_decode_step_failing_for_one_row_leaves_the_others_exact(family_b
 
     inner, last = backend.model.model, backend.model.model.layers[-1]
     doomed = {"now": False, "failed": 0}
+    others_reach = max(len(row.prompt_tokens) for row in rows[:-1]) + greedy.max_tokens
+    assert len(rows[-1].prompt_tokens) > others_reach
 
     def forward(*args, **kwargs):
         ids_BL, mask_BL = kwargs["input_ids"], kwargs["attention_mask"]
-        # Decode steps holding the longest prompt's row (the only one with no left pad) fail.
-        doomed["now"] = ids_BL.shape[1] == 1 and bool(mask_BL[:, 0].any())
+        # Decode steps holding the longest prompt's row (more context than any other row can reach) fail.
+        doomed["now"] = ids_BL.shape[1] == 1 and int(mask_BL.sum(-1).max()) > others_reach
         return type(inner).forward(inner, *args, **kwargs)
 
     def last_layer(*args, **kwargs):

@@ -1,10 +1,13 @@
-"""A batch of rows decoding together: one KV cache, rows joining and leaving at any step.
+"""A batch of rows decoding together: rows join after a chunked prefill, and leave, at any step.
 
-Rows are left-padded so every row's next token sits in the last column. New rows are
-prefilled as a group (one by one on hybrid models, whose recurrent layers must never see
-a pad: see kv_cache.py) and merged into the running batch (caches left-padded to a common
-length, padding masked out); finished rows are dropped from the cache at once, so they
-stop costing compute, and columns that are padding for every remaining row are trimmed.
+Joining rows are prefilled in groups (left-padded to the group's longest prompt; one row
+per group on hybrid models, whose recurrent layers must never see a pad: see kv_cache.py),
+in chunks of at most ``prefill_tokens`` tokens, one chunk per call of ``prefill_step``:
+the caller interleaves them with decode steps, so a long prompt does not stall the rows
+already decoding. A group's last chunk picks its rows' first tokens and moves their cache
+into the decode cache (slot_cache.py), where rows sit in slots and leave without anyone
+being re-padded. Token choice is batched (choose.py), stop strings are matched on the new
+text only (stops.py).
 
 A decode step that fails (out of memory as the cache grows, say) is retried on halves of
 the batch, recursively, so the rows that can go on do; a row that fails even alone is
@@ -16,25 +19,30 @@ from __future__ import annotations
 
 import secrets
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backend.lora.layer import MultiLoraLinear
 from backend.lora.routing import Routing, use_adapters
 from backend.sample import kv_cache
-from backend.sample.sampling import Completion, SampleRow, check_prompts, choose_token
+from backend.sample.choose import RowParams, choose, uniform
+from backend.sample.sampling import Completion, SampleRow, check_prompts
+from backend.sample.slot_cache import SlotCache
+from backend.sample.stops import StopMatcher, cut_at_stop
 from backend.train.output_head import PLAIN_HEAD_MODELS
+
+PREFILL_TOKENS = 512  # tokens per prefill chunk (a group of B rows advances 512 // B columns)
 
 
 @dataclass
 class LiveRow:
     row: SampleRow
     budget: int  # most tokens it may still produce: max_tokens, within the context window
-    generator: torch.Generator
+    seed: int
     on_done: Callable[[LiveRow], None] = field(default=lambda live: None)
     # Called instead of on_done when a decode step fails for this row even alone.
     on_fail: Callable[[LiveRow, BaseException], None] = field(default=lambda live, exc: None)
@@ -42,18 +50,36 @@ class LiveRow:
     abandoned: Callable[[], bool] = field(default=lambda: False)
     completion: Completion = field(default_factory=Completion)
     text_final: bool = False  # text already cut at a stop string
+    stops: StopMatcher | None = None
+    draws: int = 0  # tokens chosen so far: the counter of its random stream
+
+
+@dataclass
+class PrefillGroup:
+    """Rows being prefilled together; ``done`` columns of ``ids_BL`` are in ``cache``."""
+
+    rows: list[LiveRow]
+    ids_BL: torch.Tensor  # (B, L) left-padded prompts
+    mask_BL: torch.Tensor  # (B, L) 1 on real tokens
+    cache: object
+    done: int = 0
 
 
 class DecodeBatch:
-    def __init__(self, model: nn.Module, tokenizer, eos_ids: set[int], device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, eos_ids: set[int], device: torch.device, prefill_tokens: int = PREFILL_TOKENS
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.device = device
-        self.rows: list[LiveRow] = []  # live rows, in batch order
-        self.cache = None
-        self.mask_BL: torch.Tensor | None = None  # (B, L) 1 where a cached position is real
+        self.prefill_tokens = prefill_tokens
+        self.rows: list[LiveRow] = []  # decoding rows, in slot order
+        self.prefilling: deque[PrefillGroup] = deque()
+        self.cache: SlotCache | None = None
         self.next_tokens: list[int] = []  # (B,) the token each row feeds next
+        self._params: RowParams | None = None  # the decoding rows' parameters; None: rebuild
+        self.vocab = int(model.get_input_embeddings().weight.shape[0])
         # Llama-style heads (logits = head(last hidden state), see losses.PLAIN_HEAD_MODELS)
         # wrapped for LoRA: the last position's logits are computed here.
         head = model.get_output_embeddings()
@@ -68,10 +94,16 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def waiting(self) -> int:
+        """Rows still being prefilled."""
+        return sum(len(g.rows) for g in self.prefilling)
+
     def make_row(self, row: SampleRow, context_length: int, on_done=None, on_fail=None, abandoned=None) -> LiveRow:
         seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
         budget = min(row.params.max_tokens, context_length - len(row.prompt_tokens))
-        live = LiveRow(row, budget, torch.Generator(device=self.device).manual_seed(seed))
+        live = LiveRow(row, budget, seed)
+        if row.params.stop:
+            live.stops = StopMatcher(self.tokenizer, row.params.stop)
         if on_done is not None:
             live.on_done = on_done
         if on_fail is not None:
@@ -80,129 +112,188 @@ class DecodeBatch:
             live.abandoned = abandoned
         return live
 
+    def enqueue(self, new_rows: Sequence[LiveRow], merge: bool = True) -> list[PrefillGroup]:
+        """Queue ``new_rows`` for prefill (as one group, or one per row on hybrid models).
+        ``merge``: join the newest queued group instead when its prefill has not started
+        (requests arriving a step apart are then prefilled together)."""
+        if not new_rows:
+            return []
+        if merge and not self._recurrent and self.prefilling and self.prefilling[-1].done == 0:
+            new_rows = [*self.prefilling.pop().rows, *new_rows]
+        groups = [[live] for live in new_rows] if self._recurrent else [list(new_rows)]
+        made = []
+        pad = self.tokenizer.pad_token_id
+        for rows in groups:
+            width = max(len(r.row.prompt_tokens) for r in rows)
+            ids_BL = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask_BL = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, live in enumerate(rows):
+                n = len(live.row.prompt_tokens)
+                ids_BL[i, width - n :] = torch.tensor(live.row.prompt_tokens)
+                mask_BL[i, width - n :] = 1
+            cache = kv_cache.new_cache(self.model, self._recurrent)
+            made.append(PrefillGroup(rows, ids_BL.to(self.device), mask_BL.to(self.device), cache))
+        self.prefilling.extend(made)
+        return made
+
     @torch.no_grad()
     def admit(self, new_rows: Sequence[LiveRow]) -> None:
-        """Prefill ``new_rows`` together and merge the ones still going into the batch."""
-        if not new_rows:
-            return
-        if self._recurrent and len(new_rows) > 1:
-            # A left pad fed through a recurrent layer would change its state (a padding mask
-            # only makes that harmless for some models): each row is prefilled alone.
-            for live in new_rows:
-                self.admit([live])
-            return
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r.row.prompt_tokens) for r in new_rows)
-        ids_BL = torch.full((len(new_rows), width), pad, dtype=torch.long)
-        mask_BL = torch.zeros((len(new_rows), width), dtype=torch.long)
-        for i, live in enumerate(new_rows):
-            n = len(live.row.prompt_tokens)
-            ids_BL[i, width - n:] = torch.tensor(live.row.prompt_tokens)
-            mask_BL[i, width - n:] = 1
-        ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
-        cache = kv_cache.new_cache(self.model, self._recurrent)
-        logits_BV = self._forward(new_rows, ids_BL, mask_BL, cache)
-        keep, tokens = self._advance(new_rows, logits_BV)
+        """Prefill ``new_rows`` now, every chunk, and move the ones still going into the batch."""
+        for group in self.enqueue(new_rows):
+            while group in self.prefilling:
+                self.prefill_step(group)
+
+    @torch.no_grad()
+    def prefill_step(self, group: PrefillGroup | None = None) -> int:
+        """Run the next chunk of ``group`` (default: the oldest). On its last chunk the group's
+        rows get their first token and join the decode batch. If the forward raises, the
+        group is dropped from the queue (its cache is half-grown) and the error propagates.
+        Returns the tokens (padding included) the chunk ran."""
+        group = group or self.prefilling[0]
+        if all(live.abandoned() for live in group.rows):
+            self.prefilling.remove(group)
+            return 0
+        rows, width = len(group.rows), group.ids_BL.shape[1]
+        end = min(width, group.done + max(1, self.prefill_tokens // rows))
+        ran = rows * (end - group.done)
+        try:
+            logits_BV = self._forward(
+                group.rows, group.ids_BL[:, group.done : end], group.mask_BL[:, :end], group.cache, end == width
+            )
+        except BaseException:
+            self.prefilling.remove(group)
+            raise
+        group.done = end
+        if end < width:
+            return ran
+        self.prefilling.remove(group)
+        going, first_tokens = self._advance(group.rows, logits_BV, self._row_params(group.rows))
+        pairs = [(j, t) for j, t in zip(going, first_tokens, strict=True) if not group.rows[j].abandoned()]
+        keep, tokens = [j for j, _ in pairs], [t for _, t in pairs]
         if not keep:
-            return
-        kv_cache.select_rows(cache, torch.tensor(keep, device=self.device))
-        mask_BL = mask_BL[keep]
-        survivors = [new_rows[j] for j in keep]
+            return ran
         if self.cache is None:
-            self.cache, self.mask_BL = cache, mask_BL
-        else:
-            self._merge(cache, mask_BL)
-        self.rows += survivors
+            self.cache = SlotCache(group.cache, self.device)
+        lengths = [len(group.rows[j].row.prompt_tokens) for j in keep]
+        self.cache.join(group.cache, group.mask_BL, keep, lengths)
+        self.rows += [group.rows[j] for j in keep]
         self.next_tokens += tokens
+        self._params = None
+        return ran
 
     @torch.no_grad()
     def step(self) -> None:
-        """Feed every row its next token and choose the one after. Rows whose forward
-        fails even alone are dropped and told so (``on_fail``); the others go on."""
+        """Feed every decoding row its next token and choose the one after. Rows whose
+        forward fails even alone are dropped and told so (``on_fail``); the others go on."""
         self.discard([j for j, live in enumerate(self.rows) if live.abandoned()])
         if not self.rows:
             return
-        length = self.mask_BL.shape[1]
-        mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.rows), 1)], dim=1)
+        cache = self.cache
         ids_B1 = torch.tensor(self.next_tokens, device=self.device).unsqueeze(1)
-        held = kv_cache.hold_states(self.cache)  # recurrent states change in place: keep the old ones
+        cache.advance_mask()
+        held = kv_cache.hold_states(cache)  # recurrent states change in place: keep the old ones
         try:
-            logits_BV = self._forward(self.rows, ids_B1, mask_BL, self.cache)
-            self.mask_BL = mask_BL
+            logits_BV = self._forward(self.rows, ids_B1, None, cache, True)
             held = []  # the old states are not needed any more
         except Exception as exc:  # noqa: BLE001 - retried on parts of the batch; the culprit fails alone
             _drop_frames(exc)
-            kv_cache.truncate(self.cache, length)  # layers the failed pass already grew go back to ``length``
             kv_cache.restore_states(held)
-            logits_BV = self._step_in_parts(ids_B1, mask_BL, exc)
+            logits_BV = self._step_in_parts(ids_B1, exc)
             if logits_BV is None:
                 return
-        keep, tokens = self._advance(self.rows, logits_BV)
-        if len(keep) < len(self.rows):
-            self._select(keep)
-        self.next_tokens = tokens
+        cache.advance()
+        keep, tokens = self._advance(self.rows, logits_BV, self._row_params(self.rows))
+        self.next_tokens = self._keep(keep, tokens)
 
     def discard(self, positions: Sequence[int]) -> None:
-        """Drop the rows at these batch positions, unfinished (their caller gave up on them)."""
+        """Drop the decoding rows at these batch positions, unfinished (their caller gave up on them)."""
         gone = set(positions)
         if gone:
             keep = [j for j in range(len(self.rows)) if j not in gone]
-            self._select(keep)
-            self.next_tokens = [self.next_tokens[j] for j in keep]
+            self.next_tokens = self._keep(keep, [self.next_tokens[j] for j in keep])
 
     def clear(self) -> None:
-        """Drop every row (after an error in a forward pass)."""
-        self.rows, self.next_tokens = [], []
-        self.cache = self.mask_BL = None
+        """Drop every row, decoding or waiting (after an error in a forward pass)."""
+        self.rows, self.next_tokens, self._params = [], [], None
+        self.prefilling.clear()
+        if self.cache is not None:
+            self.cache.clear()
 
     # ---- internals -------------------------------------------------------------------
 
-    def _step_in_parts(self, ids_B1, mask_BL, error: Exception) -> torch.Tensor | None:
-        """After a failed step over the whole batch (cache back at its old length): run
-        it on halves, recursively; rows that fail alone leave the batch via on_fail.
-        Returns the survivors' logits (B', V), the batch reduced to them; None if none."""
-        done: list[tuple[int, int, object, torch.Tensor]] = []  # (start, stop, part's cache, logits)
+    def _row_params(self, rows: Sequence[LiveRow]) -> RowParams:
+        if rows is not self.rows:
+            return RowParams.build([r.row.params for r in rows], self.vocab, self.device)
+        if self._params is None:
+            self._params = RowParams.build([r.row.params for r in rows], self.vocab, self.device)
+        return self._params
+
+    def _keep(self, keep: list[int], tokens: list[int]) -> list[int]:
+        """Keep the decoding rows at ``keep`` (ascending), whose next tokens are ``tokens``.
+        Survivors above the new row count move into the slots of rows that left, so only
+        they are copied. Returns the tokens in the new row order."""
+        if len(keep) == len(self.rows):
+            return tokens
+        count, token_of = len(keep), dict(zip(keep, tokens, strict=True))
+        movers = iter([j for j in keep if j >= count])
+        order = [j if j in token_of else next(movers) for j in range(count)]
+        self.cache.keep_rows(order)
+        self.rows = [self.rows[j] for j in order]
+        self._params = None
+        return [token_of[j] for j in order]
+
+    def _step_in_parts(self, ids_B1, error: Exception) -> torch.Tensor | None:
+        """After a failed step over the whole batch (recurrent states put back): run it on
+        halves, recursively; rows that fail alone leave the batch via on_fail. Returns the
+        survivors' logits (B', V), the batch reduced to them; None if none."""
+        done: list[tuple[int, int, SlotCache, torch.Tensor]] = []  # (start, stop, part's cache, logits)
         failed: list[tuple[int, Exception]] = []
-        self._run_parts(0, len(self.rows), ids_B1, mask_BL, error, done, failed)
+        self._run_parts(0, len(self.rows), ids_B1, error, done, failed)
         ok = [j for start, stop, _, _ in done for j in range(start, stop)]
         culprits = [(self.rows[j], exc) for j, exc in failed]
-        self.rows = [self.rows[j] for j in ok]
-        self.next_tokens = [self.next_tokens[j] for j in ok]
-        if ok:
-            # The parts' grown caches, stacked back in batch order; the old cache goes with them.
-            kv_cache.stack_parts(self.cache, [part for _, _, part, _ in done])
-            self.mask_BL = mask_BL[torch.tensor(ok, device=self.device)]
-            logits_BV = torch.cat([logits for _, _, _, logits in done])
-        else:
-            self.cache = self.mask_BL = None
-            logits_BV = None
+        self.cache.take_part_states([part for _, _, part, _ in done])  # the survivors' recurrent states
+        logits_BV = torch.cat([logits for _, _, _, logits in done]) if done else None
+        self._drop_failed(ok)
         for live, exc in culprits:
             live.on_fail(live, exc)
         return logits_BV
 
-    def _run_parts(self, start: int, stop: int, ids_B1, mask_BL, error: Exception, done: list, failed: list) -> None:
+    def _drop_failed(self, ok: list[int]) -> None:
+        """Only the rows ``ok`` (in order) go on; recurrent states already hold just them."""
+        self.cache.keep_rows(ok, states_done=True)
+        self.rows = [self.rows[j] for j in ok]
+        self.next_tokens = [self.next_tokens[j] for j in ok]
+        self._params = None
+
+    def _run_parts(self, start: int, stop: int, ids_B1, error: Exception, done: list, failed: list) -> None:
         """Rows [start, stop) failed together with ``error``: try each half on its own."""
         if stop - start == 1:
             failed.append((start, error))
             return
         middle = (start + stop) // 2
         for a, b in ((start, middle), (middle, stop)):
-            part = kv_cache.part_view(self.cache, a, b)
+            part = self.cache.part(a, b)
             try:
-                logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], mask_BL[a:b], part)
+                logits_BV = self._forward(self.rows[a:b], ids_B1[a:b], None, part, True)
             except Exception as exc:  # noqa: BLE001
                 _drop_frames(exc)
                 del part
-                self._run_parts(a, b, ids_B1, mask_BL, exc, done, failed)
+                self._run_parts(a, b, ids_B1, exc, done, failed)
                 continue
             done.append((a, b, part, logits_BV))
 
-    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache) -> torch.Tensor:
+    def _forward(self, rows: Sequence[LiveRow], ids_BL, mask_BL, cache, want_logits: bool) -> torch.Tensor | None:
+        """A forward of ``rows``: a prefill chunk (``mask_BL`` (B, past + L) given) or a decode
+        step on the slot cache (mask and positions from it). Returns the last position's
+        logits (B, V) when ``want_logits``."""
+        if mask_BL is None:
+            mask_BL, positions_BL = cache.attention_mask(), cache.positions()
+        else:
+            positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1] :]
         # The step's routing, built once: its token segments serve every layer (the head,
         # which sees one token per row, gets its own on first use).
         routing = Routing.build([r.row.adapter_id for r in rows], self.device, tokens_per_row=ids_BL.shape[1])
         adapters = routing.adapters
-        positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, -ids_BL.shape[1]:]
         with use_adapters(routing):
             if not self._plain_head:
                 out = self.model(
@@ -213,10 +304,12 @@ class DecodeBatch:
                     use_cache=True,
                     logits_to_keep=1,  # only the last position is sampled from
                 )
-                return out.logits[:, -1, :].float()  # (B, V)
+                return out.logits[:, -1, :].float() if want_logits else None  # (B, V)
             out = self.model.model(
                 input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions_BL, cache=cache, use_cache=True
             )
+            if not want_logits:
+                return None
             hidden_B1H = out.last_hidden_state[:, -1:, :]
             head = self.model.get_output_embeddings()
             if any(head.lora_A.get(a) is not None for a in adapters):
@@ -225,20 +318,23 @@ class DecodeBatch:
             # .contiguous(): each row's logits are then read whole, not at a stride of B.
             return (head.base.weight @ hidden_B1H[:, -1, :].t()).t().contiguous().float()
 
-    def _advance(self, rows: Sequence[LiveRow], logits_BV: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Choose each row's next token; finish rows that are done. Returns the batch
-        positions of rows that go on and the tokens they feed next."""
+    def _advance(
+        self, rows: Sequence[LiveRow], logits_BV: torch.Tensor, params: RowParams
+    ) -> tuple[list[int], list[int]]:
+        """Choose each row's next token (one transfer for all); finish rows that are done.
+        Returns the batch positions of rows that go on and the tokens they feed next."""
+        draws = [uniform(live.seed, live.draws) for live in rows]
+        chosen, logprobs = choose(logits_BV, params, draws)
         keep, tokens = [], []
         for j, live in enumerate(rows):
-            token, logprob = choose_token(logits_BV[j], live.row.params, live.generator)
-            done = self._append(live, token, logprob)
-            if done:
+            live.draws += 1
+            if self._append(live, chosen[j], logprobs[j]):
                 if not live.text_final:
                     live.completion.text = self.tokenizer.decode(live.completion.tokens, skip_special_tokens=True)
                 live.on_done(live)
             else:
                 keep.append(j)
-                tokens.append(token)
+                tokens.append(chosen[j])
         return keep, tokens
 
     def _append(self, live: LiveRow, token: int, logprob: float) -> bool:
@@ -251,10 +347,9 @@ class DecodeBatch:
             return True
         result.tokens.append(token)
         result.logprobs.append(logprob)
-        stops = live.row.params.stop
-        if stops:
+        if live.stops is not None and live.stops.feed(result.tokens):
             text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            cut = cut_at_stop(text, params.stop)
             if cut >= 0:
                 result.text, result.stop_reason, live.text_final = text[:cut], "stop", True
                 return True
@@ -262,27 +357,6 @@ class DecodeBatch:
             result.stop_reason = "length"
             return True
         return False
-
-    def _select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, device=self.device)
-        self.rows = [self.rows[j] for j in keep]
-        if not keep:
-            self.cache = self.mask_BL = None
-            return
-        kv_cache.select_rows(self.cache, index)
-        mask_BL = self.mask_BL[index]
-        first = int(mask_BL.any(dim=0).long().argmax())  # leading columns nobody needs
-        if first > 0:
-            kv_cache.trim_left(self.cache, first)
-            mask_BL = mask_BL[:, first:]
-        self.mask_BL = mask_BL
-
-    def _merge(self, cache, mask_BL: torch.Tensor) -> None:
-        """Append another cache's rows: left-pad both to one length, then stack rows."""
-        length = max(self.mask_BL.shape[1], mask_BL.shape[1])
-        pad_old, pad_new = length - self.mask_BL.shape[1], length - mask_BL.shape[1]
-        kv_cache.merge(self.cache, cache, pad_old, pad_new)
-        self.mask_BL = torch.cat([F.pad(self.mask_BL, (pad_old, 0)), F.pad(mask_BL, (pad_new, 0))])
 
 
 def generate(

@@ -1,8 +1,17 @@
 """Continuous batching for sampling: one decode loop shared by every sampling request.
 
-Requests (from any adapters, or the base model) join the running batch at the next
-decode step instead of waiting for it to drain; each keeps its own adapter, sampling
-parameters and seed, and its future completes as soon as its own rows are done.
+Requests (from any adapters, or the base model) join the running batch instead of waiting
+for it to drain: each loop iteration runs one prefill chunk of the newest requests (see
+decode.py) and one decode step of every row already decoding, so a long prompt joining
+costs the others a chunk's time per step, not its whole prefill. Each request keeps its own
+adapter, sampling parameters and seed, and its future completes as soon as its own rows
+are done.
+
+Streaming: ``submit(rows, on_tokens)`` calls ``on_tokens(row_index, tokens, logprobs)`` on
+the loop's thread after every step, with the tokens each row of that request produced in it
+(in ``Completion.tokens`` order: what ends up in ``tokens``), before its future completes.
+A callback that raises fails that request only. The future's completions stay
+authoritative (text cut at stop strings, stop_reason).
 """
 
 from __future__ import annotations
@@ -19,22 +28,27 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import failures
-from backend.sample.decode import DecodeBatch, LiveRow
+from backend.sample.decode import PREFILL_TOKENS, DecodeBatch, LiveRow
 from backend.sample.sampling import Completion, SampleRow, check_prompts
 
 log = logging.getLogger("thinker.sampling")
+
+OnTokens = Callable[[int, list[int], list[float]], None]
 
 
 @dataclass
 class _Request:
     rows: list[SampleRow]
     future: Future
+    on_tokens: OnTokens | None = None
     completions: list[Completion | None] = field(default_factory=list)
     remaining: int = 0
-    # on_tokens(row_index, tokens, logprobs): each row's new tokens after every decode step
-    on_tokens: Callable[[int, list[int], list[float]], None] | None = None
-    lives: list[LiveRow] = field(default_factory=list)  # its rows in the batch, by row index
-    sent: list[int] = field(default_factory=list)  # tokens of each row already passed to on_tokens
+    live: list[LiveRow] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)  # tokens of each row handed to on_tokens
+    error: BaseException | None = None  # set when it failed; its future is set by the loop
+
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 class SamplingEngine:
@@ -49,30 +63,31 @@ class SamplingEngine:
         window_s: float = 0.005,
         run=None,
         hold=None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
         """``run(fn, *args)`` executes model work where the backend wants it (its compute
         thread on CPU); by default, on this engine's own thread. ``hold(adapter_ids)``: a
-        context that keeps those adapters on the accelerator (residency.py) for a step."""
+        context that keeps those adapters on the accelerator (residency.py) for a step.
+        ``prefill_tokens``: the most prompt tokens one loop iteration prefills."""
         self._run = run or (lambda fn, *args: fn(*args))
         self._hold = hold or (lambda _ids: contextlib.nullcontext())
         self.context_length = context_length
         self.max_rows = max_rows
         self.window_s = window_s  # when idle, wait this long for company before starting
-        self._batch = DecodeBatch(model, tokenizer, eos_ids, device)
+        self._batch = DecodeBatch(model, tokenizer, eos_ids, device, prefill_tokens)
         self._pending: deque[_Request] = deque()
         self._in_flight: dict[int, _Request] = {}  # requests with live rows, by id()
         self._cond = threading.Condition()
         self._closed = False
-        self.steps = 0  # decode steps run, for stats
+        self.steps = 0  # loop iterations run, for stats
         self._thread = threading.Thread(target=self._loop, name="thinker-sampler", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: Sequence[SampleRow], on_tokens=None) -> Future:
-        """Queue ``rows``; the future's result is their completions, in order.
-        ``on_tokens(row_index, tokens, logprobs)``, if given, hears each row's new tokens
-        after every decode step (a row's last ones before the future completes)."""
+    def submit(self, rows: Sequence[SampleRow], on_tokens: OnTokens | None = None) -> Future:
+        """Queue ``rows``; the future's result is their completions, in order. ``on_tokens``:
+        see the module docstring."""
         check_prompts(rows, self.context_length)
-        request = _Request(list(rows), Future(), [None] * len(rows), len(rows), on_tokens)
+        request = _Request(list(rows), Future(), on_tokens, [None] * len(rows), len(rows), sent=[0] * len(rows))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the sampling engine is closed")
@@ -87,19 +102,23 @@ class SamplingEngine:
         self._thread.join(timeout=30)
 
     def stats(self) -> dict:
-        return {"sampling_rows": len(self._batch), "sampling_waiting": len(self._pending)}
+        rows = len(self._batch) + self._batch.waiting()
+        return {"sampling_rows": rows, "sampling_waiting": sum(len(r.rows) for r in self._pending)}
 
     # ---- the loop --------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(len(self._batch) or self._batch.prefilling)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not len(self._batch) and not self._closed:
+                while not self._pending and not self._busy() and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     self._fail_everything(RuntimeError("the server shut down before this sample finished"))
                     return
-                if not len(self._batch) and self.window_s > 0:
+                if not self._busy() and self.window_s > 0:
                     # Idle: give requests sent at about the same time a moment to arrive.
                     deadline = time.monotonic() + self.window_s
                     while (left := deadline - time.monotonic()) > 0 and not self._closed:
@@ -108,40 +127,63 @@ class SamplingEngine:
             try:
                 self._run(self._admit_and_step, admitted)
                 self.steps += 1
-                for request in list(self._in_flight.values()):
-                    for index in range(len(request.lives)):
-                        self._flush(request, index)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep the loop alive
                 log.exception("sampling step failed")
                 self._fail_everything(exc, admitted)
+            self._settle()
 
     def _admit_and_step(self, admitted: list[_Request]) -> None:
-        adapters = {live.row.adapter_id for live in self._batch.rows}
+        batch = self._batch
+        adapters = {live.row.adapter_id for live in batch.rows}
+        adapters.update(live.row.adapter_id for group in batch.prefilling for live in group.rows)
         adapters.update(row.adapter_id for req in admitted for row in req.rows)
         with self._hold(adapters):
-            self._admit(admitted)
-            self._batch.step()
+            self._enqueue(admitted)
+            self._prefill_chunk()
+            batch.step()
 
-    def _admit(self, requests: Sequence[_Request]) -> None:
-        """Prefill ``requests`` together; if that fails, each on its own, so only the one
-        that cannot be prefilled (too big for memory, say) fails."""
+    def _enqueue(self, requests: Sequence[_Request]) -> None:
+        """One prefill group for every request admitted together."""
+        rows = []
+        for request in requests:
+            request.live = self._live_rows(request)
+            rows += request.live
+        self._batch.enqueue(rows)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill chunks, oldest group first, up to the batch's prefill budget of tokens."""
+        budget = self._batch.prefill_tokens
+        while self._batch.prefilling and budget > 0:
+            budget -= max(1, self._prefill_one())
+
+    def _prefill_one(self) -> int:
+        """The oldest group's next chunk. If it fails, a group of several requests is split
+        into one group per request (started afresh, after the failed pass's memory is
+        free), so only the request that cannot be prefilled (too big, say) fails."""
+        group = self._batch.prefilling[0]
         try:
-            self._batch.admit([row for req in requests for row in self._live_rows(req)])
-            return
-        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill: the batch is untouched
+            return self._batch.prefill_step(group)
+        except Exception as exc:  # noqa: BLE001 - the group is out of the queue; the batch is untouched
+            requests = list({id(r): r for r in self._requests_of(group.rows)}.values())
             if len(requests) == 1:
                 log.warning("prefill of a sampling request failed: %s", exc)
-                rows = len(requests[0].rows)
-                self._fail_requests(requests, failures.explain(exc, f"the prefill of {rows} prompts"))
-                return
+                self._fail(requests[0], failures.explain(exc, f"the prefill of {len(requests[0].rows)} prompts"))
+                return 0
         # Retried out of the except block: the failed pass's activations are free by now.
+        groups = []
         for request in requests:
-            if not request.future.done():  # (all its rows may have finished in the prefill)
-                request.completions, request.remaining = [None] * len(request.rows), len(request.rows)
-                self._admit([request])
+            if not request.failed():
+                request.live = self._live_rows(request)
+                groups += self._batch.enqueue(request.live, merge=False)
+        self._batch.prefilling.rotate(len(groups))  # those groups first, in their order
+        return 0
+
+    def _requests_of(self, rows: Sequence[LiveRow]) -> list[_Request]:
+        owner = {id(live): r for r in self._in_flight.values() for live in r.live}
+        return [owner[id(live)] for live in rows]
 
     def _take_admissible(self) -> list[_Request]:
-        taken, rows = [], len(self._batch)
+        taken, rows = [], len(self._batch) + self._batch.waiting()
         while self._pending:
             request = self._pending[0]
             if rows and rows + len(request.rows) > self.max_rows:
@@ -151,52 +193,58 @@ class SamplingEngine:
         self._in_flight.update({id(r): r for r in taken})
         return taken
 
-    def _flush(self, request: _Request, index: int) -> None:
-        """Pass row ``index``'s tokens not yet passed on to the request's ``on_tokens``."""
-        if request.on_tokens is None or request.future.done():
-            return
-        completion = request.lives[index].completion
-        start = request.sent[index]
-        if len(completion.tokens) > start:
-            request.sent[index] = len(completion.tokens)
-            try:
-                request.on_tokens(index, completion.tokens[start:], completion.logprobs[start:])
-            except Exception:  # noqa: BLE001 - a listener's bug must not stop the decode loop
-                log.exception("on_tokens failed")
-
     def _live_rows(self, request: _Request) -> list[LiveRow]:
+        request.completions, request.remaining = [None] * len(request.rows), len(request.rows)
+        request.sent = [0] * len(request.rows)
+
         def done(live: LiveRow, index: int) -> None:
-            if request.future.done():
-                return  # another of its rows failed: the request already has its answer
-            self._flush(request, index)
             request.completions[index] = live.completion
             request.remaining -= 1
-            if request.remaining == 0:
-                self._in_flight.pop(id(request), None)
-                request.future.set_result(request.completions)
 
         def fail(live: LiveRow, exc: BaseException) -> None:
             log.warning("a decode step failed for one of %d samples; failing that request: %s", len(request.rows), exc)
-            self._fail_requests([request], failures.explain(exc, _describe(live, request)))
+            self._fail(request, failures.explain(exc, _describe(live, request)))
 
-        request.lives = [
+        return [
             self._batch.make_row(
                 row,
                 self.context_length,
                 on_done=lambda live, i=i: done(live, i),
                 on_fail=fail,
-                abandoned=request.future.done,  # its other rows stop decoding once it has failed
+                abandoned=request.failed,  # its other rows stop decoding once it has failed
             )
             for i, row in enumerate(request.rows)
         ]
-        request.sent = [0] * len(request.rows)
-        return request.lives
 
-    def _fail_requests(self, requests: Sequence[_Request], error: BaseException) -> None:
-        for request in requests:
-            self._in_flight.pop(id(request), None)
-            if not request.future.done():
-                request.future.set_exception(error)
+    def _settle(self) -> None:
+        """On the loop's thread, after a step: stream each request's new tokens, then
+        complete the requests that are done or failed."""
+        for key, request in list(self._in_flight.items()):
+            if request.on_tokens is not None and not request.failed():
+                self._stream(request)
+            if request.failed():
+                del self._in_flight[key]
+                if not request.future.done():
+                    request.future.set_exception(request.error)
+            elif request.remaining == 0:
+                del self._in_flight[key]
+                request.future.set_result(request.completions)
+
+    def _stream(self, request: _Request) -> None:
+        for i, live in enumerate(request.live):
+            tokens = live.completion.tokens
+            if len(tokens) > request.sent[i]:
+                start, request.sent[i] = request.sent[i], len(tokens)
+                try:
+                    request.on_tokens(i, tokens[start:], live.completion.logprobs[start:])
+                except Exception as exc:  # noqa: BLE001 - the callback's failure is its request's
+                    log.warning("a sampling request's token callback failed; failing that request: %s", exc)
+                    self._fail(request, exc)
+                    return
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        if request.error is None:
+            request.error = error
 
     def _fail_everything(self, error: BaseException, admitted: Sequence[_Request] = ()) -> None:
         self._batch.clear()
@@ -205,8 +253,9 @@ class SamplingEngine:
             requests += list(self._pending)
             self._pending.clear()
         for request in requests:
+            self._fail(request, error)
             if not request.future.done():
-                request.future.set_exception(error)
+                request.future.set_exception(request.error)
         self._in_flight.clear()
 
 

@@ -1,4 +1,5 @@
-"""Sampling parameters, per-row token choice, and one-shot batched generation."""
+"""Sampling parameters, the rows and completions of a sample, and prompt log-probabilities
+(token choice is in choose.py, decoding in decode.py)."""
 
 from __future__ import annotations
 
@@ -57,33 +58,6 @@ def check_prompts(rows: Sequence[SampleRow], context_length: int) -> None:
                 f"prompts[{i}]: the rendered prompt has {len(row.prompt_tokens)} tokens; the model's "
                 f"context window is {context_length}"
             )
-
-
-def choose_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, float]:
-    """One token from one row's next-token logits (V,), and the model's log-probability of
-    it (of the untempered, untruncated distribution: what a training forward computes)."""
-    token = _choose(logits_V, params, generator)
-    return token, float(logits_V[token] - torch.logsumexp(logits_V, dim=-1))
-
-
-def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature == 0:
-        return int(torch.argmax(logits_V))
-    logits_V = logits_V / params.temperature
-    if 0 < params.top_k < logits_V.shape[0]:
-        kth = torch.topk(logits_V, params.top_k).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_V, order_V = torch.sort(logits_V, descending=True)
-        probs_V = torch.softmax(sorted_V, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
-        drop_V = (torch.cumsum(probs_V, dim=-1) - probs_V) >= params.top_p
-        logits_V = logits_V.masked_fill(torch.zeros_like(drop_V).scatter(0, order_V, drop_V), float("-inf"))
-    # Gumbel-max: argmax(logits + Gumbel noise) samples from softmax(logits).
-    uniform_V = torch.rand(logits_V.shape, generator=generator, device=logits_V.device)
-    gumbel_V = -torch.log(-torch.log(uniform_V.clamp_(1e-20, 1.0)))
-    return int(torch.argmax(logits_V + gumbel_V))
-
 
 
 @torch.no_grad()

@@ -161,12 +161,15 @@ def sample():
     for i, prompt in enumerate(prompts):
         check_sampling_length(len(prompt), p.max_tokens, f"prompts[{i}]")
     # Base-model sampling touches no adapter state, so it need not queue behind anyone.
-    # With batching, the job joins the shared decode loop and its adapter stays busy
-    # until its rows are done; without, it samples as a batch of its own.
+    # Sampling an adapter waits for the adapter's earlier jobs and holds its later ones
+    # until its rows are done (it sees exactly the weights of its turn), but runs beside
+    # the adapter's other samples (shared). With batching, the job joins the shared decode
+    # loop; without, it samples as a batch of its own.
     if s.backend.sampler is not None:
-        future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample_async(adapter_id, prompts, params))
+        job = lambda: s.backend.sample_async(adapter_id, prompts, params)  # noqa: E731
     else:
-        future = s.pool.submit(adapter_id, "sample", lambda: s.backend.sample(adapter_id, prompts, params))
+        job = lambda: s.backend.sample(adapter_id, prompts, params)  # noqa: E731
+    future = s.pool.submit(adapter_id, "sample", job, shared=True)
     if not future.wait(s.config.sample_timeout_s):
         raise ServerError(f"sampling did not finish within {s.config.sample_timeout_s:g}s")
     if future.status == FAILED:
