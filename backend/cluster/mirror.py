@@ -9,14 +9,13 @@ claimed here, before the worker builds the adapter, with LiveAdapters' own locki
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
 from backend.lora.adapters import Adapter, LiveAdapters
-from thinker.core.errors import BadRequestError, ConflictError, NotFoundError
+from thinker.core.errors import NotFoundError
 
 
 def record_from(described: dict, trainable: bool, owner: str | None) -> Adapter:
@@ -57,28 +56,9 @@ class ClusterAdapters(LiveAdapters):
         trainable: bool = True,
         owner: str | None = None,
     ) -> Adapter:
-        adapter_id = adapter_id or f"{self._prefix}{secrets.token_hex(6)}"
-        with self._lock:
-            if adapter_id in self._adapters or adapter_id in self._creating:
-                raise ConflictError(f"model_id {adapter_id!r} already exists")
-            if trainable and self.max_per_owner is not None:
-                held = sum(1 for a in self._adapters.values() if a.owner == owner and a.trainable)
-                held += sum(1 for who, train in self._creating.values() if who == owner and train)
-                if held >= self.max_per_owner:
-                    raise BadRequestError(
-                        f"adapters: you hold {held}, the limit per user (MAX_ADAPTERS_PER_USER) is {self.max_per_owner}"
-                    )
-            self._creating[adapter_id] = (owner, trainable)
-        try:
-            adapter = record_from(build(adapter_id), trainable, owner)
-            with self._lock:
-                self._adapters[adapter_id] = adapter
-        finally:
-            with self._lock:
-                del self._creating[adapter_id]
-        for hook in self.created_hooks:
-            hook(adapter)
-        return adapter
+        return self._claim_and_build(
+            adapter_id, trainable, owner, lambda new_id: record_from(build(new_id), trainable, owner)
+        )
 
     def drop(self, adapter_id: str) -> Adapter | None:
         """Forget a record without telling the observers (its worker died: the durable

@@ -105,6 +105,16 @@ class LiveAdapters:
         Tinker API names its models itself); taken ids are refused, and so is a trainable
         adapter beyond ``max_per_owner``. The id and the owner's quota are claimed in one lock
         section (ids being built count), so concurrent creations cannot both pass a check."""
+        return self._claim_and_build(
+            adapter_id, trainable, owner,
+            lambda new_id: self._build(rank, alpha, target_modules, seed, new_id, trainable, owner),
+        )
+
+    def _claim_and_build(
+        self, adapter_id: str | None, trainable: bool, owner: str | None, build: Callable[[str], Adapter]
+    ) -> Adapter:
+        """Claim the id and the owner's quota, ``build(adapter_id)`` outside the lock, register
+        the adapter and tell the observers: the one creation path, also for remote builds."""
         adapter_id = adapter_id or f"{self._prefix}{secrets.token_hex(6)}"
         with self._lock:
             if adapter_id in self._adapters or adapter_id in self._creating:
@@ -119,7 +129,7 @@ class LiveAdapters:
                     )
             self._creating[adapter_id] = (owner, trainable)
         try:
-            adapter = self._build(rank, alpha, target_modules, seed, adapter_id, trainable, owner)
+            adapter = build(adapter_id)
             with self._lock:
                 self._adapters[adapter_id] = adapter
         finally:

@@ -91,7 +91,10 @@ class SlotCache(Cache):
         for layer in template.layers:
             if kv_cache.is_recurrent(layer):
                 if kv_cache.has_keys(layer):
-                    raise NotImplementedError("a layer with both recurrent states and a KV cache")
+                    raise ValueError(
+                        "sampling: this model has a layer with both recurrent states and a KV cache, which the "
+                        "slot cache does not lay out (no family in docs/model-families.md has one)"
+                    )
                 fresh = copy.copy(layer)
                 fresh.conv_states, fresh.recurrent_states = {}, {}
                 fresh.is_conv_states_initialized = dict.fromkeys(layer.is_conv_states_initialized, False)

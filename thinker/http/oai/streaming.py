@@ -9,6 +9,7 @@ the rest of its text and its ``finish_reason``.
 
 from __future__ import annotations
 
+import abc
 import json
 import queue
 import threading
@@ -76,7 +77,7 @@ class Holdback:
         return delta
 
 
-class _Stream:
+class _Stream(abc.ABC):
     """One streamed request: its rows in the decode loop and the events they make."""
 
     object_name = ""
@@ -157,8 +158,9 @@ class _Stream:
     def opening(self) -> Iterator[str]:
         return iter(())
 
+    @abc.abstractmethod
     def chunk(self, row: int, text: str, finish_reason: str | None) -> dict:
-        raise NotImplementedError
+        """One event's body for ``row``: the chat or the completions chunk shape."""
 
 
 class ChatStream(_Stream):
