@@ -181,12 +181,6 @@ def main() -> None:
     from thinker.obs import logs
 
     logs.configure(config.log_level, config.log_format)
-    # Read once, when torch loads OpenMP (in create_app): OpenMP threads that spin while they
-    # wait for work take the core a busy neighbour needs, and every op then waits for them
-    # (2 spinning threads on a shared 2-core machine: decode 20-100x slower than 1 thread;
-    # 2 passive ones: no collapse, and the steadiest beside a busy process).
-    # docs/threads.md has the figures; an OMP_WAIT_POLICY the operator set is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         # Claimed before anything is loaded or recovered: a second server on the same data dir
         # or port stops here, leaving the running one's database alone.

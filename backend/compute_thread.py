@@ -10,9 +10,11 @@ fused passes are where the throughput comes from. On a GPU the threads only queu
 so jobs run on the worker threads themselves.
 
 How many threads torch's own parallel ops use is chosen here too (``TORCH_THREADS``,
-``ThreadPlan``): on a machine shared with other busy processes, a team of OpenMP threads
-waits at every op's barrier for its slowest member, and members that spin while they wait
-take the cores everyone needs; docs/threads.md has the measurements behind the default.
+``ThreadPlan``): a team of OpenMP threads waits at every op's barrier for its slowest
+member, so on a machine where other processes keep cores busy a team of every core
+collapses, while on a quiet one it is the fastest. By default the compute thread resizes
+its team before each job to the CPUs other processes leave free (thread_tuner.py);
+docs/threads.md has the measurements behind that default.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from backend.thread_tuner import AdaptiveThreads
+
 T = TypeVar("T")
 
 
@@ -34,15 +38,17 @@ class ThreadPlan:
     """How torch runs on this process's CPUs: ``intra_op`` threads per op, ``inter_op``
     threads for parallel graph branches, and ``why`` (the setting and what it resolved from)."""
 
-    intra_op: int
+    intra_op: int  # the most; with ``adaptive``, the team shrinks to what others leave free
     inter_op: int
     cpus: tuple[int, ...]  # the CPUs this process may run on
     why: str
+    adaptive: bool = False  # resized before each job on the compute thread (thread_tuner.py)
 
     def describe(self) -> str:
         wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+        threads = f"1-{self.intra_op}" if self.adaptive and self.intra_op > 1 else str(self.intra_op)
         return (
-            f"Torch threads: {self.intra_op} intra-op, {self.inter_op} inter-op, OMP_WAIT_POLICY={wait}, "
+            f"Torch threads: {threads} intra-op, {self.inter_op} inter-op, OMP_WAIT_POLICY={wait}, "
             f"CPUs {_cpu_list(self.cpus)} ({self.why})"
         )
 
@@ -67,12 +73,9 @@ def plan_threads(
 ) -> ThreadPlan:
     """Resolve ``TORCH_THREADS`` (``"auto"`` or a whole number >= 1, validated by Config).
 
-    auto: ``OMP_NUM_THREADS`` when it is set (the standard knob wins); else every CPU this
-    process may use when OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``, which the server
-    sets before torch loads); else half of them, at least 1. A team of OpenMP threads is as
-    fast as its slowest member: threads that spin while they wait take the core a busy
-    neighbour needs, and on a shared 2-core machine 2 spinning threads made every op 10x
-    slower or worse; 2 passive ones were the fastest setting, quiet and busy (docs/threads.md)."""
+    auto: ``OMP_NUM_THREADS`` when it is set (the standard knob wins); else adaptive: up to
+    every CPU this process may use, fewer while other processes keep CPUs busy (see
+    thread_tuner.py; measured in docs/threads.md). A number: exactly that many, always."""
     environ = os.environ if environ is None else environ
     cpus = cpus if cpus is not None else _usable_cpus()
     if setting.strip().lower() != "auto":
@@ -80,11 +83,9 @@ def plan_threads(
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
         return ThreadPlan(int(omp), 1, cpus, f"TORCH_THREADS=auto: OMP_NUM_THREADS={int(omp)}")
-    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
-        return ThreadPlan(len(cpus), 1, cpus, f"TORCH_THREADS=auto: all {len(cpus)} CPUs, OpenMP waits passively")
-    threads = max(1, len(cpus) // 2)
     return ThreadPlan(
-        threads, 1, cpus, f"TORCH_THREADS=auto: half of {len(cpus)} CPUs, at least 1, as OpenMP threads spin"
+        len(cpus), 1, cpus, f"TORCH_THREADS=auto: up to all {len(cpus)} CPUs, fewer while other processes use them",
+        adaptive=True,
     )
 
 
@@ -127,6 +128,7 @@ class ComputeThread:
     def __init__(self, name: str = "thinker-compute", plan: ThreadPlan | None = None) -> None:
         """``plan``: torch's threads on this thread (None: leave torch's own choice)."""
         self.plan = plan
+        self.tuner: AdaptiveThreads | None = None  # made on the thread, with an adaptive plan
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -147,9 +149,22 @@ class ComputeThread:
     def _loop(self) -> None:
         if self.plan is not None:
             self.plan.apply()  # before this thread's first op creates its OpenMP team
+            if self.plan.adaptive:
+                self.tuner = self._make_tuner(self.plan)
         while (item := self._queue.get()) is not None:
             fn, args, done = item
+            if self.tuner is not None:
+                self.tuner.tick()  # between jobs: this thread's team is what torch reads
             try:
                 done.set_result(fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed back to the caller
                 done.set_exception(exc)
+
+    def _make_tuner(self, plan: ThreadPlan) -> AdaptiveThreads:
+        import torch
+
+        return AdaptiveThreads(plan.intra_op, os.cpu_count() or plan.intra_op, torch.set_num_threads)
+
+    def threads_now(self) -> int | None:
+        """The compute thread's intra-op team size as of its last job (None: not adaptive)."""
+        return self.tuner.threads if self.tuner is not None else None

@@ -48,8 +48,8 @@ class Config:
     # Force a device ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
     # Threads torch's ops use on CPU: a whole number >= 1, or "auto": OMP_NUM_THREADS when set,
-    # else every CPU this process may use when OMP_WAIT_POLICY=PASSIVE (the server sets it),
-    # else half of them, at least 1 (measured in docs/threads.md).
+    # else up to every CPU this process may use, fewer while other processes keep CPUs busy
+    # (resized before each job; measured in docs/threads.md).
     torch_threads: str = "auto"
     # Fuse pending work of different adapters into one pass (BATCHING=off: one request
     # per pass, as the seed server did).

@@ -1,0 +1,97 @@
+"""Torch's intra-op thread count on CPU, following what other processes leave free.
+
+A team of OpenMP threads meets at a barrier after every op, so it runs at the pace of its
+slowest member. On a quiet machine a team of every core, waiting for the next op with
+libgomp's short spin, is the fastest (SmolLM2-135M decode of 32 rows on 2 cores: 2 threads
+212 tok/s, 1 thread 140). Once another process keeps a core busy, the member that shares
+that core holds everyone up at each barrier and the same team collapses (57 tok/s), while
+one thread keeps its speed (140). No fixed setting is right for both (docs/threads.md), so
+the compute thread picks the team size itself, before each job.
+
+How it tells: the kernel's count of runnable threads, machine-wide (``procs_running`` in
+/proc/stat), read on the compute thread between jobs. At that moment our own team is
+runnable too (this thread, and its helpers spinning on their short wait), so the others'
+demand is the count minus our team size. The team gets the usable CPUs they leave free, at
+least 1. One reading is a snapshot: the median of the last few, taken at least
+``interval_s`` apart, decides, so a short-lived process (or one of our HTTP threads
+parsing a request) does not flip it. A reading costs ~20 us; a change of team size is a
+``torch.set_num_threads`` on the compute thread, where OpenMP keeps it.
+
+Without /proc/stat (not Linux) the team stays at the plan's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger("thinker.threads")
+
+STAT = "/proc/stat"
+
+
+def read_procs_running(path: str = STAT) -> int | None:
+    """Runnable threads on the machine now (the reader among them), or None if unknown."""
+    try:
+        with open(path, "rb") as stat:
+            for line in stat:
+                if line.startswith(b"procs_running "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def free_threads(others: float, usable: int, online: int) -> int:
+    """The team size that leaves other processes their CPUs: of the ``online`` CPUs the
+    kernel schedules on, ``others`` runnable threads not ours hold as many; ours may run on
+    ``usable`` of them. At least 1."""
+    return max(1, min(usable, online - int(round(others))))
+
+
+class AdaptiveThreads:
+    """Sizes the calling thread's OpenMP team between 1 and ``usable`` CPUs; call ``tick()``
+    on the compute thread before each job (see the module docstring)."""
+
+    def __init__(
+        self,
+        usable: int,
+        online: int,
+        set_threads: Callable[[int], None],
+        read: Callable[[], int | None] = read_procs_running,
+        window: int = 5,
+        interval_s: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.usable, self.online = usable, max(online, usable)
+        self.threads = usable  # the team size now (set by the plan before the first job)
+        self.changes = 0  # how often it changed, for stats
+        self._set, self._read, self._clock = set_threads, read, clock
+        self._others: deque[int] = deque(maxlen=window)
+        self._interval_s = interval_s
+        self._last = float("-inf")
+        self._enabled = usable > 1 and read() is not None
+
+    def tick(self) -> int:
+        """Take a reading if the last is old enough; resize the team if the recent readings
+        say so. Returns the team size."""
+        if not self._enabled:
+            return self.threads
+        now = self._clock()
+        if now - self._last < self._interval_s:
+            return self.threads
+        self._last = now
+        running = self._read()
+        if running is None:
+            return self.threads
+        self._others.append(max(0, running - self.threads))  # ours: this thread and its team
+        want = free_threads(statistics.median_low(self._others), self.usable, self.online)
+        if want != self.threads:
+            log.debug("torch threads %d -> %d (other runnable threads: %s)", self.threads, want, list(self._others))
+            self._set(want)
+            self.threads = want
+            self.changes += 1
+        return self.threads
