@@ -5,6 +5,7 @@ streaming, batched top-k/top-p and incremental stop strings."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -228,11 +229,47 @@ def test_other_families_prefilled_in_chunks_decode_exactly(family, tmp_path_fact
     )
     try:
         futures = [engine.submit([row]) for row in rows]
-        results = [f.result(timeout=120)[0] for f in futures]
+        twice = engine.submit([rows[1], rows[1]])  # one prompt sampled twice: prefilled once
+        results = [f.result(timeout=120)[0] for f in futures] + twice.result(timeout=120)
     finally:
         engine.close()
         model_backend.close()
-    for row, result in zip(rows, results, strict=True):
+    for row, result in zip([*rows, rows[1], rows[1]], results, strict=True):
         tokens, logprobs = reference(model_backend, row)
         assert result.tokens == tokens
         torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(logprobs), rtol=0, atol=1e-5)
+
+
+def test_samples_of_one_prompt_are_prefilled_once_and_draw_their_own_tokens(backend, adapters):
+    """Four samples of one prompt on each of two adapters, and a third prompt: the prefill
+    forward runs the 3 distinct (adapter, prompt) pairs, not 9 rows; every row still gets
+    what it gets decoded alone with its own seed (tokens, and logprobs to 1e-5)."""
+    ctx = backend.loaded.context_length
+    prompt, other = backend.render_prompts(["Once upon a time", "Hi"])
+    params = SamplingParams(max_tokens=8, temperature=1.0, stop_at_eos=False)
+    rows = [SampleRow(a, prompt, replace(params, seed=10 + i)) for a in adapters for i in range(4)]
+    rows.append(SampleRow(adapters[0], other, replace(params, seed=99)))
+    prefill_rows = []
+    embed = backend.model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _out: prefill_rows.append(args[0].shape))
+    try:
+        batch = DecodeBatch(backend.model, backend.tokenizer, backend.eos_ids, backend.device)
+        live = [batch.make_row(row, ctx) for row in rows]
+        batch.admit(live)
+    finally:
+        hook.remove()
+    assert [shape[0] for shape in prefill_rows] == [3]  # one forward, of the distinct prompts
+    while len(batch):
+        batch.step()
+    firsts = {tuple(lv.completion.tokens[:3]) for lv in live[:4]}
+    assert len(firsts) > 1  # the samples of one prompt drew different tokens
+    for row, got in zip(rows, live, strict=True):
+        alone = DecodeBatch(backend.model, backend.tokenizer, backend.eos_ids, backend.device)
+        single = alone.make_row(row, ctx)
+        alone.admit([single])
+        while len(alone):
+            alone.step()
+        assert got.completion.tokens == single.completion.tokens
+        torch.testing.assert_close(
+            torch.tensor(got.completion.logprobs), torch.tensor(single.completion.logprobs), rtol=0, atol=1e-5
+        )

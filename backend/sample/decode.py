@@ -1,13 +1,19 @@
 """A batch of rows decoding together: rows join after a chunked prefill, and leave, at any step.
 
-Joining rows are prefilled in groups (left-padded to the group's longest prompt; one row
-per group on hybrid models, whose recurrent layers must never see a pad: see kv_cache.py),
-in chunks of at most ``prefill_tokens`` tokens, one chunk per call of ``prefill_step``:
+Joining rows are prefilled in groups (left-padded to the group's longest prompt; on hybrid
+models, whose recurrent layers must never see a pad (see kv_cache.py), one group per distinct
+prompt), in chunks of at most ``prefill_tokens`` tokens, one chunk per call of ``prefill_step``:
 the caller interleaves them with decode steps, so a long prompt does not stall the rows
 already decoding. A group's last chunk picks its rows' first tokens and moves their cache
 into the decode cache (slot_cache.py), where rows sit in slots and leave without anyone
 being re-padded. Token choice is batched (choose.py), stop strings are matched on the new
 text only (stops.py).
+
+Rows of a group with the same adapter and the same prompt (the n samples of one prompt, the
+usual RL case) are prefilled once: the group's forward runs its distinct prompts only, and
+each row gets its own copy of its prompt's cache and draws its own first token from the
+shared logits. A prompt's cache depends on nothing but the adapter and the tokens, so this
+changes no row's result; it divides the prefill's work by the number of samples.
 
 A decode step that fails (out of memory as the cache grows, say) is retried on halves of
 the batch, recursively, so the rows that can go on do; a row that fails even alone is
@@ -56,11 +62,14 @@ class LiveRow:
 
 @dataclass
 class PrefillGroup:
-    """Rows being prefilled together; ``done`` columns of ``ids_BL`` are in ``cache``."""
+    """Rows being prefilled together; ``done`` columns of ``ids_UL`` are in ``cache``. The
+    forward runs the U distinct (adapter, prompt) pairs of the group's B rows."""
 
-    rows: list[LiveRow]
-    ids_BL: torch.Tensor  # (B, L) left-padded prompts
-    mask_BL: torch.Tensor  # (B, L) 1 on real tokens
+    rows: list[LiveRow]  # B rows
+    source: list[int]  # (B,) each row's prompt among the U distinct ones
+    unique: list[LiveRow]  # (U,) the first row of each distinct prompt: its adapter and tokens
+    ids_UL: torch.Tensor  # (U, L) left-padded prompts
+    mask_UL: torch.Tensor  # (U, L) 1 on real tokens
     cache: object
     done: int = 0
 
@@ -120,19 +129,28 @@ class DecodeBatch:
             return []
         if merge and not self._recurrent and self.prefilling and self.prefilling[-1].done == 0:
             new_rows = [*self.prefilling.pop().rows, *new_rows]
-        groups = [[live] for live in new_rows] if self._recurrent else [list(new_rows)]
+        if self._recurrent:  # no padding: one group per distinct prompt
+            by_prompt: dict[tuple, list[LiveRow]] = {}
+            for live in new_rows:
+                by_prompt.setdefault(_prompt_key(live), []).append(live)
+            groups = list(by_prompt.values())
+        else:
+            groups = [list(new_rows)]
         made = []
         pad = self.tokenizer.pad_token_id
         for rows in groups:
-            width = max(len(r.row.prompt_tokens) for r in rows)
-            ids_BL = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask_BL = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, live in enumerate(rows):
+            first: dict[tuple, int] = {}  # distinct prompt -> its index among the unique ones
+            source = [first.setdefault(_prompt_key(live), len(first)) for live in rows]
+            unique = [rows[source.index(u)] for u in range(len(first))]
+            width = max(len(r.row.prompt_tokens) for r in unique)
+            ids_UL = torch.full((len(unique), width), pad, dtype=torch.long)
+            mask_UL = torch.zeros((len(unique), width), dtype=torch.long)
+            for i, live in enumerate(unique):
                 n = len(live.row.prompt_tokens)
-                ids_BL[i, width - n :] = torch.tensor(live.row.prompt_tokens)
-                mask_BL[i, width - n :] = 1
+                ids_UL[i, width - n :] = torch.tensor(live.row.prompt_tokens)
+                mask_UL[i, width - n :] = 1
             cache = kv_cache.new_cache(self.model, self._recurrent)
-            made.append(PrefillGroup(rows, ids_BL.to(self.device), mask_BL.to(self.device), cache))
+            made.append(PrefillGroup(rows, source, unique, ids_UL.to(self.device), mask_UL.to(self.device), cache))
         self.prefilling.extend(made)
         return made
 
@@ -153,12 +171,12 @@ class DecodeBatch:
         if all(live.abandoned() for live in group.rows):
             self.prefilling.remove(group)
             return 0
-        rows, width = len(group.rows), group.ids_BL.shape[1]
+        rows, width = len(group.unique), group.ids_UL.shape[1]
         end = min(width, group.done + max(1, self.prefill_tokens // rows))
         ran = rows * (end - group.done)
         try:
-            logits_BV = self._forward(
-                group.rows, group.ids_BL[:, group.done : end], group.mask_BL[:, :end], group.cache, end == width
+            logits_UV = self._forward(
+                group.unique, group.ids_UL[:, group.done : end], group.mask_UL[:, :end], group.cache, end == width
             )
         except BaseException:
             self.prefilling.remove(group)
@@ -167,6 +185,8 @@ class DecodeBatch:
         if end < width:
             return ran
         self.prefilling.remove(group)
+        source = torch.tensor(group.source, device=logits_UV.device)
+        logits_BV = logits_UV if len(group.unique) == len(group.rows) else logits_UV.index_select(0, source)
         going, first_tokens = self._advance(group.rows, logits_BV, self._row_params(group.rows))
         pairs = [(j, t) for j, t in zip(going, first_tokens, strict=True) if not group.rows[j].abandoned()]
         keep, tokens = [j for j, _ in pairs], [t for _, t in pairs]
@@ -175,7 +195,7 @@ class DecodeBatch:
         if self.cache is None:
             self.cache = SlotCache(group.cache, self.device)
         lengths = [len(group.rows[j].row.prompt_tokens) for j in keep]
-        self.cache.join(group.cache, group.mask_BL, keep, lengths)
+        self.cache.join(group.cache, group.mask_UL, [group.source[j] for j in keep], lengths)
         self.rows += [group.rows[j] for j in keep]
         self.next_tokens += tokens
         self._params = None
@@ -381,3 +401,8 @@ def _drop_frames(exc: BaseException) -> None:
     """Free the tensors a failed forward's frames still hold (its activations), keeping
     the traceback's text: the retry needs that memory."""
     traceback.clear_frames(exc.__traceback__)
+
+
+def _prompt_key(live: LiveRow) -> tuple:
+    """Rows with equal keys have equal prompt caches: the same adapter, the same tokens."""
+    return (live.row.adapter_id, tuple(live.row.prompt_tokens))

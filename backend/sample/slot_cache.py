@@ -133,7 +133,8 @@ class SlotCache(Cache):
     def join(self, prefill, mask_BL: torch.Tensor, keep: Sequence[int], lengths: Sequence[int]) -> None:
         """Append the rows ``keep`` of a left-padded prefill cache (mask (B, L)) at the end
         of the batch, their last prompt column just left of the frontier; ``lengths``: the
-        kept rows' real prompt lengths."""
+        kept rows' real prompt lengths. A prefill row listed twice joins twice (two samples
+        of one prompt), each with a copy of its own."""
         w = self.window
         width = mask_BL.shape[1]
         new = len(keep)
