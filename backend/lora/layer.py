@@ -120,7 +120,10 @@ class MultiLoraLinear(nn.Module):
         masters = [w for a in targeted for w in (self.lora_A[a], self.lora_B[a])]  # A_0, B_0, A_1, B_1, ...
         computes = [w for a in targeted for w in self._weights(a, x.dtype)]  # the same, in x's dtype
         out_NO = self.base(x_NI)  # (N, out)
-        out_NO = SegmentedLora.apply(routed, scales, computes, out_NO, x_NI, *masters)
+        if torch.is_grad_enabled():
+            out_NO = SegmentedLora.apply(routed, scales, computes, out_NO, x_NI, *masters)
+        else:  # sampling: the same sums, without autograd's bookkeeping (210 layers a decode step)
+            _add_segments(routed, scales, computes, out_NO, x_NI)
         return out_NO.view(*x.shape[:-1], self.out_features)
 
     def _weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,16 +156,7 @@ class SegmentedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, segments, scales, weights, y_NO, x_NI, *masters):
-        hs = []
-        for i, seg in enumerate(segments):
-            a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
-            h_SR = _rows(x_NI, seg) @ a_RI.t()  # shrink: (S, in) @ (in, r)
-            h_SR.mul_(scales[i])  # scaled on the small side
-            if seg.contiguous:
-                y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t())  # expand: += (S, r) @ (r, out)
-            else:
-                y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
-            hs.append(h_SR)
+        hs = _add_segments(segments, scales, weights, y_NO, x_NI)
         ctx.mark_dirty(y_NO)
         ctx.segments, ctx.scales, ctx.weights = segments, scales, weights
         ctx.master_dtypes = [m.dtype for m in masters]
@@ -189,6 +183,22 @@ class SegmentedLora(torch.autograd.Function):
                 else:
                     g_x_NI.index_add_(0, seg.index_S, g_h_SR @ a_RI)
         return None, None, None, g_NO, g_x_NI, *grads
+
+
+def _add_segments(segments, scales, weights, y_NO: torch.Tensor, x_NI: torch.Tensor) -> list[torch.Tensor]:
+    """``y[S_i] += scale_i * (x[S_i] @ A_i^T) @ B_i^T`` in place, for every segment; returns
+    each h_i = scale_i * x[S_i] @ A_i^T (|S_i|, r_i), which backward needs."""
+    hs = []
+    for i, seg in enumerate(segments):
+        a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
+        h_SR = _rows(x_NI, seg) @ a_RI.t()  # shrink: (S, in) @ (in, r)
+        h_SR.mul_(scales[i])  # scaled on the small side
+        if seg.contiguous:
+            y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t())  # expand: += (S, r) @ (r, out)
+        else:
+            y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
+        hs.append(h_SR)
+    return hs
 
 
 def _rows(t_NF: torch.Tensor, seg) -> torch.Tensor:
