@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 import pytest
 
@@ -170,3 +170,20 @@ def test_a_request_cancelled_from_its_own_token_callback_stops_there(backend, en
     wait_until_idle(engine)
     assert len(heard) == 3
     assert engine.steps < LONG
+
+
+def test_the_cluster_facades_futures_take_a_cancel_quietly():
+    """EXECUTOR=ray: the facade's future is its own; cancelled, the worker's answer is
+    dropped instead of raising InvalidStateError on the facade's thread."""
+    from backend.cluster.facade import _settle
+
+    cancelled = Future()
+    assert cancelled.cancel()
+    _settle(cancelled, lambda: ["completions"])  # must not raise
+    assert cancelled.cancelled()
+
+    answered, failed = Future(), Future()
+    _settle(answered, lambda: ["completions"])
+    _settle(failed, lambda: 1 / 0)
+    assert answered.result(timeout=0) == ["completions"]
+    assert isinstance(failed.exception(timeout=0), ZeroDivisionError)
