@@ -13,9 +13,12 @@ import time
 from concurrent.futures import CancelledError, Future
 
 import pytest
+import torch
 
+from backend.sample.decode import PREFILL_TOKENS
 from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow, SamplingParams
+from tests.test_decode_faults import failing_when
 
 pytestmark = pytest.mark.unit
 
@@ -24,26 +27,43 @@ WAIT_S = 120  # a deadline for waits on the loop, never reached when things work
 
 
 class Gate:
-    """The engine's ``run``: runs each loop step, unless closed; then the loop waits before
-    its next step (``held`` is set) until ``open()``."""
+    """The engine's ``run``: runs each loop step, unless closed; closed, the loop waits
+    before its next step (``wait_held`` returns) until ``allow(n)`` lets n more steps
+    through or ``open()`` all of them."""
 
     def __init__(self, run) -> None:
         self._run = run
-        self._open = threading.Event()
-        self._open.set()
-        self.held = threading.Event()
+        self._cond = threading.Condition()
+        self._left: int | None = None  # steps it may still run; None: any number
+        self._held = False
 
     def close(self) -> None:
-        self._open.clear()
+        with self._cond:
+            self._left = 0
 
     def open(self) -> None:
-        self.held.clear()
-        self._open.set()
+        with self._cond:
+            self._left, self._held = None, False
+            self._cond.notify_all()
+
+    def allow(self, steps: int) -> None:
+        with self._cond:
+            self._left, self._held = (self._left or 0) + steps, False
+            self._cond.notify_all()
+
+    def wait_held(self) -> bool:
+        """Until the loop waits at the gate (False past the deadline)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._held, WAIT_S)
 
     def __call__(self, fn, *args):
-        if not self._open.is_set():
-            self.held.set()
-            self._open.wait()
+        with self._cond:
+            while self._left == 0:
+                self._held = True
+                self._cond.notify_all()
+                self._cond.wait()
+            if self._left is not None:
+                self._left -= 1
         return self._run(fn, *args)
 
 
@@ -52,10 +72,10 @@ def gate(backend) -> Gate:
     return Gate(backend.compute.run)
 
 
-def make_engine(backend, gate: Gate, max_rows: int = 64) -> SamplingEngine:
+def make_engine(backend, gate: Gate, max_rows: int = 64, prefill_tokens: int = PREFILL_TOKENS) -> SamplingEngine:
     return SamplingEngine(
         backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device,
-        max_rows=max_rows, window_s=0.0, run=gate, hold=backend.residency.using,
+        max_rows=max_rows, window_s=0.0, run=gate, hold=backend.residency.using, prefill_tokens=prefill_tokens,
     )
 
 
@@ -88,7 +108,7 @@ def test_a_cancelled_queued_request_never_runs(backend, gate):
     try:
         gate.close()
         first = engine.submit(rows(backend, ["Hi"], 8, seed=1))
-        assert gate.held.wait(WAIT_S)  # the loop took the first request and waits before its step
+        assert gate.wait_held()  # the loop took the first request and waits before its step
         heard: list[int] = []
         queued = engine.submit(rows(backend, ["Hello there"], LONG, seed=2), on_tokens=lambda i, t, lp: heard.append(i))
         assert engine.stats()["sampling_waiting"] == 1
@@ -113,7 +133,7 @@ def test_a_request_cancelled_before_its_prefill_is_never_prefilled(backend, engi
     gate.close()
     heard: list[int] = []
     doomed = engine.submit(rows(backend, ["Hello there"] * 2, LONG, seed=3), on_tokens=lambda i, t, lp: heard.append(i))
-    assert gate.held.wait(WAIT_S)  # the loop admitted it and waits before the step that prefills it
+    assert gate.wait_held()  # the loop admitted it and waits before the step that prefills it
     assert doomed.cancel()
     gate.open()
     other = engine.submit(rows(backend, ["Hi"], 8, seed=4))
@@ -137,7 +157,7 @@ def test_a_running_request_leaves_at_the_next_step_and_the_others_tokens_do_not_
 
     together = engine.submit(others)
     doomed = engine.submit(rows(backend, ["Hello there", "Hi"], LONG, seed=20), on_tokens=on_tokens)
-    assert gate.held.wait(WAIT_S)
+    assert gate.wait_held()
     assert engine.stats()["sampling_rows"] == 4  # everyone still decoding
     assert doomed.cancel()
     calls_at_cancel, steps_at_cancel = heard["calls"], engine.steps
@@ -187,3 +207,34 @@ def test_the_cluster_facades_futures_take_a_cancel_quietly():
     _settle(failed, lambda: 1 / 0)
     assert answered.result(timeout=0) == ["completions"]
     assert isinstance(failed.exception(timeout=0), ZeroDivisionError)
+
+
+def test_a_prefill_failing_after_a_cancel_retries_the_requests_still_wanted(backend, gate):
+    """A prefill group shared with a cancelled request (gone from the engine's books after
+    a step) fails: the request still wanted is retried alone and gets its own tokens."""
+    engine = make_engine(backend, gate, prefill_tokens=8)  # a 3-row group prefills 2 columns a step
+    try:
+        wanted = rows(backend, ["Tell me a long story about the sea"], 12, seed=40)
+        expected = [c.tokens for c in engine.submit(wanted).result(timeout=WAIT_S)]
+        gate.close()
+        engine.submit([SampleRow(None, [72, 105], SamplingParams(max_tokens=1, temperature=0))])
+        assert gate.wait_held()  # the loop took that one; the next two queue behind it
+        doomed = engine.submit(rows(backend, ["Tell me a long story about the sky"] * 2, LONG, seed=50))
+        kept = engine.submit(wanted)
+        gate.allow(1)
+        assert gate.wait_held()  # it took both: one prefill group of 3 rows
+        gate.allow(1)
+        assert gate.wait_held()  # the group's first chunk ran
+        assert doomed.cancel()
+        gate.allow(1)
+        assert gate.wait_held()  # a chunk more, and the cancelled request left the engine's books
+        three_row_chunk = lambda ids_BL, mask_BL: ids_BL.shape[0] == 3 and ids_BL.shape[1] > 1  # noqa: E731
+        with failing_when(backend, three_row_chunk, torch.OutOfMemoryError("out of memory")) as seen:
+            gate.open()
+            assert [c.tokens for c in kept.result(timeout=WAIT_S)] == expected
+        assert seen["failed"] == 1
+        wait_until_idle(engine)
+        assert engine.steps < LONG  # the cancelled rows were not retried
+    finally:
+        gate.open()
+        engine.close()

@@ -187,20 +187,22 @@ class SamplingEngine:
     def _prefill_one(self) -> int:
         """The oldest group's next chunk. If it fails, a group of several requests is split
         into one group per request (started afresh, after the failed pass's memory is
-        free), so only the request that cannot be prefilled (too big, say) fails."""
+        free), so only the request that cannot be prefilled (too big, say) fails. A
+        cancelled request's rows are not retried (it may have left ``_in_flight`` already)."""
         group = self._batch.prefilling[0]
         try:
             return self._batch.prefill_step(group)
         except Exception as exc:  # noqa: BLE001 - the group is out of the queue; the batch is untouched
-            requests = list({id(r): r for r in self._requests_of(group.rows)}.values())
-            if len(requests) == 1:
+            owners = self._requests_of(group.rows)
+            requests = list({id(r): r for r in owners}.values())
+            if len(requests) == 1 and len(owners) == len(group.rows):  # its rows alone: it is the culprit
                 log.warning("prefill of a sampling request failed: %s", exc)
                 self._fail(requests[0], failures.explain(exc, f"the prefill of {len(requests[0].rows)} prompts"))
                 return 0
         # Retried out of the except block: the failed pass's activations are free by now.
         groups = []
         for request in requests:
-            if not request.failed():
+            if not request.abandoned():
                 request.live = self._live_rows(request)
                 groups += self._batch.enqueue(request.live, merge=False)
         self._batch.prefilling.rotate(len(groups))  # those groups first, in their order
