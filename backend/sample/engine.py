@@ -54,13 +54,14 @@ class _Request:
     live: list[LiveRow] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)  # tokens of each row handed to on_tokens
     error: BaseException | None = None  # set when it failed; its future is set by the loop
+    cancelled: bool = False  # its caller cancelled its future (a plain flag: read per row per step)
 
     def failed(self) -> bool:
         return self.error is not None
 
     def abandoned(self) -> bool:
         """Nobody wants its rows any more: it failed, or its caller cancelled it."""
-        return self.error is not None or self.future.cancelled()
+        return self.error is not None or self.cancelled
 
 
 class SamplingEngine:
@@ -128,6 +129,7 @@ class SamplingEngine:
 
     def _cancelled(self, request: _Request) -> None:
         """On the canceller's thread, as its ``future.cancel()`` returns."""
+        request.cancelled = True
         with self._cond:
             self.cancelled += 1
             with contextlib.suppress(ValueError):  # (not queued: in the batch, it leaves at the next step)
