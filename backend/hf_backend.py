@@ -337,7 +337,8 @@ class HFBackend:
     ) -> Future:
         """Join the shared decode loop; the future's result is the completions, in order.
         ``on_tokens(row_index, tokens, logprobs)``: called on the sampler thread after every
-        step with the tokens ``prompts[row_index]`` produced in it (see engine.py)."""
+        step with the tokens ``prompts[row_index]`` produced in it (see engine.py).
+        ``future.cancel()`` drops the rows (queued, or at the next step), as engine.py says."""
         if self.sampler is None:
             raise RuntimeError("no sampling engine: start one with start_sampler()")
         return self.sampler.submit(self.sample_rows(adapter_id, prompts, params), on_tokens)

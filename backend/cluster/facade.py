@@ -150,10 +150,7 @@ class ClusterBackend:
             # (on a thread of our own: a lost worker's recovery makes blocking calls, which
             # Ray's callback thread must not wait on)
             def run() -> None:
-                try:
-                    answer.set_result(self._outcome(worker, handle, method, done.result))
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiting job
-                    answer.set_exception(exc)
+                _settle(answer, lambda: self._outcome(worker, handle, method, done.result))
 
             threading.Thread(target=run, name="thinker-cluster-answer", daemon=True).start()
 
@@ -330,7 +327,9 @@ class ClusterBackend:
         self, adapter_id: str | None, prompts: Sequence[list[int]], params: SamplingParams, on_tokens=None
     ) -> Future:
         """As HFBackend's: ``on_tokens(row, tokens, logprobs)`` hears the tokens as the worker's
-        decode loop makes them (a Ray streaming generator), before the future completes."""
+        decode loop makes them (a Ray streaming generator), before the future completes.
+        ``future.cancel()`` only lets the caller go: the worker's rows decode on to their end
+        (the cancel does not reach the worker's engine yet)."""
         worker = self._sampling_worker(adapter_id)
         if on_tokens is None:
             return self._invoke_async(worker, "complete_async", adapter_id, list(prompts), params)
@@ -351,10 +350,7 @@ class ClusterBackend:
             raise RequestFailedError(f"worker {worker} ended a stream without its answer")
 
         def pump() -> None:
-            try:
-                answer.set_result(self._outcome(worker, handle, "complete_async", relay))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting job
-                answer.set_exception(exc)
+            _settle(answer, lambda: self._outcome(worker, handle, "complete_async", relay))
 
         threading.Thread(target=pump, name="thinker-cluster-stream", daemon=True).start()
         return answer
@@ -408,3 +404,14 @@ class ClusterBackend:
             self.workers.kill(self.handle(name))
         self.workers.shutdown()
 
+
+def _settle(answer: Future, outcome: Callable[[], object]) -> None:
+    """Set ``answer`` to ``outcome()`` or its exception, unless its caller cancelled it."""
+    try:
+        value = outcome()
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting job
+        if answer.set_running_or_notify_cancel():
+            answer.set_exception(exc)
+        return
+    if answer.set_running_or_notify_cancel():
+        answer.set_result(value)

@@ -12,6 +12,14 @@ the loop's thread after every step, with the tokens each row of that request pro
 (in ``Completion.tokens`` order: what ends up in ``tokens``), before its future completes.
 A callback that raises fails that request only. The future's completions stay
 authoritative (text cut at stop strings, stop_reason).
+
+Cancelling: ``future.cancel()`` on the future ``submit`` returned (it succeeds until the
+request has finished: the loop never sets it running). A request still queued is dropped at
+once; a request in the batch is dropped at the next step (its rows' ``abandoned``: see
+decode.py), and an unfinished prefill of its rows alone is skipped. The others' tokens do
+not change: a row's computation does not depend on its batch company. The loop never
+completes a cancelled future, and stops calling its ``on_tokens`` (a call under way as it is
+cancelled, on the loop's thread, still ends).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ log = logging.getLogger("thinker.sampling")
 OnTokens = Callable[[int, list[int], list[float]], None]
 
 
-@dataclass
+@dataclass(eq=False)  # (compared by identity: the pending queue removes a cancelled one)
 class _Request:
     rows: list[SampleRow]
     future: Future
@@ -46,9 +54,14 @@ class _Request:
     live: list[LiveRow] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)  # tokens of each row handed to on_tokens
     error: BaseException | None = None  # set when it failed; its future is set by the loop
+    cancelled: bool = False  # its caller cancelled its future (a plain flag: read per row per step)
 
     def failed(self) -> bool:
         return self.error is not None
+
+    def abandoned(self) -> bool:
+        """Nobody wants its rows any more: it failed, or its caller cancelled it."""
+        return self.error is not None or self.cancelled
 
 
 class SamplingEngine:
@@ -80,6 +93,7 @@ class SamplingEngine:
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0  # loop iterations run, for stats
+        self.cancelled = 0  # requests cancelled by their callers, for stats
         self._thread = threading.Thread(target=self._loop, name="thinker-sampler", daemon=True)
         self._thread.start()
 
@@ -93,6 +107,7 @@ class SamplingEngine:
                 raise RuntimeError("the sampling engine is closed")
             self._pending.append(request)
             self._cond.notify()
+        request.future.add_done_callback(lambda f: self._cancelled(request) if f.cancelled() else None)
         return request.future
 
     def close(self) -> None:
@@ -103,7 +118,22 @@ class SamplingEngine:
 
     def stats(self) -> dict:
         rows = len(self._batch) + self._batch.waiting()
-        return {"sampling_rows": rows, "sampling_waiting": sum(len(r.rows) for r in self._pending)}
+        with self._cond:
+            waiting = sum(len(r.rows) for r in self._pending)
+        return {
+            "sampling_rows": rows,
+            "sampling_waiting": waiting,
+            "sampling_steps": self.steps,
+            "sampling_cancelled": self.cancelled,
+        }
+
+    def _cancelled(self, request: _Request) -> None:
+        """On the canceller's thread, as its ``future.cancel()`` returns."""
+        request.cancelled = True
+        with self._cond:
+            self.cancelled += 1
+            with contextlib.suppress(ValueError):  # (not queued: in the batch, it leaves at the next step)
+                self._pending.remove(request)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -159,28 +189,31 @@ class SamplingEngine:
     def _prefill_one(self) -> int:
         """The oldest group's next chunk. If it fails, a group of several requests is split
         into one group per request (started afresh, after the failed pass's memory is
-        free), so only the request that cannot be prefilled (too big, say) fails."""
+        free), so only the request that cannot be prefilled (too big, say) fails. A
+        cancelled request's rows are not retried (it may have left ``_in_flight`` already)."""
         group = self._batch.prefilling[0]
         try:
             return self._batch.prefill_step(group)
         except Exception as exc:  # noqa: BLE001 - the group is out of the queue; the batch is untouched
-            requests = list({id(r): r for r in self._requests_of(group.rows)}.values())
-            if len(requests) == 1:
+            owners = self._requests_of(group.rows)
+            requests = list({id(r): r for r in owners}.values())
+            if len(requests) == 1 and len(owners) == len(group.rows):  # its rows alone: it is the culprit
                 log.warning("prefill of a sampling request failed: %s", exc)
                 self._fail(requests[0], failures.explain(exc, f"the prefill of {len(requests[0].rows)} prompts"))
                 return 0
         # Retried out of the except block: the failed pass's activations are free by now.
         groups = []
         for request in requests:
-            if not request.failed():
+            if not request.abandoned():
                 request.live = self._live_rows(request)
                 groups += self._batch.enqueue(request.live, merge=False)
         self._batch.prefilling.rotate(len(groups))  # those groups first, in their order
         return 0
 
     def _requests_of(self, rows: Sequence[LiveRow]) -> list[_Request]:
+        """The requests in flight that ``rows`` belong to (a cancelled one is not, any more)."""
         owner = {id(live): r for r in self._in_flight.values() for live in r.live}
-        return [owner[id(live)] for live in rows]
+        return [owner[id(live)] for live in rows if id(live) in owner]
 
     def _take_admissible(self) -> list[_Request]:
         taken, rows = [], len(self._batch) + self._batch.waiting()
@@ -211,7 +244,7 @@ class SamplingEngine:
                 self.context_length,
                 on_done=lambda live, i=i: done(live, i),
                 on_fail=fail,
-                abandoned=request.failed,  # its other rows stop decoding once it has failed
+                abandoned=request.abandoned,  # its rows stop decoding once it failed or was cancelled
             )
             for i, row in enumerate(request.rows)
         ]
@@ -220,18 +253,22 @@ class SamplingEngine:
         """On the loop's thread, after a step: stream each request's new tokens, then
         complete the requests that are done or failed."""
         for key, request in list(self._in_flight.items()):
+            if request.future.cancelled():
+                del self._in_flight[key]  # (its rows leave the batch at the next step)
+                continue
             if request.on_tokens is not None and not request.failed():
                 self._stream(request)
             if request.failed():
                 del self._in_flight[key]
-                if not request.future.done():
-                    request.future.set_exception(request.error)
+                _complete(request.future, error=request.error)
             elif request.remaining == 0:
                 del self._in_flight[key]
-                request.future.set_result(request.completions)
+                _complete(request.future, result=request.completions)
 
     def _stream(self, request: _Request) -> None:
         for i, live in enumerate(request.live):
+            if request.future.cancelled():
+                return
             tokens = live.completion.tokens
             if len(tokens) > request.sent[i]:
                 start, request.sent[i] = request.sent[i], len(tokens)
@@ -254,9 +291,20 @@ class SamplingEngine:
             self._pending.clear()
         for request in requests:
             self._fail(request, error)
-            if not request.future.done():
-                request.future.set_exception(request.error)
+            _complete(request.future, error=request.error)
         self._in_flight.clear()
+
+
+def _complete(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Set ``future``'s outcome unless its caller cancelled it. (set_running_or_notify_cancel
+    decides atomically: once it returns True, cancel() can no longer succeed, so set_result
+    cannot meet a cancelled future.)"""
+    if future.done() or not future.set_running_or_notify_cancel():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _describe(live: LiveRow, request: _Request) -> str:

@@ -6,6 +6,9 @@ gives the prompt's logprobs (``echo``) and each token's likeliest alternatives.
 A live adapter's requests keep their place in its queue (behind training sent before, and
 scored before the next step changes its weights); the base model and frozen checkpoints
 need no order, so their requests run side by side.
+
+A request nobody waits for any more (its stream's client went away, its wait timed out) is
+cancelled (``Cancel``): its rows leave the decode loop at the next step, or never join it.
 """
 
 from __future__ import annotations
@@ -83,16 +86,57 @@ def pinned(adapter_id: str | None) -> Iterator[None]:
             adapters.unpin(adapter_id)
 
 
+CANCELLED = "cancelled: nobody waits for this sample any more (the client went away or stopped waiting)"
+
+
+class Cancel:
+    """Calling it cancels a request's rows in the decode loop, whether the pool has run its
+    job yet or not (a live adapter's job may wait behind training): a job not started yet
+    submits nothing, a running one's engine future is cancelled (engine.py). Idempotent, and
+    a no-op once the rows are done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requested = False
+        self._engine: Future | None = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.requested, engine = True, self._engine
+        if engine is not None:
+            engine.cancel()
+
+    def attach(self, engine: Future) -> None:
+        """The engine's future for the request, once submitted."""
+        with self._lock:
+            self._engine, requested = engine, self.requested
+        if requested:
+            engine.cancel()
+
+
+@contextlib.contextmanager
+def cancelled_on_exit() -> Iterator[Cancel]:
+    """A ``Cancel`` called when the block ends: a wait that ends early (a timeout, an error)
+    leaves no rows decoding for nobody; after a finished request it does nothing."""
+    cancel = Cancel()
+    try:
+        yield cancel
+    finally:
+        cancel()
+
+
 def submit(
     target: Target,
     prompts: list[list[int]],
     params: SamplingParams,
     score_topk: int | None = None,
     on_tokens: Callable[[int, list[int], list[float]], None] | None = None,
+    cancel: Cancel | None = None,
 ) -> FutureRecord:
     """Queue the rows; the future's result is ``{"sequences": [...]}`` (what metrics count).
     ``score_topk``: also score each row (prompt logprobs, ``score_topk`` alternatives per
-    token); None: no scoring. ``on_tokens``: each row's new tokens after every decode step."""
+    token); None: no scoring. ``on_tokens``: each row's new tokens after every decode step.
+    ``cancel``: drops the rows when called; the future then fails (RequestFailedError)."""
     s = services()
     backend, adapter_id = s.backend, target.adapter_id
 
@@ -111,6 +155,8 @@ def submit(
 
     def job() -> Future:
         result: Future = Future()
+        if cancel is not None and cancel.requested:
+            raise RequestFailedError(CANCELLED)
         if params.max_tokens == 0:  # scoring only (echo): no decoding at all
             result.set_result({"sequences": score([_sequence(None) for _ in prompts])})
             return result
@@ -126,12 +172,17 @@ def submit(
                 result.set_exception(exc)
 
         def done(engine: Future) -> None:
-            if engine.exception() is not None or score_topk is None:
+            if engine.cancelled():  # (on the canceller's thread) the pool's job must still end
+                result.set_exception(RequestFailedError(CANCELLED))
+            elif engine.exception() is not None or score_topk is None:
                 finish(engine)
             else:  # off the decode loop's thread: the scoring forward must not stall it
                 threading.Thread(target=finish, args=(engine,), name="thinker-oai-score", daemon=True).start()
 
-        backend.complete_async(adapter_id, prompts, params, on_tokens=on_tokens).add_done_callback(done)
+        engine = backend.complete_async(adapter_id, prompts, params, on_tokens=on_tokens)
+        engine.add_done_callback(done)
+        if cancel is not None:
+            cancel.attach(engine)
         return result
 
     return s.pool.submit(None if target.frozen else adapter_id, "sample", job)

@@ -9,7 +9,7 @@ import uuid
 from thinker.core.errors import BadRequestError
 from thinker.http.oai import render, streaming
 from thinker.http.oai.common import bp
-from thinker.http.oai.generate import Row, check_rows, pinned, sampling_params, submit, wait
+from thinker.http.oai.generate import Row, cancelled_on_exit, check_rows, pinned, sampling_params, submit, wait
 from thinker.http.oai.models import resolve
 from thinker.http.oai.schemas import ChatCompletionBody, CompletionBody
 from thinker.http.tinker.common import body
@@ -44,8 +44,8 @@ def chat_completions():
             header, target, prompts, params, len(prompt), req.stream_options, req.logprobs, top_k
         )
         return streaming.response(stream)
-    with pinned(target.adapter_id):
-        rows = wait(submit(target, prompts, params, score_topk=top_k), prompts)
+    with pinned(target.adapter_id), cancelled_on_exit() as cancel:
+        rows = wait(submit(target, prompts, params, score_topk=top_k, cancel=cancel), prompts)
     choices = []
     for i, row in enumerate(rows):
         logprobs = None
@@ -81,8 +81,8 @@ def completions():
         return streaming.response(stream)
     # A scoring pass only where it adds something: the echoed prompt's logprobs, or alternatives.
     score = req.logprobs if req.logprobs is not None and (req.echo or req.logprobs > 0) else None
-    with pinned(target.adapter_id):
-        rows = wait(submit(target, prompts, params, score_topk=score), prompts)
+    with pinned(target.adapter_id), cancelled_on_exit() as cancel:
+        rows = wait(submit(target, prompts, params, score_topk=score, cancel=cancel), prompts)
     choices = []
     for i, row in enumerate(rows):
         prompt_text = texts[i // req.n]

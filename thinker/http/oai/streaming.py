@@ -5,6 +5,10 @@ through a queue, to the HTTP thread that writes the events. Text that could stil
 into a stop string is held back (so a stream never shows any part of one), as is a
 character whose UTF-8 bytes are not all there yet; the last chunk of each choice carries
 the rest of its text and its ``finish_reason``.
+
+When the stream ends before its rows do (the client went away: waitress's write fails and
+it closes the response; or the wait timed out), ``close`` cancels the request, so its rows
+leave the decode loop instead of decoding on to max_tokens for nobody.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from flask import Response, stream_with_context
 from thinker.http import caps
 from thinker.http.oai import render
 from thinker.http.oai.common import error_body, services
-from thinker.http.oai.generate import Row, pinned, row_of, submit, top_alternatives
+from thinker.http.oai.generate import Cancel, Row, pinned, row_of, submit, top_alternatives
 from thinker.http.oai.models import Target
 from thinker.store.futures import COMPLETED, FAILED
 
@@ -94,10 +98,11 @@ class _Stream(abc.ABC):
         self.received_logprobs: list[list[float]] = [[] for _ in prompts]
         self.sent = [0] * len(prompts)  # tokens of each row whose logprobs went out
         self._items: queue.SimpleQueue = queue.SimpleQueue()  # (row, tokens, logprobs); None: finished
+        self.cancel = Cancel()
         self._pin = pinned(target.adapter_id)
         self._pin.__enter__()
         try:
-            self.future = submit(target, prompts, params, on_tokens=self._on_tokens)
+            self.future = submit(target, prompts, params, on_tokens=self._on_tokens, cancel=self.cancel)
         except BaseException:
             self.close()
             raise
@@ -111,6 +116,8 @@ class _Stream(abc.ABC):
         self._items.put(None)  # after the rows' last tokens: the engine passes those before finishing
 
     def close(self) -> None:
+        """The response is closed (its last event written, or the client gone)."""
+        self.cancel()  # (nothing to do once the rows are done)
         if self._pin is not None:
             self._pin.__exit__(None, None, None)
             self._pin = None
