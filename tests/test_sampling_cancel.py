@@ -219,7 +219,8 @@ def test_a_prefill_failing_after_a_cancel_retries_the_requests_still_wanted(back
         gate.close()
         engine.submit([SampleRow(None, [72, 105], SamplingParams(max_tokens=1, temperature=0))])
         assert gate.wait_held()  # the loop took that one; the next two queue behind it
-        doomed = engine.submit(rows(backend, ["Tell me a long story about the sky"] * 2, LONG, seed=50))
+        sky = ["Tell me a long story about the sky", "Tell me a long story about the stars"]  # distinct: 2 rows
+        doomed = engine.submit(rows(backend, sky, LONG, seed=50))
         kept = engine.submit(wanted)
         gate.allow(1)
         assert gate.wait_held()  # it took both: one prefill group of 3 rows
