@@ -19,6 +19,8 @@ def load_backend(config, data_dir=None) -> HFBackend:
     plan = plan_threads(config.torch_threads)
     compute = ComputeThread(plan=plan) if pick_device(config.device).type == "cpu" else InlineRunner(plan)
     loaded = compute.run(load_base_model, config)
+    if getattr(compute, "tuner", None) is not None:
+        compute.tuner.watch(loaded.model)  # readings inside forward passes too (thread_tuner.py)
     data_dir = data_dir if data_dir is not None else config.thinker_data_dir
     return HFBackend(loaded, data_dir, compute=compute, max_resident_adapters=config.max_resident_adapters)
 

@@ -9,13 +9,17 @@ one thread keeps its speed (140). No fixed setting is right for both (docs/threa
 the compute thread picks the team size itself, before each job.
 
 How it tells: the kernel's count of runnable threads, machine-wide (``procs_running`` in
-/proc/stat), read on the compute thread between jobs. At that moment our own team is
-runnable too (this thread, and its helpers spinning on their short wait), so the others'
-demand is the count minus our team size. The team gets the usable CPUs they leave free, at
-least 1. One reading is a snapshot: the median of the last few, taken at least
-``interval_s`` apart, decides, so a short-lived process (or one of our HTTP threads
-parsing a request) does not flip it. A reading costs ~20 us; a change of team size is a
-``torch.set_num_threads`` on the compute thread, where OpenMP keeps it.
+/proc/stat), read on the compute thread between jobs and before each decoder layer's
+forward (``watch``). At that moment our own team is runnable too (this thread, and its
+helpers spinning on their short wait), so the others' demand is the count minus our team
+size. The team gets the usable CPUs they leave free, at least 1. Readings are at least
+``interval_s`` apart, and the two mistakes cost differently: a full team beside a busy
+neighbour runs ~4x slower, one thread on a quiet machine ~1.5x. So two readings in a row
+that show a neighbour shrink the team (within ~40 ms of a decode or a forward pass), while
+growing back waits for the median of the last few: a short-lived process, or one of our
+HTTP threads parsing a request, does not flip it. Backward passes take no readings (a
+training job adapts at its next forward). A reading costs ~20 us; a change of team size is
+a ``torch.set_num_threads`` on the compute thread, where OpenMP keeps it.
 
 Without /proc/stat (not Linux) the team stays at the plan's size.
 """
@@ -24,9 +28,14 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("thinker.threads")
 
@@ -74,6 +83,21 @@ class AdaptiveThreads:
         self._interval_s = interval_s
         self._last = float("-inf")
         self._enabled = usable > 1 and read() is not None
+        self._owner = threading.get_ident()  # OpenMP's count is per thread: only this one's
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """Also take readings inside forward passes, before each decoder layer (the modules
+        of the model's longest ModuleList), so a long job adapts while it runs."""
+        from torch import nn
+
+        stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        if self._enabled and stacks:
+            for layer in max(stacks, key=len):
+                layer.register_forward_pre_hook(self._on_layer)
+
+    def _on_layer(self, _module, _args) -> None:
+        if threading.get_ident() == self._owner:
+            self.tick()
 
     def tick(self) -> int:
         """Take a reading if the last is old enough; resize the team if the recent readings
@@ -88,7 +112,10 @@ class AdaptiveThreads:
         if running is None:
             return self.threads
         self._others.append(max(0, running - self.threads))  # ours: this thread and its team
-        want = free_threads(statistics.median_low(self._others), self.usable, self.online)
+        recent = list(self._others)[-2:]
+        want = free_threads(min(recent), self.usable, self.online)  # both recent readings agree: shrink now
+        if want >= self.threads:  # growing waits for most of the window
+            want = max(self.threads, free_threads(statistics.median_low(self._others), self.usable, self.online))
         if want != self.threads:
             log.debug("torch threads %d -> %d (other runnable threads: %s)", self.threads, want, list(self._others))
             self._set(want)

@@ -8,7 +8,7 @@ import pytest
 
 from backend import SamplingParams
 from backend.sample.decode import generate
-from backend.sample.engine import SamplingEngine
+from backend.sample.engine import SamplingEngine, gather_until
 from backend.sample.sampling import SampleRow
 from tests.conftest import train_adapters
 from thinker.core.errors import BadRequestError
@@ -160,3 +160,38 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(backend, engine,
     with pytest.raises(RuntimeError, match="simulated out of memory"):
         engine.submit([row]).result(timeout=30)
     assert len(engine.submit([row]).result(timeout=30)[0].tokens) == 4
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "until"),
+    [
+        (0.0, 0.0, 0.005),  # a lone request waits one window
+        (0.0, 0.004, 0.009),  # each arrival within a window extends the wait by a window
+        (0.0, 0.097, 0.1),  # but never past 20 windows after the first
+        (0.0, 0.5, 0.1),
+    ],
+)
+def test_an_idle_loop_waits_for_requests_that_keep_arriving(first, last, until):
+    assert gather_until(first, last, 0.005) == pytest.approx(until)
+
+
+def test_requests_sent_together_start_as_one_group(backend, adapters):
+    """Requests submitted one after another while the loop waits for company are admitted in
+    one loop iteration: one prefill group, decoding in step."""
+    admitted: list[int] = []
+
+    def run(fn, requests):
+        admitted.append(len(requests))
+        return fn(requests)
+
+    engine = SamplingEngine(backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length,
+                            backend.device, window_s=1.0, run=run)
+    try:
+        prompt = backend.render_prompts(["Hello!"])[0]
+        params = SamplingParams(max_tokens=3, temperature=0, stop_at_eos=False)
+        futures = [engine.submit([SampleRow(a, prompt, params)]) for a in (*adapters, None) for _ in range(3)]
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        engine.close()
+    assert admitted[0] == len(futures)

@@ -3,6 +3,8 @@ threads decide the compute thread's team size, through the median of recent read
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -36,15 +38,15 @@ def test_the_team_gets_the_cpus_others_leave_free(others, usable, online, want):
     assert free_threads(others, usable, online) == want
 
 
-def test_a_busy_neighbour_shrinks_the_team_and_its_leaving_grows_it_back():
+def test_a_busy_neighbour_shrinks_the_team_at_once_and_its_leaving_grows_it_back():
     # At 2 threads our own team counts 2; a neighbour makes it 3. At 1 thread: 1, or 2 with it.
-    quiet_at_2, busy_at_2, busy_at_1, quiet_at_1 = [2] * 5, [3] * 3, [2] * 6, [1] * 3
+    quiet_at_2, busy_at_2, busy_at_1, quiet_at_1 = [2] * 5, [3] * 2, [2] * 6, [1] * 3
     tuner, sizes = tuner_reading([0, *quiet_at_2, *busy_at_2, *busy_at_1, *quiet_at_1])  # (the 0: the probe)
-    seen = [tuner.tick() for _ in range(5 + 3 + 6 + 3)]
+    seen = [tuner.tick() for _ in range(5 + 2 + 6 + 3)]
     assert seen[:5] == [2] * 5
-    assert seen[5:8] == [2, 2, 1]  # the median turns at the third busy reading
-    assert seen[8:14] == [1] * 6  # a neighbour still there: ours is 1 thread, theirs 1 CPU
-    assert seen[14:] == [1, 1, 2]  # gone: back to every CPU once most recent readings are quiet
+    assert seen[5:7] == [2, 1]  # two busy readings in a row shrink the team
+    assert seen[7:13] == [1] * 6  # a neighbour still there: ours is 1 thread, theirs 1 CPU
+    assert seen[13:] == [1, 1, 2]  # gone: back to every CPU once most recent readings are quiet
     assert sizes == [1, 2] and tuner.changes == 2
 
 
@@ -98,8 +100,24 @@ def test_the_compute_thread_runs_each_job_with_the_team_the_tuner_chose():
     compute = ScriptedCompute([0, 2, 2, 3, 3, 3, 1, 1, 1], ThreadPlan(2, 1, (0, 1), "test", adaptive=True))
     try:
         seen = [compute.run(torch.get_num_threads) for _ in range(8)]
-        assert seen == [2, 2, 2, 2, 1, 1, 1, 2]  # OpenMP's count on the compute thread itself
+        assert seen == [2, 2, 2, 1, 1, 1, 1, 2]  # OpenMP's count on the compute thread itself
         assert compute.threads_now() == 2
     finally:
         compute.close()
     assert torch.get_num_threads() == main_threads  # set on the compute thread only
+
+
+def test_watching_a_model_takes_readings_before_each_layer_on_its_own_thread_only():
+    reads = []
+    tuner = AdaptiveThreads(2, 2, lambda n: None, read=lambda: reads.append(1) or 2, clock=Clock())
+    reads.clear()  # the probe at construction
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)]))
+    tuner.watch(model)
+    for layer in model[1]:  # the longest ModuleList: the decoder stack
+        layer(torch.ones(1, 4))
+    model[0](torch.ones(1, 4))  # not in the stack: no reading
+    assert len(reads) == 3
+    other = threading.Thread(target=lambda: [layer(torch.ones(1, 4)) for layer in model[1]])
+    other.start()
+    other.join()
+    assert len(reads) == 3  # another thread's forward: its OpenMP team is not the tuner's
