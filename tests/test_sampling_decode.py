@@ -273,3 +273,19 @@ def test_samples_of_one_prompt_are_prefilled_once_and_draw_their_own_tokens(back
         torch.testing.assert_close(
             torch.tensor(got.completion.logprobs), torch.tensor(single.completion.logprobs), rtol=0, atol=1e-5
         )
+
+
+def test_a_group_joins_with_each_adapters_rows_side_by_side(backend, adapters):
+    """Requests sent in adapter order a, b, None, a, b, None join as a, a, b, b, None, None:
+    every layer's LoRA reads one contiguous run of rows per adapter."""
+    ctx = backend.loaded.context_length
+    prompts = backend.render_prompts(["Hello!", "Hi"])
+    order = [*adapters, None] * 2
+    batch = DecodeBatch(backend.model, backend.tokenizer, backend.eos_ids, backend.device)
+    live = [batch.make_row(SampleRow(a, prompts[i // 3], GREEDY), ctx) for i, a in enumerate(order)]
+    batch.admit(live)
+    assert [r.row.adapter_id for r in batch.rows] == [adapters[0]] * 2 + [adapters[1]] * 2 + [None] * 2
+    while len(batch):
+        batch.step()
+    for row in live:
+        assert row.completion.tokens == reference(backend, row.row)[0]

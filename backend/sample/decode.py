@@ -135,7 +135,10 @@ class DecodeBatch:
                 by_prompt.setdefault(_prompt_key(live), []).append(live)
             groups = list(by_prompt.values())
         else:
-            groups = [list(new_rows)]
+            # Each adapter's rows side by side (in order of first appearance): every layer's
+            # LoRA then reads one contiguous run of rows per adapter, not a gather and a scatter.
+            first_seen: dict[str | None, int] = {}
+            groups = [sorted(new_rows, key=lambda live: first_seen.setdefault(live.row.adapter_id, len(first_seen)))]
         made = []
         pad = self.tokenizer.pad_token_id
         for rows in groups:
