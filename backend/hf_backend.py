@@ -405,6 +405,9 @@ class HFBackend:
             "adapter_offloads": self.residency.offloads,
             "adapter_reloads": self.residency.reloads,
         }
+        tuner = getattr(self.compute, "tuner", None)
+        if tuner is not None:  # TORCH_THREADS=auto on CPU: the team size now, and how often it changed
+            info["torch_threads"], info["torch_thread_changes"] = tuner.threads, tuner.changes
         if self.loaded.fallback_reason:
             info["fallback_reason"] = self.loaded.fallback_reason
         return info
