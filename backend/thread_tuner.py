@@ -14,8 +14,8 @@ forward (``watch``). At that moment our own team is runnable too (this thread, a
 helpers spinning on their short wait), so the others' demand is the count minus our team
 size. The team gets the usable CPUs they leave free, at least 1. Readings are at least
 ``interval_s`` apart, and the two mistakes cost differently: a full team beside a busy
-neighbour runs ~4x slower, one thread on a quiet machine ~1.5x. So two readings in a row
-that show a neighbour shrink the team (within ~40 ms of a decode or a forward pass), while
+neighbour runs ~4x slower, one thread on a quiet machine ~1.5x. So three readings in a row
+that show a neighbour shrink the team (within ~60 ms of a decode or a forward pass), while
 growing back waits for the median of the last few: a short-lived process, or one of our
 HTTP threads parsing a request, does not flip it. Backward passes take no readings (a
 training job adapts at its next forward). A reading costs ~20 us; a change of team size is
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("thinker.threads")
 
 STAT = "/proc/stat"
+SHRINK_AFTER = 3  # readings in a row that show a neighbour (2 let a kernel thread's blips flip it)
 
 
 def read_procs_running(path: str = STAT) -> int | None:
@@ -112,8 +113,8 @@ class AdaptiveThreads:
         if running is None:
             return self.threads
         self._others.append(max(0, running - self.threads))  # ours: this thread and its team
-        recent = list(self._others)[-2:]
-        want = free_threads(min(recent), self.usable, self.online)  # both recent readings agree: shrink now
+        recent = list(self._others)[-SHRINK_AFTER:]
+        want = free_threads(min(recent), self.usable, self.online)  # the recent readings agree: shrink now
         if want >= self.threads:  # growing waits for most of the window
             want = max(self.threads, free_threads(statistics.median_low(self._others), self.usable, self.online))
         if want != self.threads:

@@ -8,7 +8,7 @@ decode loop, with the machine as it is ("quiet") and beside --spinners CPU-bound
 this script starts ("busy"), alternating quiet and busy repetitions so that other load drifts
 into both alike. Prints per setting the median times and busy/quiet, and the load average.
 
-    python bench/bench_threads.py                      # 1, 2 (= cores), 2 with OMP_WAIT_POLICY=PASSIVE, auto
+    python bench/bench_threads.py                      # 1, 2 (= cores), 2 passive, 2 and 1 pinned, auto
     python bench/bench_threads.py --settings 1,auto --reps 5
     python bench/bench_threads.py --models builtin-tiny --spinners 2
 """
@@ -33,7 +33,8 @@ from collections.abc import Callable
 MODELS = ("builtin-tiny", "smollm2-135m")
 SPIN = "import sys; print('spinning', flush=True)\nwhile True: pass"
 # Spellings of "how many threads" to leave to the setting under test, not to this shell.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TORCH_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TORCH_THREADS",
+                    "OMP_PROC_BIND", "OMP_PLACES")
 
 
 class Spinners:
@@ -93,6 +94,7 @@ def measure_model(model: str, args) -> dict[str, object]:
 
     results: dict[str, object] = {
         f"{model}/threads": backend.compute.run(torch.get_num_threads),  # as the compute thread sees it
+        # (TORCH_THREADS=auto: the range, and after the runs how often the team was resized)
         "why": backend.compute.plan.describe(),
     }
     for name, work in (("train", train), ("sample", sample)):
@@ -100,6 +102,8 @@ def measure_model(model: str, args) -> dict[str, object]:
         print(f"  {model} {name}: quiet {quiet:.3f} s, busy {busy:.3f} s", flush=True)
         results[f"{model}/{name}/quiet"] = quiet
         results[f"{model}/{name}/busy"] = busy
+    if backend.compute.tuner is not None:
+        results[f"{model}/threads"] = f"1-{backend.compute.plan.intra_op} ({backend.compute.tuner.changes} changes)"
     backend.close()
     return results
 
@@ -127,12 +131,16 @@ def timed(work: Callable[[], None]) -> float:
 
 
 def run_setting(setting: str, args) -> dict:
-    """``setting``: "THREADS" or "THREADS:WAIT_POLICY"; run in a child process of its own."""
+    """``setting``: "THREADS", "THREADS:WAIT_POLICY", either with "@close" (each OpenMP thread
+    pinned to a core: OMP_PROC_BIND=close, OMP_PLACES=cores); run in a child process of its own."""
+    setting, _, bind = setting.partition("@")
     threads, _, wait = setting.partition(":")
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     env["TORCH_THREADS"] = threads
     if wait:
         env["OMP_WAIT_POLICY"] = wait
+    if bind:
+        env["OMP_PROC_BIND"], env["OMP_PLACES"] = bind, "cores"
     command = [sys.executable, __file__, "--child", "--models", args.models, "--reps", str(args.reps),
                "--spinners", str(args.spinners), "--adapters", str(args.adapters), "--seq-len", str(args.seq_len),
                "--new-tokens", str(args.new_tokens), "--give-up-s", str(args.give_up_s), "--cache-dir", args.cache_dir]
@@ -151,8 +159,9 @@ def run_setting(setting: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cores = len(os.sched_getaffinity(0))
-    parser.add_argument("--settings", default=f"1,{cores},{cores}:PASSIVE,auto:PASSIVE",
-                        help="comma-separated TORCH_THREADS values, each optionally :OMP_WAIT_POLICY")
+    parser.add_argument("--settings", default=f"1,{cores},{cores}:PASSIVE,{cores}@close,1@close,auto",
+                        help="comma-separated TORCH_THREADS values, each optionally :OMP_WAIT_POLICY and/or "
+                             "@close (threads pinned to cores)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--spinners", type=int, default=1, help="CPU-bound processes beside the busy runs")

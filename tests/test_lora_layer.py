@@ -119,6 +119,23 @@ def test_segmented_layers_match_each_adapter_alone_with_gradients(rows, flatten)
             assert not fused_grads[key].any(), key
 
 
+@pytest.mark.parametrize(
+    "rows", [["r4", "r4", "r8", None, "r16", "r16"], ["r4", None, "r16", "r8", "r4", "r16"]]
+)
+def test_sampling_without_autograd_adds_the_same_lora_as_training(rows):
+    """The no-grad path (scale on the expand, no saved activations) equals each adapter alone."""
+    layers = _stack()
+    x_BTI = torch.randn(len(rows), 3, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), use_adapters(Routing.build(rows, tokens_per_row=3)):
+        h = x_BTI
+        for layer in layers:
+            h = layer(h)
+    with torch.no_grad():
+        reference_BTO = _reference(layers, x_BTI, rows)
+    assert not h.requires_grad
+    assert _relative_error(h, reference_BTO) <= 1e-6
+
+
 def test_a_layer_no_routed_adapter_targets_returns_the_base_output_whatever_its_shape():
     """OPT's fc1/fc2 and an MoE's shared expert see (B*T, in); tokens an MoE routes to an
     expert are any number. Without a routed adapter on the layer, nothing is checked."""

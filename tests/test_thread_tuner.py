@@ -40,19 +40,19 @@ def test_the_team_gets_the_cpus_others_leave_free(others, usable, online, want):
 
 def test_a_busy_neighbour_shrinks_the_team_at_once_and_its_leaving_grows_it_back():
     # At 2 threads our own team counts 2; a neighbour makes it 3. At 1 thread: 1, or 2 with it.
-    quiet_at_2, busy_at_2, busy_at_1, quiet_at_1 = [2] * 5, [3] * 2, [2] * 6, [1] * 3
+    quiet_at_2, busy_at_2, busy_at_1, quiet_at_1 = [2] * 5, [3] * 3, [2] * 6, [1] * 3
     tuner, sizes = tuner_reading([0, *quiet_at_2, *busy_at_2, *busy_at_1, *quiet_at_1])  # (the 0: the probe)
-    seen = [tuner.tick() for _ in range(5 + 2 + 6 + 3)]
+    seen = [tuner.tick() for _ in range(5 + 3 + 6 + 3)]
     assert seen[:5] == [2] * 5
-    assert seen[5:7] == [2, 1]  # two busy readings in a row shrink the team
-    assert seen[7:13] == [1] * 6  # a neighbour still there: ours is 1 thread, theirs 1 CPU
-    assert seen[13:] == [1, 1, 2]  # gone: back to every CPU once most recent readings are quiet
+    assert seen[5:8] == [2, 2, 1]  # three busy readings in a row shrink the team
+    assert seen[8:14] == [1] * 6  # a neighbour still there: ours is 1 thread, theirs 1 CPU
+    assert seen[14:] == [1, 1, 2]  # gone: back to every CPU once most recent readings are quiet
     assert sizes == [1, 2] and tuner.changes == 2
 
 
 def test_one_odd_reading_does_not_flip_the_team():
-    tuner, sizes = tuner_reading([0, 2, 2, 5, 2, 2, 2])
-    assert [tuner.tick() for _ in range(6)] == [2] * 6
+    tuner, sizes = tuner_reading([0, 2, 2, 5, 5, 2, 2, 2])  # (two odd ones in a row, even)
+    assert [tuner.tick() for _ in range(7)] == [2] * 7
     assert sizes == []
 
 
@@ -100,7 +100,7 @@ def test_the_compute_thread_runs_each_job_with_the_team_the_tuner_chose():
     compute = ScriptedCompute([0, 2, 2, 3, 3, 3, 1, 1, 1], ThreadPlan(2, 1, (0, 1), "test", adaptive=True))
     try:
         seen = [compute.run(torch.get_num_threads) for _ in range(8)]
-        assert seen == [2, 2, 2, 1, 1, 1, 1, 2]  # OpenMP's count on the compute thread itself
+        assert seen == [2, 2, 2, 2, 1, 1, 1, 2]  # OpenMP's count on the compute thread itself
         assert compute.threads_now() == 2
     finally:
         compute.close()

@@ -123,7 +123,7 @@ class MultiLoraLinear(nn.Module):
         if torch.is_grad_enabled():
             out_NO = SegmentedLora.apply(routed, scales, computes, out_NO, x_NI, *masters)
         else:  # sampling: the same sums, without autograd's bookkeeping (210 layers a decode step)
-            _add_segments(routed, scales, computes, out_NO, x_NI)
+            _add_segments(routed, scales, computes, out_NO, x_NI, keep_h=False)
         return out_NO.view(*x.shape[:-1], self.out_features)
 
     def _weights(self, adapter_id: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,19 +185,26 @@ class SegmentedLora(torch.autograd.Function):
         return None, None, None, g_NO, g_x_NI, *grads
 
 
-def _add_segments(segments, scales, weights, y_NO: torch.Tensor, x_NI: torch.Tensor) -> list[torch.Tensor]:
+def _add_segments(
+    segments, scales, weights, y_NO: torch.Tensor, x_NI: torch.Tensor, keep_h: bool = True
+) -> list[torch.Tensor]:
     """``y[S_i] += scale_i * (x[S_i] @ A_i^T) @ B_i^T`` in place, for every segment; returns
-    each h_i = scale_i * x[S_i] @ A_i^T (|S_i|, r_i), which backward needs."""
+    each h_i = scale_i * x[S_i] @ A_i^T (|S_i|, r_i), which backward needs (``keep_h``; else
+    the scale rides on the expand and nothing is returned: one op less per adapter)."""
     hs = []
     for i, seg in enumerate(segments):
         a_RI, b_OR = weights[2 * i], weights[2 * i + 1]
         h_SR = _rows(x_NI, seg) @ a_RI.t()  # shrink: (S, in) @ (in, r)
-        h_SR.mul_(scales[i])  # scaled on the small side
+        scale = scales[i]
+        if keep_h:
+            h_SR.mul_(scale)  # scaled on the small side
+            scale = 1.0
         if seg.contiguous:
-            y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t())  # expand: += (S, r) @ (r, out)
+            y_NO[seg.start : seg.end].addmm_(h_SR, b_OR.t(), alpha=scale)  # expand: += (S, r) @ (r, out)
         else:
-            y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t())
-        hs.append(h_SR)
+            y_NO.index_add_(0, seg.index_S, h_SR @ b_OR.t(), alpha=scale)
+        if keep_h:
+            hs.append(h_SR)
     return hs
 
 
