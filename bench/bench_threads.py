@@ -133,8 +133,8 @@ def timed(work: Callable[[], None]) -> float:
 def run_setting(setting: str, args) -> dict:
     """``setting``: "THREADS", "THREADS:WAIT_POLICY", either with "@close" (each OpenMP thread
     pinned to a core: OMP_PROC_BIND=close, OMP_PLACES=cores); run in a child process of its own."""
-    setting, _, bind = setting.partition("@")
-    threads, _, wait = setting.partition(":")
+    threads_and_wait, _, bind = setting.partition("@")
+    threads, _, wait = threads_and_wait.partition(":")
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     env["TORCH_THREADS"] = threads
     if wait:
