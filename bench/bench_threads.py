@@ -3,7 +3,8 @@
 For each setting (TORCH_THREADS, optionally with an OMP_WAIT_POLICY: both must be fixed
 before torch starts, so each setting runs in a child process of its own) and each model, it
 times a fused training step of --adapters adapters (one --seq-len sequence each, forward,
-backward and Adam) and a decode of --adapters rows x --new-tokens tokens through the shared
+backward and Adam) and a decode of --adapters x --samples rows (--samples of one prompt per
+adapter) x --new-tokens tokens through the shared
 decode loop, with the machine as it is ("quiet") and beside --spinners CPU-bound processes
 this script starts ("busy"), alternating quiet and busy repetitions so that other load drifts
 into both alike. Prints per setting the median times and busy/quiet, and the load average.
@@ -88,9 +89,9 @@ def measure_model(model: str, args) -> dict[str, object]:
                 raise out
         backend.optim_steps([(a, adam) for a in ids])
 
-    def sample() -> None:  # one row per adapter, decoding together in the shared loop
-        futures = [backend.sample_async(a, [p], params) for a, p in zip(ids, prompts, strict=True)]
-        assert sum(sum(f.result()["num_tokens"]) for f in futures) == len(ids) * args.new_tokens
+    def sample() -> None:  # --samples rows per adapter, decoding together in the shared loop
+        futures = [backend.sample_async(a, [p] * args.samples, params) for a, p in zip(ids, prompts, strict=True)]
+        assert sum(sum(f.result()["num_tokens"]) for f in futures) == len(ids) * args.samples * args.new_tokens
 
     results: dict[str, object] = {
         f"{model}/threads": backend.compute.run(torch.get_num_threads),  # as the compute thread sees it
@@ -143,7 +144,8 @@ def run_setting(setting: str, args) -> dict:
         env["OMP_PROC_BIND"], env["OMP_PLACES"] = bind, "cores"
     command = [sys.executable, __file__, "--child", "--models", args.models, "--reps", str(args.reps),
                "--spinners", str(args.spinners), "--adapters", str(args.adapters), "--seq-len", str(args.seq_len),
-               "--new-tokens", str(args.new_tokens), "--give-up-s", str(args.give_up_s), "--cache-dir", args.cache_dir]
+               "--new-tokens", str(args.new_tokens), "--samples", str(args.samples), "--give-up-s", str(args.give_up_s),
+               "--cache-dir", args.cache_dir]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     result = None
     for line in proc.stdout:  # progress as it comes: a slow setting shows itself early
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="adapters in the training step, rows in the decode")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens of each adapter's training sequence")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=1, help="samples of one prompt per adapter in the decode")
     parser.add_argument("--give-up-s", type=float, default=30.0,
                         help="skip a work whose warm-up takes longer (shown as 'gave up')")
     parser.add_argument("--cache-dir", default="bench_results/models")
@@ -186,7 +189,7 @@ def main() -> None:
               flush=True)
     print(f"load average after: {os.getloadavg()}  busy = beside {args.spinners} spinning process(es)\n")
     print(f"{args.adapters} adapters: training step = {args.adapters} x {args.seq_len} tokens fwd+bwd+Adam; "
-          f"decode = {args.adapters} rows x {args.new_tokens} tokens. Median of {args.reps}, seconds.\n")
+          f"decode = {args.adapters * args.samples} rows x {args.new_tokens} tokens. Median of {args.reps}, seconds.\n")
     print("| model | setting | threads | train quiet | train busy | busy/quiet "
           "| sample quiet | sample busy | busy/quiet |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -143,6 +143,10 @@ def start_server(cache_dir, tmp_path_factory):
     def start(**env: str) -> ServerProcess:
         env = {"BASE_MODEL": "builtin-tiny", "THINKER_CACHE_DIR": str(cache_dir), **env}
         env.setdefault("THINKER_DATA_DIR", str(tmp_path_factory.mktemp("server-data")))
+        # A fixed team: the default (auto) resizes it with the machine's load, and 1 and 2
+        # threads sum in another order, so two equal computations could differ in the last
+        # bits; tests compare results exactly (test_threads.py starts an auto server).
+        env.setdefault("TORCH_THREADS", "1")
         server = ServerProcess(env, tmp_path_factory.mktemp("server-log") / "server.log")
         started.append(server)
         server.wait_ready()

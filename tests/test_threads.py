@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import requests
 import torch
 
 from backend import load_backend
@@ -108,10 +109,24 @@ def _greedy(tokens: int):
 
 @pytest.mark.e2e
 def test_server_logs_its_threads_at_start_up(server):
-    expected = plan_threads(os.environ.get("TORCH_THREADS") or "auto")  # the server inherits this environment
+    expected = plan_threads(server.env["TORCH_THREADS"])
     log = server.log()
     pattern = r"Torch threads: ([\d-]+) intra-op, 1 inter-op, OMP_WAIT_POLICY=(\w+), CPUs [\d,-]+ \((.+)\)"
     match = re.search(pattern, log)
     assert match, f"no threads line in:\n{log}"
     assert match[1].split("-")[-1] == str(expected.intra_op) and match[3] == expected.why
     assert match[2] == os.environ.get("OMP_WAIT_POLICY", "unset")
+
+
+@pytest.mark.e2e
+def test_an_auto_server_adapts_and_says_so(start_server):
+    """TORCH_THREADS=auto: the range in the start-up line, the team now in /healthz, and the
+    server samples with it."""
+    server = start_server(TORCH_THREADS="auto", OMP_NUM_THREADS="")
+    usable = len(os.sched_getaffinity(0))
+    assert re.search(rf"Torch threads: {'1-' if usable > 1 else ''}{usable} intra-op", server.log())
+    sample = {"model_id": "base", "prompts": ["Hi"], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+    assert requests.post(f"{server.url}/api/v1/sample", json=sample, timeout=120).json()["num_tokens"] == [4]
+    health = requests.get(f"{server.url}/healthz", timeout=30).json()
+    if usable > 1:
+        assert 1 <= health["torch_threads"] <= usable and health["torch_thread_changes"] >= 0
