@@ -2,11 +2,11 @@
 
 A team of OpenMP threads meets at a barrier after every op, so it runs at the pace of its
 slowest member. On a quiet machine a team of every core, waiting for the next op with
-libgomp's short spin, is the fastest (SmolLM2-135M decode of 32 rows on 2 cores: 2 threads
-212 tok/s, 1 thread 140). Once another process keeps a core busy, the member that shares
-that core holds everyone up at each barrier and the same team collapses (57 tok/s), while
-one thread keeps its speed (140). No fixed setting is right for both (docs/threads.md), so
-the compute thread picks the team size itself, before each job.
+libgomp's short spin, is the fastest (SmolLM2-135M, 32 rows x 64 tokens on 2 cores: 2 threads
+8.4 s, 1 thread 11.4 s). Once another process keeps a core busy, the member that shares that
+core holds everyone up at each barrier and the same team collapses (33.3 s), while one thread
+keeps its speed (11.3 s). No fixed setting is right for both (docs/threads.md), so the
+compute thread picks the team size itself.
 
 How it tells: the kernel's count of runnable threads, machine-wide (``procs_running`` in
 /proc/stat), read on the compute thread between jobs and before each decoder layer's

@@ -167,10 +167,9 @@ class SamplingEngine:
         """Idle, with a request in: wait until none has come for ``window_s`` (at most
         ``GATHER_WINDOWS`` windows), so requests sent together start as one prefill group
         and decode in step. Over HTTP they arrive spread out (each is parsed and checked
-        on a thread of its own): measured with 32 requests sent at once, a fixed window
-        from the first arrival started them in several groups, whose prefills and ragged
-        ends cost the batch ~40% of its throughput (docs/sampling.md). Called holding
-        ``_cond``."""
+        on a thread of its own): with a fixed window from the first arrival, 32 requests
+        sent at once started in several groups, each a prefill of its own and a ragged end
+        (docs/sampling.md). Called holding ``_cond``."""
         first = last = time.monotonic()
         while not self._closed and (now := time.monotonic()) < (end := gather_until(first, last, self.window_s)):
             arrived = self._arrivals
