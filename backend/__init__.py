@@ -15,9 +15,12 @@ def load_backend(config, data_dir=None) -> HFBackend:
     ``config.torch_threads`` of torch's intra-op threads (``backend.compute.plan``)."""
     from backend.compute_thread import ComputeThread, InlineRunner, plan_threads
     from backend.model.loading import pick_device
+    from thinker.core.config import parse_cpu_list
 
-    plan = plan_threads(config.torch_threads)
-    compute = ComputeThread(plan=plan) if pick_device(config.device).type == "cpu" else InlineRunner(plan)
+    on_cpu = pick_device(config.device).type == "cpu"
+    pin = parse_cpu_list(config.compute_cpus) if on_cpu else ()  # (a GPU's worker threads are not pinned)
+    plan = plan_threads(config.torch_threads, pin=pin)
+    compute = ComputeThread(plan=plan) if on_cpu else InlineRunner(plan)
     loaded = compute.run(load_base_model, config)
     if getattr(compute, "tuner", None) is not None:
         compute.tuner.watch(loaded.model)  # readings inside forward passes too (thread_tuner.py)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from backend.thread_tuner import AdaptiveThreads
+from thinker.core.errors import ConfigurationError
 
 T = TypeVar("T")
 
@@ -43,13 +44,15 @@ class ThreadPlan:
     cpus: tuple[int, ...]  # the CPUs this process may run on
     why: str
     adaptive: bool = False  # resized before each job on the compute thread (thread_tuner.py)
+    pinned: bool = False  # the compute thread (and the team it starts) runs on ``cpus`` only
 
     def describe(self) -> str:
         wait = os.environ.get("OMP_WAIT_POLICY", "unset")
         threads = f"1-{self.intra_op}" if self.adaptive and self.intra_op > 1 else str(self.intra_op)
+        where = f"CPUs {_cpu_list(self.cpus)}" + (" pinned (COMPUTE_CPUS)" if self.pinned else "")
         return (
             f"Torch threads: {threads} intra-op, {self.inter_op} inter-op, OMP_WAIT_POLICY={wait}, "
-            f"CPUs {_cpu_list(self.cpus)} ({self.why})"
+            f"{where} ({self.why})"
         )
 
     def apply(self) -> None:
@@ -69,23 +72,35 @@ class ThreadPlan:
 
 
 def plan_threads(
-    setting: str, environ: Mapping[str, str] | None = None, cpus: tuple[int, ...] | None = None
+    setting: str,
+    environ: Mapping[str, str] | None = None,
+    cpus: tuple[int, ...] | None = None,
+    pin: tuple[int, ...] = (),
 ) -> ThreadPlan:
     """Resolve ``TORCH_THREADS`` (``"auto"`` or a whole number >= 1, validated by Config).
 
     auto: ``OMP_NUM_THREADS`` when it is set (the standard knob wins); else adaptive: up to
     every CPU this process may use, fewer while other processes keep CPUs busy (see
-    thread_tuner.py; measured in docs/threads.md). A number: exactly that many, always."""
+    thread_tuner.py; measured in docs/threads.md). A number: exactly that many, always.
+    ``pin`` (``COMPUTE_CPUS``): the CPUs the compute thread is pinned to, which must be among
+    those the process may use; empty, it is not pinned (the default, measured in threads.md)."""
     environ = os.environ if environ is None else environ
     cpus = cpus if cpus is not None else _usable_cpus()
+    if pin:
+        if not set(pin) <= set(cpus):
+            raise ConfigurationError(
+                f"COMPUTE_CPUS={_cpu_list(pin)} names CPUs this process may not use (it may use {_cpu_list(cpus)})"
+            )
+        cpus = tuple(sorted(set(pin)))
+    pinned = bool(pin)
     if setting.strip().lower() != "auto":
-        return ThreadPlan(int(setting), 1, cpus, f"TORCH_THREADS={int(setting)}")
+        return ThreadPlan(int(setting), 1, cpus, f"TORCH_THREADS={int(setting)}", pinned=pinned)
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
-        return ThreadPlan(int(omp), 1, cpus, f"TORCH_THREADS=auto: OMP_NUM_THREADS={int(omp)}")
+        return ThreadPlan(int(omp), 1, cpus, f"TORCH_THREADS=auto: OMP_NUM_THREADS={int(omp)}", pinned=pinned)
     return ThreadPlan(
         len(cpus), 1, cpus, f"TORCH_THREADS=auto: up to all {len(cpus)} CPUs, fewer while other processes use them",
-        adaptive=True,
+        adaptive=True, pinned=pinned,
     )
 
 
@@ -148,6 +163,8 @@ class ComputeThread:
 
     def _loop(self) -> None:
         if self.plan is not None:
+            if self.plan.pinned:  # this thread only; the OpenMP helpers it starts inherit it
+                os.sched_setaffinity(0, self.plan.cpus)
             self.plan.apply()  # before this thread's first op creates its OpenMP team
             if self.plan.adaptive:
                 self.tuner = self._make_tuner(self.plan)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 # A valid value for every string field whose values are checked (the rest take any text).
 STRING_VALUES = {
     "device": "cuda:1", "torch_threads": "3", "log_level": "DEBUG", "log_format": "json", "base_model": "builtin-tiny",
-    "executor": "ray",
+    "executor": "ray", "compute_cpus": "0-1",
 }
 
 

@@ -39,6 +39,8 @@ def run_app(tmp_path, **env: str) -> subprocess.CompletedProcess:
         ({"BASE_MODEL": "someone/not-cached-model"}, "not in the local Hugging Face cache"),
         ({"DEVICE": "gpu"}, "DEVICE='gpu' is not a device"),
         ({"DEVICE": "cuda", "BASE_MODEL": "builtin-tiny"}, "DEVICE=cuda but"),
+        ({"COMPUTE_CPUS": "1-x"}, "COMPUTE_CPUS must be a CPU list"),
+        ({"COMPUTE_CPUS": "4096", "BASE_MODEL": "builtin-tiny"}, "COMPUTE_CPUS=4096 names CPUs this process may"),
     ],
 )
 def test_bad_start_settings_end_in_one_line_and_exit_2(tmp_path, env, says):

@@ -130,3 +130,41 @@ def test_an_auto_server_adapts_and_says_so(start_server):
     health = requests.get(f"{server.url}/healthz", timeout=30).json()
     if usable > 1:
         assert 1 <= health["torch_threads"] <= usable and health["torch_thread_changes"] >= 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("raw", "cpus"), [("", ()), ("0", (0,)), ("0-2,5", (0, 1, 2, 5)), (" 3, 1 ", (1, 3))])
+def test_compute_cpus_are_parsed(raw, cpus):
+    from thinker.core.config import parse_cpu_list
+
+    assert Config.from_env({"COMPUTE_CPUS": raw}).compute_cpus == raw
+    assert parse_cpu_list(raw) == cpus
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("raw", ["x", "2-1", "-1", "0-", "1;2"])
+def test_bad_compute_cpus_are_refused_naming_the_variable(raw):
+    with pytest.raises(ConfigurationError, match=r"COMPUTE_CPUS must be a CPU list such as 0-3 or 0,2"):
+        Config.from_env({"COMPUTE_CPUS": raw})
+
+
+@pytest.mark.unit
+def test_a_pin_outside_the_usable_cpus_is_refused_and_one_inside_says_so():
+    refused = r"COMPUTE_CPUS=7 names CPUs this process may not use \(it may use 0-1\)"
+    with pytest.raises(ConfigurationError, match=refused):
+        plan_threads("auto", {}, (0, 1), pin=(7,))
+    plan = plan_threads("auto", {}, (0, 1, 2, 3), pin=(2, 3))
+    assert (plan.cpus, plan.intra_op, plan.pinned) == ((2, 3), 2, True)  # auto counts the pinned CPUs only
+    assert "CPUs 2-3 pinned (COMPUTE_CPUS)" in plan.describe()
+
+
+@pytest.mark.unit
+def test_the_compute_thread_runs_on_its_pinned_cpus_only(keep_main_threads):
+    before = os.sched_getaffinity(0)
+    pin = (min(before),)
+    compute = ComputeThread(plan=plan_threads("1", {}, tuple(sorted(before)), pin=pin))
+    try:
+        assert compute.run(os.sched_getaffinity, 0) == set(pin)
+    finally:
+        compute.close()
+    assert os.sched_getaffinity(0) == before  # the process's other threads are not pinned

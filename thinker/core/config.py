@@ -51,6 +51,10 @@ class Config:
     # else up to every CPU this process may use, fewer while other processes keep CPUs busy
     # (resized before each job; measured in docs/threads.md).
     torch_threads: str = "auto"
+    # CPUs the compute thread (and the OpenMP team it starts) is pinned to, e.g. "2-3" or
+    # "0,2"; empty: not pinned, the kernel places it (pinning measured slower beside busy
+    # processes: docs/threads.md).
+    compute_cpus: str = ""
     # Fuse pending work of different adapters into one pass (BATCHING=off: one request
     # per pass, as the seed server did).
     batching: bool = True
@@ -171,6 +175,12 @@ class Config:
         threads = self.torch_threads.strip().lower()
         if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
             raise ConfigurationError(f"TORCH_THREADS must be auto or a whole number >= 1, got {self.torch_threads!r}")
+        try:
+            parse_cpu_list(self.compute_cpus)
+        except ValueError:
+            raise ConfigurationError(
+                f"COMPUTE_CPUS must be a CPU list such as 0-3 or 0,2 (or empty), got {self.compute_cpus!r}"
+            ) from None
         if self.executor not in ("local", "ray"):
             raise ConfigurationError(f"EXECUTOR must be local or ray, got {self.executor!r}")
         if self.workers < 0 or self.worker_cpus <= 0:
@@ -198,3 +208,17 @@ def _parse(name: str, raw: str, type_: object) -> object:
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
     return raw
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """"0-2,5" -> (0, 1, 2, 5); "" -> (). Raises ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if not re.fullmatch(r"\d+(-\d+)?", part):
+            raise ValueError(part)
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise ValueError(part)
+        cpus.update(range(low, high + 1))
+    return tuple(sorted(cpus))
