@@ -13,13 +13,13 @@ def load_backend(config, data_dir=None) -> HFBackend:
     torch's OpenMP parallel regions (even just while loading), libgomp sees more threads than
     cores and every op slows down (a decode step of 8 rows took 2x as long). That thread uses
     ``config.torch_threads`` of torch's intra-op threads (``backend.compute.plan``)."""
-    from backend.compute_thread import ComputeThread, InlineRunner, plan_threads
+    from backend.compute_thread import ComputeThread, InlineRunner, cgroup_cpu_limit, plan_threads
     from backend.model.loading import pick_device
     from thinker.core.config import parse_cpu_list
 
     on_cpu = pick_device(config.device).type == "cpu"
     pin = parse_cpu_list(config.compute_cpus) if on_cpu else ()  # (a GPU's worker threads are not pinned)
-    plan = plan_threads(config.torch_threads, pin=pin)
+    plan = plan_threads(config.torch_threads, pin=pin, cpu_limit=cgroup_cpu_limit())
     compute = ComputeThread(plan=plan) if on_cpu else InlineRunner(plan)
     loaded = compute.run(load_base_model, config)
     if getattr(compute, "tuner", None) is not None:

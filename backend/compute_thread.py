@@ -20,12 +20,14 @@ docs/threads.md has the measurements behind that default.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from backend.thread_tuner import AdaptiveThreads
@@ -76,6 +78,7 @@ def plan_threads(
     environ: Mapping[str, str] | None = None,
     cpus: tuple[int, ...] | None = None,
     pin: tuple[int, ...] = (),
+    cpu_limit: float | None = None,
 ) -> ThreadPlan:
     """Resolve ``TORCH_THREADS`` (``"auto"`` or a whole number >= 1, validated by Config).
 
@@ -83,7 +86,9 @@ def plan_threads(
     every CPU this process may use, fewer while other processes keep CPUs busy (see
     thread_tuner.py; measured in docs/threads.md). A number: exactly that many, always.
     ``pin`` (``COMPUTE_CPUS``): the CPUs the compute thread is pinned to, which must be among
-    those the process may use; empty, it is not pinned (the default, measured in threads.md)."""
+    those the process may use; empty, it is not pinned (the default, measured in threads.md).
+    ``cpu_limit``: the process's CPU quota (``cgroup_cpu_limit()``, a container's ``--cpus``):
+    auto's team never exceeds it, where 64 visible CPUs may come with a quota of 2."""
     environ = os.environ if environ is None else environ
     cpus = cpus if cpus is not None else _usable_cpus()
     if pin:
@@ -98,10 +103,41 @@ def plan_threads(
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
         return ThreadPlan(int(omp), 1, cpus, f"TORCH_THREADS=auto: OMP_NUM_THREADS={int(omp)}", pinned=pinned)
-    return ThreadPlan(
-        len(cpus), 1, cpus, f"TORCH_THREADS=auto: up to all {len(cpus)} CPUs, fewer while other processes use them",
-        adaptive=True, pinned=pinned,
-    )
+    if cpu_limit is not None and cpu_limit < len(cpus):
+        team = max(1, math.ceil(cpu_limit))
+        why = f"TORCH_THREADS=auto: up to {team} of {len(cpus)} CPUs (a CPU quota of {cpu_limit:g})"
+    else:
+        team, why = len(cpus), f"TORCH_THREADS=auto: up to all {len(cpus)} CPUs"
+    return ThreadPlan(team, 1, cpus, f"{why}, fewer while other processes use them", adaptive=True, pinned=pinned)
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs' worth of time this process's cgroup may use (quota / period), or None if
+    unlimited or unknown. cgroup v2: ``cpu.max`` ("200000 100000", or "max 100000") of the
+    process's group; v1: ``cpu/cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``."""
+    try:
+        lines = Path(cgroup_file).read_text().splitlines()
+    except OSError:
+        lines = []
+    groups = dict(line.split(":", 2)[1:] for line in lines if line.count(":") >= 2)  # controller -> path
+    candidates = [(f"{root}{groups.get('', '/').rstrip('/')}/cpu.max", None), (f"{root}/cpu.max", None)]
+    v1 = f"{root}/cpu{groups.get('cpu', '/').rstrip('/')}" if "cpu" in groups else f"{root}/cpu"
+    candidates.append((f"{v1}/cpu.cfs_quota_us", f"{v1}/cpu.cfs_period_us"))
+    for quota_path, period_path in candidates:
+        try:
+            if period_path is None:
+                quota, period = Path(quota_path).read_text().split()[:2]
+            else:
+                quota, period = Path(quota_path).read_text().strip(), Path(period_path).read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+        except ValueError:
+            return None
+    return None
 
 
 def _usable_cpus() -> tuple[int, ...]:

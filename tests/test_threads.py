@@ -168,3 +168,34 @@ def test_the_compute_thread_runs_on_its_pinned_cpus_only(keep_main_threads):
     finally:
         compute.close()
     assert os.sched_getaffinity(0) == before  # the process's other threads are not pinned
+
+
+@pytest.mark.unit
+def test_auto_never_exceeds_the_cpu_quota():
+    plan = plan_threads("auto", {}, tuple(range(64)), cpu_limit=2.0)
+    assert (plan.intra_op, plan.adaptive) == (2, True) and "up to 2 of 64 CPUs (a CPU quota of 2)" in plan.why
+    assert plan_threads("auto", {}, (0, 1, 2, 3), cpu_limit=0.5).intra_op == 1
+    assert plan_threads("auto", {}, (0, 1), cpu_limit=8.0).intra_op == 2  # more quota than CPUs: the CPUs
+    assert plan_threads("3", {}, (0, 1), cpu_limit=1.0).intra_op == 3  # a number is a number
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cg": "0::/app\n", "sys/app/cpu.max": "250000 100000\n"}, 2.5),  # cgroup v2, the process's group
+        ({"cg": "0::/\n", "sys/cpu.max": "max 100000\n"}, None),  # v2, no quota
+        ({"cg": "3:cpu,cpuacct:/\n", "sys/cpu/cpu.cfs_quota_us": "200000\n", "sys/cpu/cpu.cfs_period_us": "100000\n"},
+         2.0),  # cgroup v1
+        ({"cg": "3:cpu:/\n", "sys/cpu/cpu.cfs_quota_us": "-1\n", "sys/cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cg": "0::/\n"}, None),  # nothing to read
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read(tmp_path, files, limit):
+    from backend.compute_thread import cgroup_cpu_limit
+
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert cgroup_cpu_limit(str(tmp_path / "sys"), str(tmp_path / "cg")) == limit
