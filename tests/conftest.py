@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend import HFBackend, load_base_model  # noqa: E402
+from backend.sample.engine import SamplingEngine  # noqa: E402
 from client_example import TinkerClient  # noqa: E402
 from thinker.core.config import Config  # noqa: E402
 
@@ -83,6 +84,13 @@ def train_adapters(
             backend.optim_step(adapter_id, AdamParams(learning_rate=5e-3))
         ids.append(adapter_id)
     return ids
+
+
+def engine_for(backend: HFBackend, **settings) -> SamplingEngine:
+    """A shared decode loop over ``backend``'s model (``settings``: SamplingEngine's own)."""
+    return SamplingEngine(
+        backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device, **settings
+    )
 
 
 class ServerProcess:

@@ -20,7 +20,7 @@ from backend import FwdBwdRequest, SamplingParams
 from backend.sample.decode import generate
 from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow
-from tests.conftest import train_adapters
+from tests.conftest import engine_for, train_adapters
 from thinker.core.errors import RequestFailedError
 
 pytestmark = pytest.mark.unit
@@ -35,8 +35,7 @@ def adapter_ids(backend) -> list[str]:
 
 @pytest.fixture
 def engine(backend):
-    engine = SamplingEngine(
-        backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device, window_s=0
+    engine = engine_for(backend, window_s=0
     )
     yield engine
     engine.close()

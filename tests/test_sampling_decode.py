@@ -14,10 +14,9 @@ from backend import SamplingParams
 from backend.lora.routing import use_adapters
 from backend.sample.choose import RowParams, _top_p_threshold, choose
 from backend.sample.decode import DecodeBatch
-from backend.sample.engine import SamplingEngine
 from backend.sample.sampling import SampleRow
 from backend.sample.stops import StopMatcher
-from tests.conftest import train_adapters
+from tests.conftest import engine_for, train_adapters
 
 pytestmark = pytest.mark.unit
 
@@ -51,13 +50,7 @@ def test_engine_greedy_tokens_and_logprobs_equal_a_cache_free_reference(backend,
     """Rows joining at different times, prefilled in small chunks between decode steps, in
     slots that others left: every token and logprob as without any cache (1e-5)."""
     rows = rows_of(backend, adapters)
-    engine = SamplingEngine(
-        backend.model,
-        backend.tokenizer,
-        backend.eos_ids,
-        backend.loaded.context_length,
-        backend.device,
-        window_s=0,
+    engine = engine_for(backend, window_s=0,
         prefill_tokens=16,
     )
     try:
@@ -128,8 +121,7 @@ def test_streamed_tokens_add_up_to_the_completion_and_come_before_it(backend, ad
     rows = rows_of(backend, adapters)[:3]
     seen: dict[int, list] = {i: [] for i in range(3)}
     completed_early = []
-    engine = SamplingEngine(
-        backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device, window_s=0
+    engine = engine_for(backend, window_s=0
     )
     try:
         holder: dict = {}
@@ -218,13 +210,7 @@ def test_other_families_prefilled_in_chunks_decode_exactly(family, tmp_path_fact
     model_backend = HFBackend(load_base_model(config), root / "data")
     prompts = model_backend.render_prompts(["Hi", "Say something longer than the others, please.", "Two plus two?"])
     rows = [SampleRow(None, p, SamplingParams(max_tokens=6, temperature=0, stop_at_eos=False)) for p in prompts]
-    engine = SamplingEngine(
-        model_backend.model,
-        model_backend.tokenizer,
-        model_backend.eos_ids,
-        model_backend.loaded.context_length,
-        model_backend.device,
-        window_s=0,
+    engine = engine_for(model_backend, window_s=0,
         prefill_tokens=8,
     )
     try:

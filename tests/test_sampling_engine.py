@@ -8,9 +8,9 @@ import pytest
 
 from backend import SamplingParams
 from backend.sample.decode import generate
-from backend.sample.engine import SamplingEngine, gather_until
+from backend.sample.engine import gather_until
 from backend.sample.sampling import SampleRow
-from tests.conftest import train_adapters
+from tests.conftest import engine_for, train_adapters
 from thinker.core.errors import BadRequestError
 
 pytestmark = pytest.mark.unit
@@ -24,13 +24,7 @@ def adapters(backend) -> list[str]:
 
 @pytest.fixture
 def engine(backend):
-    engine = SamplingEngine(
-        backend.model,
-        backend.tokenizer,
-        backend.eos_ids,
-        backend.loaded.context_length,
-        backend.device,
-        max_rows=64,
+    engine = engine_for(backend, max_rows=64,
         window_s=0.01,
     )
     yield engine
@@ -56,9 +50,7 @@ def test_fused_greedy_sampling_equals_each_request_alone(backend, adapters):
             first_step.set()
             assert go_on.wait(60)
 
-    engine = SamplingEngine(
-        backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length, backend.device,
-        max_rows=64, window_s=0.01, run=run,
+    engine = engine_for(backend, max_rows=64, window_s=0.01, run=run,
     )
     try:
         prompts = backend.render_prompts(["Hello!", "Tell me something longer, please", "x"])
@@ -184,8 +176,7 @@ def test_requests_sent_together_start_as_one_group(backend, adapters):
         admitted.append(len(requests))
         return fn(requests)
 
-    engine = SamplingEngine(backend.model, backend.tokenizer, backend.eos_ids, backend.loaded.context_length,
-                            backend.device, window_s=1.0, run=run)
+    engine = engine_for(backend, window_s=1.0, run=run)
     try:
         prompt = backend.render_prompts(["Hello!"])[0]
         params = SamplingParams(max_tokens=3, temperature=0, stop_at_eos=False)
